@@ -1,0 +1,158 @@
+package trivialsecwebhook
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
+	"github.com/google/uuid"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("trivialsec_webhook", parseCaddyfile)
+	httpcaddyfile.RegisterDirectiveOrder("trivialsec_webhook", httpcaddyfile.After, "request_body")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	err := m.UnmarshalCaddyfile(h.Dispenser)
+	return m, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	trivialsec_webhook [<matcher>] {
+//		account  <account name>
+//		secret   <secret> [<secret>...]
+//		subject  <uuid>
+//		issuer   <url>
+//		endpoint <url>
+//		leeway   <duration>
+//		max_body <size>
+//		events   <name> [<name>...]
+//		replay   off | memory [<max_entries>]
+//		strip_authorization
+//	}
+//
+// account and secret are required; everything else has a default.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // the directive name
+	file, line := d.File(), d.Line()
+	missing := func(what string) error {
+		return fmt.Errorf("trivialsec_webhook: %s, at %s:%d", what, file, line)
+	}
+	if d.NextArg() {
+		return d.Errf("trivialsec_webhook takes its settings in a block, not as arguments: found %q", d.Val())
+	}
+	seen := make(map[string]bool)
+	for d.NextBlock(0) {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("%s is set twice: give it once (it takes several values on one line where that makes sense)", sub)
+		}
+		seen[sub] = true
+
+		switch sub {
+		case "account":
+			if !d.AllArgs(&h.Account) {
+				return d.ArgErr()
+			}
+		case "secret":
+			h.Secret = d.RemainingArgs()
+			if len(h.Secret) == 0 {
+				return d.Errf("secret needs a value: {env.NAME} or {file.PATH}, several during a key rotation")
+			}
+		case "subject":
+			if !d.AllArgs(&h.Subject) {
+				return d.ArgErr()
+			}
+			if _, err := uuid.Parse(h.Subject); err != nil {
+				return d.Errf("subject %q is not a UUID: write it as bc6e2cd5-1f59-487f-b05b-49946bd078b2", h.Subject)
+			}
+		case "issuer":
+			if !d.AllArgs(&h.Issuer) {
+				return d.ArgErr()
+			}
+		case "endpoint":
+			if !d.AllArgs(&h.Endpoint) {
+				return d.ArgErr()
+			}
+		case "leeway":
+			var s string
+			if !d.AllArgs(&s) {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(s)
+			if err != nil {
+				return d.Errf("leeway %q is not a duration: write it like 3s", s)
+			}
+			if dur < 0 {
+				return d.Errf("leeway %q is negative: write it like 3s", s)
+			}
+			leeway := caddy.Duration(dur)
+			h.Leeway = &leeway
+		case "max_body":
+			var s string
+			if !d.AllArgs(&s) {
+				return d.ArgErr()
+			}
+			size, err := humanize.ParseBytes(s)
+			if err != nil || size == 0 || size > 1<<40 {
+				return d.Errf("max_body %q is not a size: write it like 10MiB", s)
+			}
+			h.MaxBody = int64(size)
+		case "events":
+			h.Events = d.RemainingArgs()
+			if len(h.Events) == 0 {
+				return d.Errf("events needs at least one event name: %s", strings.Join(EventNames[:], ", "))
+			}
+			for _, name := range h.Events {
+				if eventIndex([]byte(name)) < 0 {
+					return d.Errf("unknown event name %q: use one of %s", name, strings.Join(EventNames[:], ", "))
+				}
+			}
+		case "replay":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.Errf("replay needs a store: off or memory [<max_entries>]")
+			}
+			h.Replay = &Replay{Store: args[0]}
+			switch {
+			case args[0] == "off" && len(args) == 1:
+			case args[0] == "memory" && len(args) == 1:
+			case args[0] == "memory" && len(args) == 2:
+				n, err := strconv.Atoi(args[1])
+				if err != nil || n <= 0 {
+					return d.Errf("replay memory %q: max_entries must be a positive whole number", args[1])
+				}
+				h.Replay.MaxEntries = n
+			case args[0] == "redis":
+				return d.Errf("replay redis is not available in this version: use replay memory, or replay off")
+			default:
+				return d.Errf("replay takes off, or memory [<max_entries>]: found %q", strings.Join(args, " "))
+			}
+		case "strip_authorization":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.StripAuthorization = true
+		default:
+			return d.Errf("unknown subdirective %q: use account, secret, subject, issuer, endpoint, leeway, max_body, events, replay or strip_authorization", sub)
+		}
+	}
+	switch {
+	case h.Account == "":
+		return missing("account is required: the Trivial Security account name")
+	case len(h.Secret) == 0:
+		return missing("secret is required: the webhook signing secret, as {env.NAME} or {file.PATH}")
+	}
+	return nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

@@ -1,0 +1,122 @@
+package trivialsecwebhook
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+)
+
+func TestUnmarshalCaddyfile(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`trivialsec_webhook {
+		account  acme
+		secret   {env.TRIVIALSEC_SECRET} {file./run/secrets/old}
+		subject  BC6E2CD51F59487FB05B49946BD078B2
+		issuer   https://dev.trivialsec.com
+		endpoint https://hooks.example.com/webhook/trivialsec
+		leeway   5s
+		max_body 1MiB
+		events   report_created report_deleted
+		replay   memory 5000
+		strip_authorization
+	}`)
+	var h Handler
+	if err := h.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := json.Marshal(h)
+	want := `{"account":"acme","secret":["{env.TRIVIALSEC_SECRET}","{file./run/secrets/old}"],` +
+		`"subject":"BC6E2CD51F59487FB05B49946BD078B2","issuer":"https://dev.trivialsec.com",` +
+		`"endpoint":"https://hooks.example.com/webhook/trivialsec","leeway":5000000000,"max_body":1048576,` +
+		`"events":["report_created","report_deleted"],"replay":{"store":"memory","max_entries":5000},` +
+		`"strip_authorization":true}`
+	if string(got) != want {
+		t.Errorf("got  %s\nwant %s", got, want)
+	}
+}
+
+func TestUnmarshalCaddyfileMinimal(t *testing.T) {
+	var h Handler
+	d := caddyfile.NewTestDispenser("trivialsec_webhook {\n account acme\n secret {env.S}\n}")
+	if err := h.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := json.Marshal(h)
+	if string(got) != `{"account":"acme","secret":["{env.S}"]}` {
+		t.Errorf("got %s: defaults belong to Provision, not the JSON", got)
+	}
+	for _, input := range []string{
+		"trivialsec_webhook {\n account acme\n secret {env.S}\n leeway 0s\n}",
+		"trivialsec_webhook {\n account acme\n secret {env.S}\n replay off\n}",
+	} {
+		var h Handler
+		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+			t.Fatalf("%q: %v", input, err)
+		}
+		if b, _ := json.Marshal(h); !strings.Contains(string(b), `"leeway":0`) && !strings.Contains(string(b), `"store":"off"`) {
+			t.Errorf("%q: %s", input, b)
+		}
+	}
+}
+
+func TestUnmarshalCaddyfileErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, input, want string
+	}{
+		{"unknown_subdirective", "trivialsec_webhook {\n account a\n secret s\n sekret s\n}", `@4@unknown subdirective "sekret"`},
+		{"duplicate_subdirective", "trivialsec_webhook {\n account a\n account b\n secret s\n}", "@3@account is set twice"},
+		{"duplicate_secret", "trivialsec_webhook {\n account a\n secret s\n secret t\n}", "@4@secret is set twice"},
+		{"bad_subject", "trivialsec_webhook {\n account a\n secret s\n subject bc6e2cd5\n}", `@4@subject "bc6e2cd5" is not a UUID`},
+		{"unknown_event", "trivialsec_webhook {\n account a\n secret s\n events report_created report_updated\n}", `@4@unknown event name "report_updated": use one of hosted_monitoring,`},
+		{"missing_account", "trivialsec_webhook {\n secret s\n}", "@1@trivialsec_webhook: account is required"},
+		{"missing_secret", "trivialsec_webhook {\n account a\n}", "@1@trivialsec_webhook: secret is required"},
+		{"no_block", "trivialsec_webhook", "@1@trivialsec_webhook: account is required"},
+		{"arguments", "trivialsec_webhook acme", `@1@trivialsec_webhook takes its settings in a block`},
+		{"secret_without_value", "trivialsec_webhook {\n account a\n secret\n}", "@3@secret needs a value"},
+		{"account_two_values", "trivialsec_webhook {\n account a b\n secret s\n}", "@2@wrong argument count"},
+		{"negative_leeway", "trivialsec_webhook {\n account a\n secret s\n leeway -1s\n}", `@4@leeway "-1s" is negative`},
+		{"bad_leeway", "trivialsec_webhook {\n account a\n secret s\n leeway soon\n}", `@4@leeway "soon" is not a duration`},
+		{"bad_max_body", "trivialsec_webhook {\n account a\n secret s\n max_body lots\n}", `@4@max_body "lots" is not a size`},
+		{"zero_max_body", "trivialsec_webhook {\n account a\n secret s\n max_body 0\n}", `@4@max_body "0" is not a size`},
+		{"replay_redis", "trivialsec_webhook {\n account a\n secret s\n replay redis redis://127.0.0.1:6379\n}", "@4@replay redis is not available in this version"},
+		{"replay_unknown", "trivialsec_webhook {\n account a\n secret s\n replay disk\n}", `@4@replay takes off, or memory [<max_entries>]: found "disk"`},
+		{"replay_bad_max", "trivialsec_webhook {\n account a\n secret s\n replay memory -5\n}", `@4@replay memory "-5": max_entries must be a positive whole number`},
+		{"strip_with_argument", "trivialsec_webhook {\n account a\n secret s\n strip_authorization yes\n}", "@4@wrong argument count"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+			// tc.want is "@line@message": the message, then ", at Testfile:<line>".
+			parts := strings.SplitN(tc.want, "@", 3)
+			msg, at := parts[2], ", at Testfile:"+parts[1]
+			if err == nil || !strings.HasPrefix(err.Error(), msg) || !strings.HasSuffix(err.Error(), at) {
+				t.Fatalf("error %v\nwant %q ... %q", err, msg, at)
+			}
+		})
+	}
+}
+
+// TestDirectiveOrder: the directive runs after request_body and before
+// the handlers that answer, with no order line.
+func TestDirectiveOrder(t *testing.T) {
+	adapter := caddyfile.Adapter{ServerType: httpcaddyfile.ServerType{}}
+	out, warnings, err := adapter.Adapt([]byte(":8080 {\n"+
+		"\treverse_proxy 127.0.0.1:9000\n"+
+		"\ttrivialsec_webhook {\n\t\taccount acme\n\t\tsecret {env.S}\n\t}\n"+
+		"\trequest_body {\n\t\tmax_size 1MB\n\t}\n"+
+		"}\n"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(warnings) > 0 {
+		t.Errorf("warnings: %v", warnings)
+	}
+	s := string(out)
+	rb, tw, rp := strings.Index(s, `"handler":"request_body"`), strings.Index(s, `"handler":"trivialsec_webhook"`), strings.Index(s, `"handler":"reverse_proxy"`)
+	if rb < 0 || tw < 0 || rp < 0 || !(rb < tw && tw < rp) {
+		t.Errorf("handlers out of order (request_body %d, trivialsec_webhook %d, reverse_proxy %d):\n%s", rb, tw, rp, s)
+	}
+}

@@ -1,0 +1,285 @@
+package trivialsecwebhook
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/google/uuid"
+)
+
+// These tests run a real Caddy in this process, configured from a
+// Caddyfile, in front of a real upstream HTTP server, and drive it over
+// loopback. They run one at a time: Caddy's running config is global.
+
+// upstream is the service behind Caddy. It keeps every request it gets.
+type upstream struct {
+	*httptest.Server
+	mu       sync.Mutex
+	requests []upstreamRequest
+}
+
+type upstreamRequest struct {
+	body   string
+	header http.Header
+	length int64
+}
+
+func startUpstream(t *testing.T) *upstream {
+	t.Helper()
+	u := &upstream{}
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			t.Errorf("upstream: %v", err)
+		}
+		u.mu.Lock()
+		u.requests = append(u.requests, upstreamRequest{string(body), r.Header.Clone(), r.ContentLength})
+		u.mu.Unlock()
+		if r.Header.Get("X-Fail") != "" {
+			w.WriteHeader(http.StatusBadGateway)
+			return
+		}
+		w.WriteHeader(http.StatusAccepted)
+		fmt.Fprint(w, "received")
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+func (u *upstream) received() []upstreamRequest {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]upstreamRequest(nil), u.requests...)
+}
+
+// freePort finds a loopback port nobody listens on.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// startCaddy adapts a Caddyfile site block and runs it, failing the test
+// (never skipping it) if Caddy does not start.
+func startCaddy(t *testing.T, site string) string {
+	t.Helper()
+	port := freePort(t)
+	caddyfile := fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tstorage file_system %s\n}\n\nhttp://127.0.0.1:%d {\n%s\n}\n",
+		t.TempDir(), port, site)
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		t.Fatalf("adapt: %v\n%s", err, caddyfile)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatalf("caddy did not start: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	})
+	return fmt.Sprintf("http://127.0.0.1:%d", port)
+}
+
+// at moves the delivery's token times to the sender's clock reading now.
+func (d *delivery) at(now time.Time) *delivery {
+	shift := now.Unix() - testNow.Unix()
+	for _, k := range []string{"iat", "nbf", "exp"} {
+		d.claims[k] = d.claims[k].(int64) + shift
+	}
+	return d
+}
+
+// post sends a delivery as the production sender does: no Content-Type,
+// User-Agent "Trivial Security".
+func post(t *testing.T, url, authorization string, body io.Reader) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, url, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if authorization != "" {
+		req.Header.Set("Authorization", authorization)
+	}
+	req.Header.Set("User-Agent", "Trivial Security")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+func readAll(t *testing.T, r io.Reader) string {
+	t.Helper()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestIntegrationReverseProxy(t *testing.T) {
+	up := startUpstream(t)
+	t.Setenv("TRIVIALSEC_IT_OLD", "the-old-secret-being-rotated-out")
+	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
+	// No route, no order line: the directive finds its own place.
+	base := startCaddy(t, fmt.Sprintf(`	handle_errors {
+		respond "{err.status_code} {http.trivialsec_webhook.reason}"
+	}
+	trivialsec_webhook /webhook/trivialsec {
+		account %s
+		secret {env.TRIVIALSEC_IT_OLD} {env.TRIVIALSEC_IT_SECRET}
+	}
+	reverse_proxy /webhook/trivialsec %s {
+		header_up X-Trivialsec-Event {http.trivialsec_webhook.event_name}
+		header_up X-Trivialsec-Event-Id {http.trivialsec_webhook.event_id}
+	}
+	@other not path /webhook/trivialsec
+	respond @other "not a webhook" 404`, testAccount, up.Listener.Addr()))
+	url := base + "/webhook/trivialsec"
+	now := time.Now()
+
+	// Genuine deliveries in both styles, the second one chunked.
+	var want []string
+	for i, style := range styles {
+		d := style.make().withEventID(uuid.NewString()).at(now)
+		if style.name == "documented" {
+			d.name = "member_activity"
+		} else {
+			d.claims["evn"] = d.name
+		}
+		var body io.Reader = strings.NewReader(d.body())
+		if i == 1 {
+			body = io.MultiReader(strings.NewReader(d.body()[:10]), strings.NewReader(d.body()[10:])) // no length: chunked
+		}
+		resp := post(t, url, d.authorization(), body)
+		if got := readAll(t, resp.Body); resp.StatusCode != http.StatusAccepted || got != "received" {
+			t.Fatalf("%s delivery: %d %q", style.name, resp.StatusCode, got)
+		}
+		want = append(want, d.body())
+		// The same delivery again is a replay.
+		resp = post(t, url, d.authorization(), strings.NewReader(d.body()))
+		if got := readAll(t, resp.Body); resp.StatusCode != http.StatusConflict || got != "409 replayed" {
+			t.Fatalf("%s replay: %d %q", style.name, resp.StatusCode, got)
+		}
+	}
+
+	// Forgeries and mistakes, each refused before the upstream.
+	forged := productionDelivery().withEventID(uuid.NewString()).at(now)
+	forged.key = "a guess"
+	expired := productionDelivery().withEventID(uuid.NewString()).at(now.Add(-25 * time.Hour))
+	swapped := productionDelivery().withEventID(uuid.NewString()).at(now)
+	swappedAuth := swapped.authorization()
+	swapped.eventID = uuid.NewString()
+	for _, tc := range []struct {
+		name, auth, body string
+		want             string
+	}{
+		{"no_token", "", productionDelivery().body(), "403 missing_token"},
+		{"forged_signature", forged.authorization(), forged.body(), "403 bad_signature"},
+		{"alg_none", rawURL.EncodeToString([]byte(`{"alg":"none"}`)) + "." + rawURL.EncodeToString([]byte(mustJSON(forged.claims))) + ".", forged.body(), "403 bad_algorithm"},
+		{"expired", expired.authorization(), expired.body(), "403 expired"},
+		{"body_of_another_event", swappedAuth, swapped.body(), "403 eid_mismatch"},
+		{"not_json", swappedAuth, "event_id=1", "400 malformed_body"},
+	} {
+		resp := post(t, url, tc.auth, strings.NewReader(tc.body))
+		if got := readAll(t, resp.Body); got != tc.want {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
+	}
+	// Other methods and paths.
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, resp.Body); got != "405 method_not_allowed" || resp.Header.Get("Allow") != "POST" {
+		t.Errorf("GET: %q, Allow %q", got, resp.Header.Get("Allow"))
+	}
+	resp.Body.Close()
+	if resp := post(t, base+"/elsewhere", "", strings.NewReader("{}")); resp.StatusCode != 404 {
+		t.Errorf("another path: %d", resp.StatusCode)
+	}
+
+	// The upstream got exactly the genuine deliveries, byte for byte.
+	got := up.received()
+	if len(got) != len(want) {
+		t.Fatalf("upstream got %d requests, want %d", len(got), len(want))
+	}
+	for i, r := range got {
+		if r.body != want[i] || r.length != int64(len(want[i])) {
+			t.Errorf("upstream request %d: length %d, body %q\nwant %q", i, r.length, r.body, want[i])
+		}
+		if len(r.header["Transfer-Encoding"]) > 0 {
+			t.Errorf("upstream request %d came chunked", i)
+		}
+		if r.header.Get("X-Trivialsec-Event-Id") == "" || r.header.Get("X-Trivialsec-Event") == "" {
+			t.Errorf("upstream request %d: placeholders missing: %v", i, r.header)
+		}
+	}
+	if got[1].header.Get("X-Trivialsec-Event") != "member_activity" {
+		t.Errorf("event name placeholder: %q", got[1].header.Get("X-Trivialsec-Event"))
+	}
+}
+
+// TestIntegrationRedeliveryAfterUpstreamFailure: a delivery the upstream
+// failed is not remembered, so it can come again.
+func TestIntegrationRedeliveryAfterUpstreamFailure(t *testing.T) {
+	up := startUpstream(t)
+	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
+	base := startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
+		account %s
+		secret {env.TRIVIALSEC_IT_SECRET}
+	}
+	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	for i, want := range []int{http.StatusBadGateway, http.StatusAccepted, http.StatusConflict} {
+		req, _ := http.NewRequest(http.MethodPost, base+"/", strings.NewReader(d.body()))
+		req.Header.Set("Authorization", d.authorization())
+		if i == 0 {
+			req.Header.Set("X-Fail", "1")
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Fatalf("attempt %d: %d, want %d", i+1, resp.StatusCode, want)
+		}
+	}
+	if n := len(up.received()); n != 2 {
+		t.Fatalf("upstream got %d requests, want 2", n)
+	}
+}
+
+// TestIntegrationBadConfig: a config error stops Caddy from loading it.
+func TestIntegrationBadConfig(t *testing.T) {
+	caddyfile := "{\n\tadmin off\n\tpersist_config off\n}\nhttp://127.0.0.1:" + fmt.Sprint(freePort(t)) +
+		" {\n\ttrivialsec_webhook {\n\t\taccount acme\n\t\tsecret {env.TRIVIALSEC_IT_UNSET}\n\t}\n}\n"
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = caddy.Load(cfg, true)
+	if err == nil {
+		_ = caddy.Stop()
+		t.Fatal("caddy loaded a config whose secret is unset")
+	}
+	if !strings.Contains(err.Error(), "secret 1: evaluated placeholder {env.TRIVIALSEC_IT_UNSET} is empty") {
+		t.Errorf("error: %v", err)
+	}
+}

@@ -1,0 +1,417 @@
+package trivialsecwebhook
+
+import (
+	"bytes"
+	"unicode/utf8"
+)
+
+// This file is a strict RFC 8259 reader for the three JSON texts the module
+// reads: the JWT header, the JWT claims and the delivery body. It checks a text
+// in one pass without reflection, hands back the members of its top-level
+// object as raw byte spans, and refuses what a lenient parser would guess at
+// (invalid UTF-8, a BOM, comments, NaN, trailing data). Values inside members
+// are checked for well-formedness only and never rewritten, so what passes is
+// forwarded exactly as it came.
+
+// maxJSONDepth bounds the nesting of arrays and objects. RFC 8259 section 9
+// allows such a limit; it is the same as Go's encoding/json, and keeps a
+// hostile body from tripping a recursive parser further down the chain.
+const maxJSONDepth = 10000
+
+// member is one member of a JSON object: its key, unescaped, and its value as
+// the raw bytes of the text.
+type member struct {
+	key   []byte
+	value []byte
+}
+
+// jsonStatus says why a text was refused, in the words of the body checks.
+type jsonStatus uint8
+
+const (
+	jsonOK jsonStatus = iota
+	jsonMalformed
+	jsonDuplicateKey
+)
+
+// readObject reads data, which must be exactly one JSON object with blanks
+// around it, and appends its members to dst in order. Keys are unescaped so
+// that "\u0065vent_id" and "event_id" are seen as the same key; two members
+// with the same key are refused, since parsers disagree on which one wins.
+func readObject(data []byte, dst []member) ([]member, jsonStatus) {
+	if !utf8.Valid(data) {
+		return dst, jsonMalformed
+	}
+	i := skipBlanks(data, 0)
+	if i >= len(data) || data[i] != '{' {
+		return dst, jsonMalformed
+	}
+	i = skipBlanks(data, i+1)
+	if i < len(data) && data[i] == '}' {
+		i++
+	} else {
+		for {
+			if i >= len(data) || data[i] != '"' {
+				return dst, jsonMalformed
+			}
+			end, escaped, ok := scanString(data, i)
+			if !ok {
+				return dst, jsonMalformed
+			}
+			key := data[i+1 : end-1]
+			if escaped {
+				key = unescape(key)
+			}
+			i = skipBlanks(data, end)
+			if i >= len(data) || data[i] != ':' {
+				return dst, jsonMalformed
+			}
+			i = skipBlanks(data, i+1)
+			end, ok = scanValue(data, i)
+			if !ok {
+				return dst, jsonMalformed
+			}
+			dst = append(dst, member{key: key, value: data[i:end]})
+			i = skipBlanks(data, end)
+			if i >= len(data) {
+				return dst, jsonMalformed
+			}
+			if data[i] == '}' {
+				i++
+				break
+			}
+			if data[i] != ',' {
+				return dst, jsonMalformed
+			}
+			i = skipBlanks(data, i+1)
+		}
+	}
+	if skipBlanks(data, i) != len(data) {
+		return dst, jsonMalformed
+	}
+	if hasDuplicateKey(dst) {
+		return dst, jsonDuplicateKey
+	}
+	return dst, jsonOK
+}
+
+// hasDuplicateKey reports whether two members share a key. A handful of keys
+// is the rule, so pairs are compared directly; a map takes over past that.
+func hasDuplicateKey(members []member) bool {
+	if len(members) <= 16 {
+		for i := 1; i < len(members); i++ {
+			for j := 0; j < i; j++ {
+				if bytes.Equal(members[i].key, members[j].key) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	seen := make(map[string]struct{}, len(members))
+	for _, m := range members {
+		if _, dup := seen[string(m.key)]; dup {
+			return true
+		}
+		seen[string(m.key)] = struct{}{}
+	}
+	return false
+}
+
+func skipBlanks(data []byte, i int) int {
+	for i < len(data) {
+		switch data[i] {
+		case ' ', '\t', '\n', '\r':
+			i++
+		default:
+			return i
+		}
+	}
+	return i
+}
+
+// scanString checks the string that starts at data[i] (a quote) and returns
+// the index just past its closing quote, and whether it holds an escape.
+// The text is already known to be valid UTF-8.
+func scanString(data []byte, i int) (end int, escaped, ok bool) {
+	for i++; i < len(data); {
+		switch c := data[i]; {
+		case c == '"':
+			return i + 1, escaped, true
+		case c == '\\':
+			escaped = true
+			if i+1 >= len(data) {
+				return 0, false, false
+			}
+			switch data[i+1] {
+			case '"', '\\', '/', 'b', 'f', 'n', 'r', 't':
+				i += 2
+			case 'u':
+				if i+6 > len(data) || !isHex4(data[i+2:i+6]) {
+					return 0, false, false
+				}
+				i += 6
+			default:
+				return 0, false, false
+			}
+		case c < 0x20:
+			return 0, false, false
+		default:
+			i++
+		}
+	}
+	return 0, false, false
+}
+
+func isHex4(b []byte) bool {
+	for _, c := range b[:4] {
+		if hexValue(c) < 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func hexValue(c byte) int {
+	switch {
+	case '0' <= c && c <= '9':
+		return int(c - '0')
+	case 'a' <= c && c <= 'f':
+		return int(c-'a') + 10
+	case 'A' <= c && c <= 'F':
+		return int(c-'A') + 10
+	}
+	return -1
+}
+
+// scanNumber checks the number that starts at data[i] against the grammar of
+// RFC 8259 section 6 and returns the index just past it.
+func scanNumber(data []byte, i int) (int, bool) {
+	if i < len(data) && data[i] == '-' {
+		i++
+	}
+	switch {
+	case i < len(data) && data[i] == '0':
+		i++
+	case i < len(data) && '1' <= data[i] && data[i] <= '9':
+		i = skipDigits(data, i+1)
+	default:
+		return 0, false
+	}
+	if i < len(data) && data[i] == '.' {
+		j := skipDigits(data, i+1)
+		if j == i+1 {
+			return 0, false
+		}
+		i = j
+	}
+	if i < len(data) && (data[i] == 'e' || data[i] == 'E') {
+		i++
+		if i < len(data) && (data[i] == '+' || data[i] == '-') {
+			i++
+		}
+		j := skipDigits(data, i)
+		if j == i {
+			return 0, false
+		}
+		i = j
+	}
+	return i, true
+}
+
+func skipDigits(data []byte, i int) int {
+	for i < len(data) && '0' <= data[i] && data[i] <= '9' {
+		i++
+	}
+	return i
+}
+
+// scanValue checks the value that starts at data[i] and returns the index
+// just past it. It keeps no recursion: the open arrays and objects are bits
+// on a fixed stack, so depth costs no memory beyond maxJSONDepth bits.
+func scanValue(data []byte, i int) (int, bool) {
+	var open [maxJSONDepth/64 + 1]uint64 // bit set: an object; clear: an array
+	depth := 0
+	push := func(object bool) bool {
+		if depth == maxJSONDepth {
+			return false
+		}
+		if object {
+			open[depth/64] |= 1 << (depth % 64)
+		} else {
+			open[depth/64] &^= 1 << (depth % 64)
+		}
+		depth++
+		return true
+	}
+	inObject := func() bool { return open[(depth-1)/64]&(1<<((depth-1)%64)) != 0 }
+	// key reads `"key" :` at i inside an object and returns the index of the
+	// value that follows.
+	key := func(i int) (int, bool) {
+		if i >= len(data) || data[i] != '"' {
+			return 0, false
+		}
+		end, _, ok := scanString(data, i)
+		if !ok {
+			return 0, false
+		}
+		i = skipBlanks(data, end)
+		if i >= len(data) || data[i] != ':' {
+			return 0, false
+		}
+		return skipBlanks(data, i+1), true
+	}
+
+	var ok bool
+	for {
+		// A value starts at i.
+		if i >= len(data) {
+			return 0, false
+		}
+		closed := true // the value at i is complete once read
+		switch c := data[i]; {
+		case c == '{' || c == '[':
+			object, closer := c == '{', byte(']')
+			if object {
+				closer = '}'
+			}
+			if !push(object) {
+				return 0, false
+			}
+			i = skipBlanks(data, i+1)
+			if i < len(data) && data[i] == closer {
+				i++
+				depth--
+				break
+			}
+			if object {
+				if i, ok = key(i); !ok {
+					return 0, false
+				}
+			}
+			closed = false
+		case c == '"':
+			if i, _, ok = scanString(data, i); !ok {
+				return 0, false
+			}
+		case c == 't':
+			if i, ok = scanLiteral(data, i, "true"); !ok {
+				return 0, false
+			}
+		case c == 'f':
+			if i, ok = scanLiteral(data, i, "false"); !ok {
+				return 0, false
+			}
+		case c == 'n':
+			if i, ok = scanLiteral(data, i, "null"); !ok {
+				return 0, false
+			}
+		default:
+			if i, ok = scanNumber(data, i); !ok {
+				return 0, false
+			}
+		}
+		if !closed {
+			continue
+		}
+		// After a complete value: close what ends here, or move to the next
+		// element of the innermost open array or object.
+		for {
+			if depth == 0 {
+				return i, true
+			}
+			i = skipBlanks(data, i)
+			if i >= len(data) {
+				return 0, false
+			}
+			object := inObject()
+			if data[i] == ',' {
+				i = skipBlanks(data, i+1)
+				if object {
+					if i, ok = key(i); !ok {
+						return 0, false
+					}
+				}
+				break
+			}
+			if (object && data[i] == '}') || (!object && data[i] == ']') {
+				i++
+				depth--
+				continue
+			}
+			return 0, false
+		}
+	}
+}
+
+func scanLiteral(data []byte, i int, lit string) (int, bool) {
+	if len(data)-i < len(lit) || string(data[i:i+len(lit)]) != lit {
+		return 0, false
+	}
+	return i + len(lit), true
+}
+
+// jsonString returns the unescaped content of a raw JSON value that is a
+// string, or false if the value is of another type.
+func jsonString(value []byte) ([]byte, bool) {
+	if len(value) < 2 || value[0] != '"' {
+		return nil, false
+	}
+	content := value[1 : len(value)-1]
+	if bytes.IndexByte(content, '\\') >= 0 {
+		return unescape(content), true
+	}
+	return content, true
+}
+
+// unescape decodes the escapes of a string already checked by scanString.
+// A lone surrogate escape is kept as its own three-byte sequence (WTF-8),
+// so that two different lone surrogates never compare equal, as they do not
+// in the sender's Python.
+func unescape(s []byte) []byte {
+	out := make([]byte, 0, len(s))
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c != '\\' {
+			out = append(out, c)
+			i++
+			continue
+		}
+		switch s[i+1] {
+		case 'b':
+			out = append(out, '\b')
+		case 'f':
+			out = append(out, '\f')
+		case 'n':
+			out = append(out, '\n')
+		case 'r':
+			out = append(out, '\r')
+		case 't':
+			out = append(out, '\t')
+		case 'u':
+			r := hex4(s[i+2:])
+			i += 6
+			if 0xD800 <= r && r < 0xDC00 && i+6 <= len(s) && s[i] == '\\' && s[i+1] == 'u' {
+				if lo := hex4(s[i+2:]); 0xDC00 <= lo && lo < 0xE000 {
+					out = utf8.AppendRune(out, 0x10000+(r-0xD800)<<10+(lo-0xDC00))
+					i += 6
+					continue
+				}
+			}
+			if 0xD800 <= r && r < 0xE000 {
+				out = append(out, 0xE0|byte(r>>12), 0x80|byte(r>>6)&0x3F, 0x80|byte(r)&0x3F)
+			} else {
+				out = utf8.AppendRune(out, r)
+			}
+			continue
+		default: // '"', '\\', '/'
+			out = append(out, s[i+1])
+		}
+		i += 2
+	}
+	return out
+}
+
+func hex4(b []byte) rune {
+	return rune(hexValue(b[0])<<12 | hexValue(b[1])<<8 | hexValue(b[2])<<4 | hexValue(b[3]))
+}

@@ -1,0 +1,123 @@
+package trivialsecwebhook
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+	"unicode/utf8"
+)
+
+// jsonTexts are values to hold against encoding/json, which follows
+// RFC 8259 too but does not check UTF-8.
+var jsonTexts = []string{
+	`0`, `-0`, `-0.5e+10`, `1E5`, `01`, `1.`, `.5`, `-`, `+1`, `1e`, `1e+`, `0x10`, `1_000`,
+	`""`, `"a\"b"`, `"\u00e9\ud83d\ude00"`, `"\ud800"`, `"\u12"`, `"\x41"`, `"\'"`, `"a` + "\t" + `b"`, `"`, `"\"`,
+	`true`, `false`, `null`, `tru`, `nul`, `True`, `NaN`, `Infinity`, `-Infinity`, `undefined`,
+	`[]`, `[ ]`, `[1,2]`, `[1,]`, `[,1]`, `[1 2]`, `[`, `]`, `[[[]]]`, `[[[]]`, `[{}]`, `[{]`,
+	`{}`, `{ }`, `{"a":1}`, `{"a":1,}`, `{"a" 1}`, `{a:1}`, `{'a':1}`, `{"a":1 "b":2}`, `{"a":}`, `{1:2}`,
+	`{"a":[1,{"b":null}],"c":"d"}`, `{"a":{"a":{"a":{}}}}`, `{"a":1}}`, `{"a":1`, `{"a"`, `{"a":1,"a":2}`,
+	` {"a" : [ true , false ] } `, "\t[\n1\r]\n", `[1]/* c */`, `// c` + "\n" + `1`,
+}
+
+func TestScanValueMatchesEncodingJSON(t *testing.T) {
+	for _, text := range jsonTexts {
+		data := []byte(text)
+		i := skipBlanks(data, 0)
+		end, ok := scanValue(data, i)
+		got := ok && skipBlanks(data, end) == len(data)
+		want := json.Valid(data)
+		if got != want {
+			t.Errorf("%q: scanValue says %v, encoding/json says %v", text, got, want)
+		}
+	}
+}
+
+func TestReadObject(t *testing.T) {
+	for _, tc := range []struct {
+		text string
+		want jsonStatus
+		keys []string
+	}{
+		{`{}`, jsonOK, nil},
+		{` { "a" : 1 , "b" : [2] } `, jsonOK, []string{"a", "b"}},
+		{`{"\u0061":1,"b\n":2}`, jsonOK, []string{"a", "b\n"}},
+		{`{"a":1,"a":2}`, jsonDuplicateKey, nil},
+		{`{"a":1,"\u0061":2}`, jsonDuplicateKey, nil},
+		{`{"\ud800":1,"\udbff":2}`, jsonOK, []string{"\xed\xa0\x80", "\xed\xaf\xbf"}},
+		{`{"\ud83d\ude00":1,"😀":2}`, jsonDuplicateKey, nil},
+		{`{"a":{"x":1,"x":2}}`, jsonOK, []string{"a"}},
+		{`[]`, jsonMalformed, nil},
+		{`{"a":1} {}`, jsonMalformed, nil},
+		{"\xef\xbb\xbf{}", jsonMalformed, nil},
+		{"{\"a\":\"\xff\"}", jsonMalformed, nil},
+		{`{"a":1,}`, jsonMalformed, nil},
+		{``, jsonMalformed, nil},
+	} {
+		members, got := readObject([]byte(tc.text), nil)
+		if got != tc.want {
+			t.Errorf("%q: status %d, want %d", tc.text, got, tc.want)
+			continue
+		}
+		if tc.keys == nil {
+			continue
+		}
+		var keys []string
+		for _, m := range members {
+			keys = append(keys, string(m.key))
+		}
+		if strings.Join(keys, "|") != strings.Join(tc.keys, "|") {
+			t.Errorf("%q: keys %q, want %q", tc.text, keys, tc.keys)
+		}
+	}
+}
+
+func TestReadObjectManyKeys(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("{")
+	for i := range 100 {
+		if i > 0 {
+			b.WriteString(",")
+		}
+		b.WriteString(`"k` + strings.Repeat("x", i) + `":1`)
+	}
+	if _, st := readObject([]byte(b.String()+"}"), nil); st != jsonOK {
+		t.Fatalf("100 distinct keys: status %d", st)
+	}
+	if _, st := readObject([]byte(b.String()+`,"kxxxxx":2}`), nil); st != jsonDuplicateKey {
+		t.Fatalf("101 keys, one repeated: status %d", st)
+	}
+}
+
+func TestUnescapeMatchesEncodingJSON(t *testing.T) {
+	for _, s := range []string{`plain`, `a\"b\\c\/d`, `\b\f\n\r\t`, `\u00e9\u20ac`, `\ud83d\ude00`, `caf\u00E9`, `\u0000`} {
+		var want string
+		if err := json.Unmarshal([]byte(`"`+s+`"`), &want); err != nil {
+			t.Fatal(err)
+		}
+		if got := string(unescape([]byte(s))); got != want {
+			t.Errorf("%q: %q, want %q", s, got, want)
+		}
+	}
+	// Lone surrogates stay distinct, where encoding/json would turn both
+	// into U+FFFD.
+	a, b := unescape([]byte(`\ud800`)), unescape([]byte(`\udc00`))
+	if string(a) == string(b) || utf8.Valid(a) {
+		t.Errorf("lone surrogates: %q and %q", a, b)
+	}
+}
+
+func TestScanValueDepth(t *testing.T) {
+	for _, tc := range []struct {
+		depth int
+		ok    bool
+	}{{1, true}, {maxJSONDepth, true}, {maxJSONDepth + 1, false}, {100000, false}} {
+		text := strings.Repeat("[", tc.depth) + strings.Repeat("]", tc.depth)
+		if _, ok := scanValue([]byte(text), 0); ok != tc.ok {
+			t.Errorf("depth %d: %v, want %v", tc.depth, ok, tc.ok)
+		}
+		open := strings.Repeat(`{"a":`, tc.depth) + "1" + strings.Repeat("}", tc.depth)
+		if _, ok := scanValue([]byte(open), 0); ok != tc.ok {
+			t.Errorf("object depth %d: %v, want %v", tc.depth, ok, tc.ok)
+		}
+	}
+}

@@ -1,0 +1,414 @@
+// Package trivialsecwebhook is a Caddy HTTP handler that verifies webhook
+// deliveries from Trivial Security before Caddy proxies or answers them.
+package trivialsecwebhook
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Defaults of the configuration.
+const (
+	DefaultSubject = "bc6e2cd5-1f59-487f-b05b-49946bd078b2"
+	DefaultIssuer  = "https://www.trivialsec.com"
+	DefaultLeeway  = 3 * time.Second
+	DefaultMaxBody = 10 << 20
+)
+
+// Handler verifies each webhook delivery from Trivial Security: its signed
+// token, then its body, then that it is not a replay. A delivery that passes
+// goes to the next handler with its body restored byte for byte; any other
+// request is refused with an HTTP error (403, 405, 409, 413, 415, 400, 422 or
+// 503) that `handle_errors` can shape, and never reaches the next handler.
+//
+// On success it sets the placeholders {http.trivialsec_webhook.event_id},
+// {http.trivialsec_webhook.event_name}, {http.trivialsec_webhook.timestamp},
+// {http.trivialsec_webhook.issued_at}, {http.trivialsec_webhook.expires_at}
+// and {http.trivialsec_webhook.endpoint}; on refusal,
+// {http.trivialsec_webhook.reason}, a stable code such as `bad_signature`.
+type Handler struct {
+	// The Trivial Security account name. Required: the token's aud claim
+	// must hold `urn:trivialsec:webhook:client_endpoint:<account>`.
+	Account string `json:"account,omitempty"`
+
+	// The signing secrets, tried in turn (more than one during a key
+	// rotation). Required. Write each as a placeholder, `{env.NAME}` or
+	// `{file.PATH}`, resolved once at provision; a literal secret is shown
+	// by the admin API and draws a warning at startup.
+	Secret []string `json:"secret,omitempty"`
+
+	// The UUID the token's sub claim must name, in any of its textual forms.
+	// Default: bc6e2cd5-1f59-487f-b05b-49946bd078b2.
+	Subject string `json:"subject,omitempty"`
+
+	// The exact value of the token's iss claim.
+	// Default: https://www.trivialsec.com.
+	Issuer string `json:"issuer,omitempty"`
+
+	// When set, a token's cep claim, if it has one, must equal it: the
+	// endpoint URL configured for the account at Trivial Security.
+	Endpoint string `json:"endpoint,omitempty"`
+
+	// How far exp and nbf may be off, for clock skew. Default: 3s.
+	Leeway *caddy.Duration `json:"leeway,omitempty"`
+
+	// The largest body accepted, in bytes. Default: 10 MiB.
+	MaxBody int64 `json:"max_body,omitempty"`
+
+	// When set, only these event names are accepted; others get 403.
+	// Default: all 15.
+	Events []string `json:"events,omitempty"`
+
+	// Replay protection. Default: the memory store.
+	Replay *Replay `json:"replay,omitempty"`
+
+	// Remove the Authorization header before the next handler, so that
+	// the token does not travel further.
+	StripAuthorization bool `json:"strip_authorization,omitempty"`
+
+	verifier *verifier
+	store    *memoryStore
+	storeKey string
+	logger   *zap.Logger
+	now      func() time.Time
+}
+
+// Replay configures replay protection.
+type Replay struct {
+	// Where accepted event IDs are kept: `memory` (default; per process)
+	// or `off`. (`redis` is not available yet.)
+	Store string `json:"store,omitempty"`
+
+	// The most event IDs the memory store keeps at once. When it is full,
+	// new deliveries get 503 until entries expire. Default: 1000000.
+	MaxEntries int `json:"max_entries,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.trivialsec_webhook",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// secretPlaceholder matches a secret written as one placeholder alone.
+var secretPlaceholder = regexp.MustCompile(`^\{(env|file)\.[^{}]+\}$`)
+
+// Provision sets defaults, resolves the secrets and prepares the verifier
+// and the replay store.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.now == nil {
+		h.now = time.Now
+	}
+	if h.Subject == "" {
+		h.Subject = DefaultSubject
+	}
+	if h.Issuer == "" {
+		h.Issuer = DefaultIssuer
+	}
+	if h.Leeway == nil {
+		d := caddy.Duration(DefaultLeeway)
+		h.Leeway = &d
+	}
+	if h.MaxBody == 0 {
+		h.MaxBody = DefaultMaxBody
+	}
+	if h.Replay == nil {
+		h.Replay = new(Replay)
+	}
+	if h.Replay.Store == "" {
+		h.Replay.Store = "memory"
+	}
+	if h.Replay.MaxEntries == 0 {
+		h.Replay.MaxEntries = DefaultReplayMaxEntries
+	}
+
+	subject, err := uuid.Parse(h.Subject)
+	if err != nil {
+		return fmt.Errorf("subject %q is not a UUID: write it as bc6e2cd5-1f59-487f-b05b-49946bd078b2", h.Subject)
+	}
+	events := allEvents
+	if len(h.Events) > 0 {
+		events = 0
+		for _, name := range h.Events {
+			i := eventIndex([]byte(name))
+			if i < 0 {
+				return fmt.Errorf("events: unknown event name %q: use one of %s", name, strings.Join(EventNames[:], ", "))
+			}
+			events |= 1 << i
+		}
+	}
+	keys, err := h.resolveSecrets()
+	if err != nil {
+		return err
+	}
+
+	h.verifier = newVerifier(verifierConfig{
+		keys:     keys,
+		account:  h.Account,
+		issuer:   h.Issuer,
+		subject:  subject,
+		endpoint: h.Endpoint,
+		leeway:   time.Duration(*h.Leeway),
+		maxBody:  h.MaxBody,
+		events:   events,
+		now:      h.now,
+	})
+
+	switch h.Replay.Store {
+	case "off":
+		h.logger.Warn("replay protection is off: a captured delivery can be replayed until its token expires")
+	case "memory":
+		h.storeKey = memoryStoreKey(h.Account)
+		h.store, err = loadMemoryStore(h.Account, h.Replay.MaxEntries)
+		if err != nil {
+			return err
+		}
+	case "redis":
+		return errors.New("replay store redis is not available in this version: use memory, or off")
+	default:
+		return fmt.Errorf("unknown replay store %q: use memory or off", h.Replay.Store)
+	}
+	return nil
+}
+
+// resolveSecrets turns the configured secrets into keys. Nothing it returns
+// or logs holds a secret's value.
+func (h *Handler) resolveSecrets() ([][]byte, error) {
+	repl := caddy.NewReplacer()
+	keys := make([][]byte, 0, len(h.Secret))
+	for i, s := range h.Secret {
+		n := i + 1
+		switch {
+		case secretPlaceholder.MatchString(s):
+			v, err := repl.ReplaceOrErr(s, true, true)
+			if err != nil {
+				// The replacer's error names the placeholder, not a value.
+				return nil, fmt.Errorf("secret %d: %v: set the variable or create the file", n, err)
+			}
+			keys = append(keys, []byte(v))
+		case strings.Contains(s, "{env.") || strings.Contains(s, "{file."):
+			return nil, fmt.Errorf("secret %d: write a placeholder alone, as {env.NAME} or {file.PATH}", n)
+		case s == "":
+			return nil, fmt.Errorf("secret %d is empty", n)
+		default:
+			h.logger.Warn("a secret is written literally in the config, where the admin API shows it: use {env.NAME} or {file.PATH}",
+				zap.Int("secret", n))
+			keys = append(keys, []byte(s))
+		}
+	}
+	return keys, nil
+}
+
+// Validate checks the configuration.
+func (h *Handler) Validate() error {
+	switch {
+	case h.Account == "":
+		return errors.New("account is required: the Trivial Security account name")
+	case len(h.Secret) == 0:
+		return errors.New("secret is required: the webhook signing secret, as {env.NAME} or {file.PATH}")
+	case *h.Leeway < 0:
+		return errors.New("leeway must not be negative")
+	case h.MaxBody < 0:
+		return errors.New("max_body must not be negative")
+	case h.Replay.MaxEntries < 0:
+		return errors.New("replay max_entries must not be negative")
+	}
+	return nil
+}
+
+// Cleanup lets go of the replay store; it lives on while a newer config
+// uses it.
+func (h *Handler) Cleanup() error {
+	if h.store != nil {
+		_, err := memoryStores.Delete(h.storeKey)
+		return err
+	}
+	return nil
+}
+
+// ServeHTTP verifies the delivery, then hands it to next.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		return h.refuse(r, repl, ReasonMethodNotAllowed, nil, "")
+	}
+	authorization := r.Header["Authorization"]
+	if len(authorization) == 0 {
+		return h.refuse(r, repl, ReasonMissingToken, nil, "")
+	}
+	if len(authorization) > 1 {
+		return h.refuse(r, repl, ReasonMalformedToken, nil, "")
+	}
+	tok, reason := h.verifier.VerifyToken(authorization[0])
+	if reason != reasonNone {
+		return h.refuse(r, repl, reason, &tok, "")
+	}
+	// From here on the token is genuine: every refusal is a WARN.
+	contentType := r.Header["Content-Type"]
+	if len(contentType) > 1 {
+		return h.refuse(r, repl, ReasonUnsupportedMediaType, &tok, "")
+	}
+	if len(contentType) == 1 {
+		if reason := CheckContentType(contentType[0]); reason != reasonNone {
+			return h.refuse(r, repl, reason, &tok, "")
+		}
+	}
+	body, reason := readBody(r, h.MaxBody)
+	if reason != reasonNone {
+		return h.refuse(r, repl, reason, &tok, "")
+	}
+	ev, reason := h.verifier.VerifyBody(tok, body)
+	if reason != reasonNone {
+		return h.refuse(r, repl, reason, &tok, ev.Name)
+	}
+
+	expires := tok.ExpiresAt.Add(time.Duration(*h.Leeway))
+	if h.store != nil {
+		switch h.store.reserve(ev.ID, expires, h.now()) {
+		case replayDuplicate:
+			return h.refuse(r, repl, ReasonReplayed, &tok, ev.Name)
+		case replayFull:
+			return h.refuse(r, repl, ReasonReplayStoreFull, &tok, ev.Name)
+		}
+	}
+
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	r.ContentLength = int64(len(body))
+	r.TransferEncoding = nil
+	r.Header.Set("Content-Length", strconv.Itoa(len(body)))
+	if h.StripAuthorization {
+		r.Header.Del("Authorization")
+	}
+	setPlaceholders(repl, &ev)
+	if c := h.logger.Check(zapcore.DebugLevel, "accepted delivery"); c != nil {
+		c.Write(zap.String("event_id", ev.ID.String()), zap.String("event_name", ev.Name),
+			zap.String("remote_addr", r.RemoteAddr))
+	}
+
+	if h.store == nil {
+		return next.ServeHTTP(w, r)
+	}
+	// Release the reservation if the next handler fails, so that a genuine
+	// delivery whose upstream was down can still come again.
+	rec := caddyhttp.NewResponseRecorder(w, nil, nil)
+	succeeded := false
+	defer func() {
+		if !succeeded {
+			h.store.release(ev.ID, expires)
+			if c := h.logger.Check(zapcore.DebugLevel, "next handler failed: released the event ID"); c != nil {
+				c.Write(zap.String("event_id", ev.ID.String()), zap.Int("status", rec.Status()))
+			}
+		}
+	}()
+	err := next.ServeHTTP(rec, r)
+	succeeded = err == nil && rec.Status() < 500
+	return err
+}
+
+func setPlaceholders(repl *caddy.Replacer, ev *Event) {
+	repl.Set("http.trivialsec_webhook.event_id", ev.ID.String())
+	repl.Set("http.trivialsec_webhook.event_name", ev.Name)
+	repl.Set("http.trivialsec_webhook.timestamp", ev.Timestamp.UTC().Format(time.RFC3339Nano))
+	repl.Set("http.trivialsec_webhook.issued_at", ev.Token.IssuedAt.UTC().Format(time.RFC3339))
+	repl.Set("http.trivialsec_webhook.expires_at", ev.Token.ExpiresAt.UTC().Format(time.RFC3339))
+	repl.Set("http.trivialsec_webhook.endpoint", ev.Token.Endpoint)
+}
+
+// refuse answers a refusal through Caddy's error handling, and logs it:
+// at DEBUG before the signature verified (internet noise), at WARN after
+// (a lost event, or an attack with a signed token).
+func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason Reason, tok *Token, eventName string) error {
+	repl.Set("http.trivialsec_webhook.reason", reason.String())
+	level := zapcore.DebugLevel
+	if reason.Authenticated() {
+		level = zapcore.WarnLevel
+	}
+	if c := h.logger.Check(level, "refused delivery"); c != nil {
+		fields := []zap.Field{zap.String("reason", reason.String()), zap.String("remote_addr", r.RemoteAddr)}
+		// Only what the signed token or the checks vouch for, in canonical
+		// form: never a raw value from the request.
+		if tok != nil {
+			if id, ok := eidUUID(tok.EventID); ok {
+				fields = append(fields, zap.String("event_id", id.String()))
+			}
+			if eventName == "" {
+				if i := eventIndex([]byte(tok.EventName)); i >= 0 {
+					eventName = EventNames[i]
+				}
+			}
+		}
+		if eventName != "" {
+			fields = append(fields, zap.String("event_name", eventName))
+		}
+		c.Write(fields...)
+	}
+	return caddyhttp.Error(reason.Status(), reason)
+}
+
+// readBody reads the body, at most limit bytes. It runs only once the token
+// has verified, so an unauthenticated request makes the module buffer
+// nothing. The buffer is sized from Content-Length when the client sent one.
+func readBody(r *http.Request, limit int64) ([]byte, Reason) {
+	if r.ContentLength > limit {
+		return nil, ReasonBodyTooLarge
+	}
+	size := r.ContentLength
+	if size < 0 {
+		size = min(limit, 32<<10)
+	}
+	// One byte more than expected, so that the end of the body is seen
+	// without growing the buffer.
+	buf := make([]byte, 0, size+1)
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := r.Body.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if int64(len(buf)) > limit {
+			return nil, ReasonBodyTooLarge
+		}
+		if err == io.EOF {
+			return buf, reasonNone
+		}
+		if err != nil {
+			var maxBytes *http.MaxBytesError
+			var handlerErr caddyhttp.HandlerError
+			if errors.As(err, &maxBytes) ||
+				(errors.As(err, &handlerErr) && handlerErr.StatusCode == http.StatusRequestEntityTooLarge) {
+				return nil, ReasonBodyTooLarge
+			}
+			return nil, ReasonBodyReadFailed
+		}
+	}
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,154 @@
+package trivialsecwebhook
+
+import (
+	"container/heap"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/google/uuid"
+)
+
+// A token binds only event_id, not the payload, and lives a day: a captured
+// delivery could be replayed, or replayed with another payload, until it
+// expires. The replay store remembers each accepted event ID until its
+// token's exp + leeway, and refuses it meanwhile (SPEC section 4).
+
+// DefaultReplayMaxEntries caps the memory replay store. Each entry costs
+// about 100 bytes (see BenchmarkMemoryStoreFootprint), so a full store holds
+// about 100 MB. Only deliveries that passed every check take an entry, so an
+// attacker without a secret cannot fill it.
+const DefaultReplayMaxEntries = 1_000_000
+
+// replayResult is what a reservation came to.
+type replayResult uint8
+
+const (
+	replayReserved replayResult = iota
+	replayDuplicate
+	replayFull
+)
+
+// memoryStore is the per-process replay store: a map of reserved event IDs
+// and a min-heap of their expiries, so that expired entries leave in
+// O(log n) each, without a goroutine or a full sweep.
+type memoryStore struct {
+	mu         sync.Mutex
+	entries    map[uuid.UUID]int64 // event ID -> expiry, Unix nanoseconds
+	expiries   expiryHeap
+	maxEntries int
+}
+
+func newMemoryStore(maxEntries int) *memoryStore {
+	return &memoryStore{entries: make(map[uuid.UUID]int64), maxEntries: maxEntries}
+}
+
+// reserve claims id until expires. Of concurrent reservations of one id,
+// exactly one gets replayReserved.
+func (s *memoryStore) reserve(id uuid.UUID, expires, now time.Time) replayResult {
+	exp, cutoff := expires.UnixNano(), now.UnixNano()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.expire(cutoff)
+	if _, taken := s.entries[id]; taken {
+		return replayDuplicate
+	}
+	if exp <= cutoff {
+		// Only reachable with a leeway of zero and a clock that moved
+		// between the checks: nothing to remember.
+		return replayReserved
+	}
+	if len(s.entries) >= s.maxEntries {
+		return replayFull
+	}
+	s.entries[id] = exp
+	heap.Push(&s.expiries, expiry{id: id, at: exp})
+	return replayReserved
+}
+
+// release forgets the reservation of id made until expires, if it is still
+// that one, so that a delivery the next handler failed can come again.
+func (s *memoryStore) release(id uuid.UUID, expires time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if exp, ok := s.entries[id]; ok && exp == expires.UnixNano() {
+		delete(s.entries, id)
+	}
+	// Its heap element stays until its time and is then skipped. Released
+	// entries are rare (downstream failures), but keep the heap bounded.
+	if len(s.expiries) > 2*len(s.entries)+1024 {
+		s.rebuild()
+	}
+}
+
+// expire drops every entry whose expiry is not after cutoff.
+func (s *memoryStore) expire(cutoff int64) {
+	for len(s.expiries) > 0 && s.expiries[0].at <= cutoff {
+		e := heap.Pop(&s.expiries).(expiry)
+		if s.entries[e.id] == e.at {
+			delete(s.entries, e.id)
+		}
+	}
+}
+
+func (s *memoryStore) rebuild() {
+	s.expiries = s.expiries[:0]
+	for id, at := range s.entries {
+		s.expiries = append(s.expiries, expiry{id: id, at: at})
+	}
+	heap.Init(&s.expiries)
+}
+
+func (s *memoryStore) setMaxEntries(n int) {
+	s.mu.Lock()
+	s.maxEntries = n
+	s.mu.Unlock()
+}
+
+func (s *memoryStore) len() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.entries)
+}
+
+// Destruct lets the usage pool drop the store with the last config using it.
+func (s *memoryStore) Destruct() error { return nil }
+
+type expiry struct {
+	id uuid.UUID
+	at int64
+}
+
+type expiryHeap []expiry
+
+func (h expiryHeap) Len() int           { return len(h) }
+func (h expiryHeap) Less(i, j int) bool { return h[i].at < h[j].at }
+func (h expiryHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *expiryHeap) Push(x any)        { *h = append(*h, x.(expiry)) }
+func (h *expiryHeap) Pop() any {
+	old := *h
+	e := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return e
+}
+
+// memoryStores keeps each account's memory store across config reloads: the
+// new config takes the store over from the old one, so that a reload forgets
+// no accepted delivery.
+var memoryStores = caddy.NewUsagePool()
+
+func memoryStoreKey(account string) string { return "memory:" + account }
+
+func loadMemoryStore(account string, maxEntries int) (*memoryStore, error) {
+	v, loaded, err := memoryStores.LoadOrNew(memoryStoreKey(account), func() (caddy.Destructor, error) {
+		return newMemoryStore(maxEntries), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	s := v.(*memoryStore)
+	if loaded {
+		s.setMaxEntries(maxEntries)
+	}
+	return s, nil
+}

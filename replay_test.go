@@ -1,0 +1,148 @@
+package trivialsecwebhook
+
+import (
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+func TestMemoryStore(t *testing.T) {
+	now := testNow
+	exp := now.Add(24 * time.Hour)
+	a, b, c := uuid.New(), uuid.New(), uuid.New()
+
+	t.Run("reserve_then_duplicate", func(t *testing.T) {
+		s := newMemoryStore(10)
+		if got := s.reserve(a, exp, now); got != replayReserved {
+			t.Fatalf("first: %d", got)
+		}
+		if got := s.reserve(a, exp, now.Add(time.Hour)); got != replayDuplicate {
+			t.Fatalf("second: %d", got)
+		}
+	})
+	t.Run("expires_at_deadline", func(t *testing.T) {
+		s := newMemoryStore(10)
+		s.reserve(a, exp, now)
+		if got := s.reserve(a, exp, exp.Add(-time.Nanosecond)); got != replayDuplicate {
+			t.Fatalf("just before expiry: %d", got)
+		}
+		if got := s.reserve(a, exp.Add(time.Hour), exp); got != replayReserved {
+			t.Fatalf("at expiry: %d", got)
+		}
+		if s.len() != 1 {
+			t.Fatalf("len %d after expiry and new reservation", s.len())
+		}
+	})
+	t.Run("full_refuses_until_expiry", func(t *testing.T) {
+		s := newMemoryStore(2)
+		s.reserve(a, now.Add(time.Minute), now)
+		s.reserve(b, exp, now)
+		if got := s.reserve(c, exp, now); got != replayFull {
+			t.Fatalf("third of two: %d", got)
+		}
+		if got := s.reserve(a, exp, now); got != replayDuplicate {
+			t.Fatalf("a duplicate is a duplicate even when full: %d", got)
+		}
+		if got := s.reserve(c, exp, now.Add(time.Minute)); got != replayReserved {
+			t.Fatalf("after a's expiry: %d", got)
+		}
+	})
+	t.Run("release_only_own_reservation", func(t *testing.T) {
+		s := newMemoryStore(10)
+		s.reserve(a, exp, now)
+		s.release(a, exp.Add(time.Second)) // not ours: another expiry
+		if got := s.reserve(a, exp, now); got != replayDuplicate {
+			t.Fatalf("released someone else's reservation: %d", got)
+		}
+		s.release(a, exp)
+		if got := s.reserve(a, exp, now); got != replayReserved {
+			t.Fatalf("after release: %d", got)
+		}
+	})
+	t.Run("released_entry_heap_stays_bounded", func(t *testing.T) {
+		s := newMemoryStore(10)
+		for range 5000 {
+			s.reserve(a, exp, now)
+			s.release(a, exp)
+		}
+		if n := len(s.expiries); n > 1024+2 {
+			t.Fatalf("heap holds %d elements for %d entries", n, s.len())
+		}
+	})
+	t.Run("reserved_in_past_is_not_kept", func(t *testing.T) {
+		s := newMemoryStore(10)
+		if got := s.reserve(a, now, now); got != replayReserved || s.len() != 0 {
+			t.Fatalf("got %d, len %d", got, s.len())
+		}
+	})
+}
+
+// TestMemoryStoreConcurrent: of many concurrent reservations of one ID,
+// exactly one wins.
+func TestMemoryStoreConcurrent(t *testing.T) {
+	s := newMemoryStore(1000)
+	exp := testNow.Add(time.Hour)
+	for range 50 {
+		id := uuid.New()
+		var wins atomic.Int32
+		var wg sync.WaitGroup
+		for range 16 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if s.reserve(id, exp, testNow) == replayReserved {
+					wins.Add(1)
+				}
+			}()
+		}
+		wg.Wait()
+		if wins.Load() != 1 {
+			t.Fatalf("%d reservations won", wins.Load())
+		}
+	}
+}
+
+// TestMemoryStoreSurvivesReload: a new config takes the store over from
+// the old one before the old one is cleaned up.
+func TestMemoryStoreSurvivesReload(t *testing.T) {
+	old, err := loadMemoryStore("reload-test", 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.reserve(uuid.Nil, testNow.Add(time.Hour), testNow)
+	next, err := loadMemoryStore("reload-test", 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := memoryStores.Delete(memoryStoreKey("reload-test")); err != nil { // the old config's Cleanup
+		t.Fatal(err)
+	}
+	if next != old || next.reserve(uuid.Nil, testNow.Add(time.Hour), testNow) != replayDuplicate {
+		t.Fatal("the reloaded config forgot an accepted event")
+	}
+	if next.maxEntries != 20 {
+		t.Fatalf("max entries %d, want the new config's 20", next.maxEntries)
+	}
+	if deleted, _ := memoryStores.Delete(memoryStoreKey("reload-test")); !deleted {
+		t.Fatal("the store outlived its last config")
+	}
+}
+
+func BenchmarkMemoryStoreParallel(b *testing.B) {
+	s := newMemoryStore(DefaultReplayMaxEntries)
+	now := time.Now()
+	exp := now.Add(time.Hour)
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if s.reserve(uuid.New(), exp, now) == replayFull {
+				s.mu.Lock()
+				clear(s.entries)
+				s.expiries = s.expiries[:0]
+				s.mu.Unlock()
+			}
+		}
+	})
+}
