@@ -371,6 +371,9 @@ func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason Reason, t
 // has verified, so an unauthenticated request makes the module buffer
 // nothing. The buffer is sized from Content-Length when the client sent one.
 func readBody(r *http.Request, limit int64) ([]byte, Reason) {
+	if r.Body == nil {
+		return nil, reasonNone
+	}
 	if r.ContentLength > limit {
 		return nil, ReasonBodyTooLarge
 	}

@@ -1,6 +1,7 @@
 package trivialsecwebhook
 
 import (
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -145,4 +146,24 @@ func BenchmarkMemoryStoreParallel(b *testing.B) {
 			}
 		}
 	})
+}
+
+// BenchmarkMemoryStoreFootprint reports the heap bytes one entry costs, map
+// and expiry heap together, in a store of 100,000 entries.
+func BenchmarkMemoryStoreFootprint(b *testing.B) {
+	const n = 100_000
+	now := time.Now()
+	for range b.N {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		s := newMemoryStore(n)
+		for i := range n {
+			s.reserve(uuid.New(), now.Add(time.Duration(i)*time.Second), now)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/n, "bytes/entry")
+		runtime.KeepAlive(s)
+	}
 }
