@@ -35,7 +35,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		leeway   <duration>
 //		max_body <size>
 //		events   <name> [<name>...]
-//		replay   off | memory [<max_entries>]
+//		replay   off | memory [<max_entries>] | redis <url> [<key_prefix>]
 //		strip_authorization
 //	}
 //
@@ -119,7 +119,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "replay":
 			args := d.RemainingArgs()
 			if len(args) == 0 {
-				return d.Errf("replay needs a store: off or memory [<max_entries>]")
+				return d.Errf("replay needs a store: off, memory [<max_entries>] or redis <url> [<key_prefix>]")
 			}
 			h.Replay = &Replay{Store: args[0]}
 			switch {
@@ -131,10 +131,18 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					return d.Errf("replay memory %q: max_entries must be a positive whole number", args[1])
 				}
 				h.Replay.MaxEntries = n
+			case args[0] == "redis" && (len(args) == 2 || len(args) == 3):
+				if !strings.HasPrefix(args[1], "redis://") && !strings.HasPrefix(args[1], "rediss://") && !secretPlaceholder.MatchString(args[1]) {
+					return d.Errf("replay redis: the URL must start with redis:// or rediss://, or be a placeholder such as {env.REDIS_URL}")
+				}
+				h.Replay.URL = args[1]
+				if len(args) == 3 {
+					h.Replay.KeyPrefix = args[2]
+				}
 			case args[0] == "redis":
-				return d.Errf("replay redis is not available in this version: use replay memory, or replay off")
+				return d.Errf("replay redis takes a URL and an optional key prefix: replay redis redis://127.0.0.1:6379 [<key_prefix>]")
 			default:
-				return d.Errf("replay takes off, or memory [<max_entries>]: found %q", strings.Join(args, " "))
+				return d.Errf("replay takes off, memory [<max_entries>] or redis <url> [<key_prefix>]: found %q", strings.Join(args, " "))
 			}
 		case "strip_authorization":
 			if d.NextArg() {

@@ -48,16 +48,19 @@ func TestUnmarshalCaddyfileMinimal(t *testing.T) {
 	if string(got) != `{"account":"acme","secret":["{env.S}"]}` {
 		t.Errorf("got %s: defaults belong to Provision, not the JSON", got)
 	}
-	for _, input := range []string{
-		"trivialsec_webhook {\n account acme\n secret {env.S}\n leeway 0s\n}",
-		"trivialsec_webhook {\n account acme\n secret {env.S}\n replay off\n}",
+	for input, want := range map[string]string{
+		"leeway 0s":  `"leeway":0`,
+		"replay off": `"replay":{"store":"off"}`,
+		"replay redis redis://:pw@10.0.0.1:6379/2": `"replay":{"store":"redis","url":"redis://:pw@10.0.0.1:6379/2"}`,
+		"replay redis {env.REDIS_URL} acme:":       `"replay":{"store":"redis","url":"{env.REDIS_URL}","key_prefix":"acme:"}`,
 	} {
 		var h Handler
-		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input)); err != nil {
+		d := caddyfile.NewTestDispenser("trivialsec_webhook {\n account acme\n secret {env.S}\n " + input + "\n}")
+		if err := h.UnmarshalCaddyfile(d); err != nil {
 			t.Fatalf("%q: %v", input, err)
 		}
-		if b, _ := json.Marshal(h); !strings.Contains(string(b), `"leeway":0`) && !strings.Contains(string(b), `"store":"off"`) {
-			t.Errorf("%q: %s", input, b)
+		if b, _ := json.Marshal(h); !strings.Contains(string(b), want) {
+			t.Errorf("%q: %s, want %s", input, b, want)
 		}
 	}
 }
@@ -81,8 +84,9 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"bad_leeway", "trivialsec_webhook {\n account a\n secret s\n leeway soon\n}", `@4@leeway "soon" is not a duration`},
 		{"bad_max_body", "trivialsec_webhook {\n account a\n secret s\n max_body lots\n}", `@4@max_body "lots" is not a size`},
 		{"zero_max_body", "trivialsec_webhook {\n account a\n secret s\n max_body 0\n}", `@4@max_body "0" is not a size`},
-		{"replay_redis", "trivialsec_webhook {\n account a\n secret s\n replay redis redis://127.0.0.1:6379\n}", "@4@replay redis is not available in this version"},
-		{"replay_unknown", "trivialsec_webhook {\n account a\n secret s\n replay disk\n}", `@4@replay takes off, or memory [<max_entries>]: found "disk"`},
+		{"replay_redis_without_url", "trivialsec_webhook {\n account a\n secret s\n replay redis\n}", "@4@replay redis takes a URL and an optional key prefix"},
+		{"replay_redis_bad_url", "trivialsec_webhook {\n account a\n secret s\n replay redis 127.0.0.1:6379\n}", "@4@replay redis: the URL must start with redis:// or rediss://"},
+		{"replay_unknown", "trivialsec_webhook {\n account a\n secret s\n replay disk\n}", `@4@replay takes off, memory [<max_entries>] or redis <url> [<key_prefix>]: found "disk"`},
 		{"replay_bad_max", "trivialsec_webhook {\n account a\n secret s\n replay memory -5\n}", `@4@replay memory "-5": max_entries must be a positive whole number`},
 		{"strip_with_argument", "trivialsec_webhook {\n account a\n secret s\n strip_authorization yes\n}", "@4@wrong argument count"},
 	} {

@@ -86,6 +86,7 @@ func startCaddy(t *testing.T, site string) string {
 	if err := caddy.Load(cfg, true); err != nil {
 		t.Fatalf("caddy did not start: %v", err)
 	}
+	loadedConfig = cfg
 	t.Cleanup(func() {
 		if err := caddy.Stop(); err != nil {
 			t.Errorf("stop: %v", err)
@@ -93,6 +94,9 @@ func startCaddy(t *testing.T, site string) string {
 	})
 	return fmt.Sprintf("http://127.0.0.1:%d", port)
 }
+
+// loadedConfig is the JSON config startCaddy loaded last.
+var loadedConfig []byte
 
 // at moves the delivery's token times to the sender's clock reading now.
 func (d *delivery) at(now time.Time) *delivery {
@@ -282,4 +286,144 @@ func TestIntegrationBadConfig(t *testing.T) {
 	if !strings.Contains(err.Error(), "secret 1: evaluated placeholder {env.TRIVIALSEC_IT_UNSET} is empty") {
 		t.Errorf("error: %v", err)
 	}
+}
+
+// TestIntegrationPolicyKnobs: events, endpoint, strip_authorization and
+// several secrets, each through a real Caddy.
+func TestIntegrationPolicyKnobs(t *testing.T) {
+	up := startUpstream(t)
+	t.Setenv("TRIVIALSEC_IT_A", "secret-a")
+	t.Setenv("TRIVIALSEC_IT_B", "secret-b")
+	base := startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
+		account %s
+		secret {env.TRIVIALSEC_IT_A} {env.TRIVIALSEC_IT_B}
+		endpoint https://hooks.example.com/webhook/trivialsec
+		events report_created new_findings_domains
+		strip_authorization
+	}
+	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	now := time.Now()
+	type want struct {
+		status  int
+		forward bool
+	}
+	deliveries := []struct {
+		name string
+		edit func(d *delivery)
+		want want
+	}{
+		{"secret_a", func(d *delivery) { d.key = "secret-a" }, want{202, true}},
+		{"secret_b", func(d *delivery) { d.key = "secret-b" }, want{202, true}},
+		{"neither_secret", func(d *delivery) { d.key = testSecret }, want{403, false}},
+		{"allowed_event", func(d *delivery) { d.key = "secret-a"; d.name = "new_findings_domains"; d.claims["evn"] = d.name }, want{202, true}},
+		{"filtered_event", func(d *delivery) { d.key = "secret-a"; d.name = "report_deleted"; d.claims["evn"] = d.name }, want{403, false}},
+		{"other_endpoint", func(d *delivery) { d.key = "secret-a"; d.claims["cep"] = "https://attacker.example/hook" }, want{403, false}},
+		{"no_endpoint_claim", func(d *delivery) { d.key = "secret-b"; delete(d.claims, "cep") }, want{202, true}},
+	}
+	var forwarded []string
+	for _, tc := range deliveries {
+		d := productionDelivery().withEventID(uuid.NewString()).at(now)
+		tc.edit(d)
+		resp := post(t, base+"/", d.authorization(), strings.NewReader(d.body()))
+		resp.Body.Close()
+		if resp.StatusCode != tc.want.status {
+			t.Errorf("%s: %d, want %d", tc.name, resp.StatusCode, tc.want.status)
+		}
+		if tc.want.forward {
+			forwarded = append(forwarded, d.body())
+		}
+	}
+	got := up.received()
+	if len(got) != len(forwarded) {
+		t.Fatalf("upstream got %d deliveries, want %d", len(got), len(forwarded))
+	}
+	for i, r := range got {
+		if r.body != forwarded[i] {
+			t.Errorf("upstream delivery %d: %q", i, r.body)
+		}
+		if _, ok := r.header["Authorization"]; ok {
+			t.Errorf("upstream delivery %d carries the token despite strip_authorization", i)
+		}
+	}
+}
+
+// TestIntegrationMetrics scrapes Caddy's metrics after a mix of accepted
+// and refused deliveries and checks the counts exactly.
+func TestIntegrationMetrics(t *testing.T) {
+	up := startUpstream(t)
+	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
+	base := startCaddy(t, fmt.Sprintf(`	metrics /metrics
+	trivialsec_webhook /webhook {
+		account %s
+		secret {env.TRIVIALSEC_IT_SECRET}
+	}
+	reverse_proxy /webhook %s`, testAccount, up.Listener.Addr()))
+	before := scrape(t, base+"/metrics")
+	now := time.Now()
+	send := func(d *delivery, auth string) {
+		resp := post(t, base+"/webhook", auth, strings.NewReader(d.body()))
+		resp.Body.Close()
+	}
+	a := productionDelivery().withEventID(uuid.NewString()).at(now)
+	send(a, a.authorization()) // accepted: report_created
+	send(a, a.authorization()) // replayed
+	b := productionDelivery().withEventID(uuid.NewString()).at(now)
+	b.name, b.claims["evn"] = "client_status", "client_status"
+	send(b, b.authorization()) // accepted: client_status
+	send(b, "")                // missing_token
+	c := productionDelivery().withEventID(uuid.NewString()).at(now)
+	c.key = "wrong"
+	send(c, c.authorization()) // bad_signature
+	send(c, c.authorization()) // bad_signature
+	// A reload keeps the counts: the collectors outlive each config.
+	if err := caddy.Load(loadedConfig, true); err != nil {
+		t.Fatal(err)
+	}
+	after := scrape(t, base+"/metrics")
+
+	for series, want := range map[string]float64{
+		`caddy_trivialsec_webhook_requests_total{reason="none",result="accepted"}`:         2,
+		`caddy_trivialsec_webhook_requests_total{reason="replayed",result="refused"}`:      1,
+		`caddy_trivialsec_webhook_requests_total{reason="missing_token",result="refused"}`: 1,
+		`caddy_trivialsec_webhook_requests_total{reason="bad_signature",result="refused"}`: 2,
+		`caddy_trivialsec_webhook_requests_total{reason="expired",result="refused"}`:       0,
+		`caddy_trivialsec_webhook_events_total{event_name="report_created"}`:               1,
+		`caddy_trivialsec_webhook_events_total{event_name="client_status"}`:                1,
+		`caddy_trivialsec_webhook_events_total{event_name="member_activity"}`:              0,
+	} {
+		v, ok := after[series]
+		if !ok {
+			t.Errorf("%s is not exported", series)
+			continue
+		}
+		if got := v - before[series]; got != want {
+			t.Errorf("%s rose by %v, want %v", series, got, want)
+		}
+	}
+}
+
+// scrape reads a Prometheus text exposition into series -> value.
+func scrape(t *testing.T, url string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	series := map[string]float64{}
+	for _, line := range strings.Split(readAll(t, resp.Body), "\n") {
+		if !strings.HasPrefix(line, "caddy_trivialsec_webhook_") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		var v float64
+		if _, err := fmt.Sscan(line[i+1:], &v); err != nil {
+			t.Fatalf("metric line %q: %v", line, err)
+		}
+		series[line[:i]] = v
+	}
+	if len(series) == 0 {
+		t.Fatalf("no caddy_trivialsec_webhook_ series at %s", url)
+	}
+	return series
 }

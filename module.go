@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"regexp"
 	"strconv"
 	"strings"
@@ -84,21 +85,30 @@ type Handler struct {
 	StripAuthorization bool `json:"strip_authorization,omitempty"`
 
 	verifier *verifier
-	store    *memoryStore
-	storeKey string
+	store    replayStore
+	storeKey string // its key in replayStores
 	logger   *zap.Logger
 	now      func() time.Time
 }
 
 // Replay configures replay protection.
 type Replay struct {
-	// Where accepted event IDs are kept: `memory` (default; per process)
-	// or `off`. (`redis` is not available yet.)
+	// Where accepted event IDs are kept: `memory` (default; per process),
+	// `redis` (shared by every instance), or `off`.
 	Store string `json:"store,omitempty"`
 
 	// The most event IDs the memory store keeps at once. When it is full,
 	// new deliveries get 503 until entries expire. Default: 1000000.
 	MaxEntries int `json:"max_entries,omitempty"`
+
+	// The Redis server, for store `redis`: redis://[user:password@]host:port[/db]
+	// or rediss:// for TLS. Write it as a placeholder, {env.NAME} or
+	// {file.PATH}, when it holds a password.
+	URL string `json:"url,omitempty"`
+
+	// What every Redis key starts with; the event ID follows.
+	// Default: trivialsec_webhook:replay:
+	KeyPrefix string `json:"key_prefix,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -174,21 +184,74 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		now:      h.now,
 	})
 
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
+	return h.provisionStore(ctx)
+}
+
+// provisionStore takes the replay store over from an earlier config, or
+// makes it.
+func (h *Handler) provisionStore(ctx caddy.Context) error {
 	switch h.Replay.Store {
 	case "off":
 		h.logger.Warn("replay protection is off: a captured delivery can be replayed until its token expires")
+		return nil
 	case "memory":
 		h.storeKey = memoryStoreKey(h.Account)
-		h.store, err = loadMemoryStore(h.Account, h.Replay.MaxEntries)
+		store, err := loadMemoryStore(h.Account, h.Replay.MaxEntries)
 		if err != nil {
 			return err
 		}
+		h.store = store
+		return nil
 	case "redis":
-		return errors.New("replay store redis is not available in this version: use memory, or off")
+		if h.Replay.URL == "" {
+			return errors.New("replay store redis needs a url: redis://host:port, as {env.NAME} when it holds a password")
+		}
+		rawURL, err := h.resolveRedisURL()
+		if err != nil {
+			return err
+		}
+		prefix := h.Replay.KeyPrefix
+		if prefix == "" {
+			prefix = DefaultRedisKeyPrefix
+		}
+		h.storeKey = redisStoreKey(rawURL, prefix)
+		store, err := loadRedisStore(rawURL, prefix)
+		if err != nil {
+			return err
+		}
+		h.store = store
+		if err := store.ping(ctx); err != nil {
+			// Not fatal: Caddy serves its other sites, and deliveries get
+			// 503 until Redis answers.
+			h.logger.Warn("replay store redis does not answer: deliveries are refused with 503 until it does",
+				zap.String("error", err.Error()))
+		}
+		return nil
 	default:
-		return fmt.Errorf("unknown replay store %q: use memory or off", h.Replay.Store)
+		return fmt.Errorf("unknown replay store %q: use memory, redis or off", h.Replay.Store)
 	}
-	return nil
+}
+
+// resolveRedisURL resolves a placeholder URL, and warns of a literal one
+// that holds a password.
+func (h *Handler) resolveRedisURL() (string, error) {
+	raw := h.Replay.URL
+	if secretPlaceholder.MatchString(raw) {
+		v, err := caddy.NewReplacer().ReplaceOrErr(raw, true, true)
+		if err != nil {
+			return "", fmt.Errorf("replay redis url: %v: set the variable or create the file", err)
+		}
+		return v, nil
+	}
+	if u, err := url.Parse(raw); err == nil && u.User != nil {
+		if _, hasPassword := u.User.Password(); hasPassword {
+			h.logger.Warn("the replay redis url holds a password written literally in the config, where the admin API shows it: use {env.NAME} or {file.PATH}")
+		}
+	}
+	return raw, nil
 }
 
 // resolveSecrets turns the configured secrets into keys. Nothing it returns
@@ -240,7 +303,7 @@ func (h *Handler) Validate() error {
 // uses it.
 func (h *Handler) Cleanup() error {
 	if h.store != nil {
-		_, err := memoryStores.Delete(h.storeKey)
+		_, err := replayStores.Delete(h.storeKey)
 		return err
 	}
 	return nil
@@ -285,11 +348,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	expires := tok.ExpiresAt.Add(time.Duration(*h.Leeway))
+	var reserved reservation
 	if h.store != nil {
-		switch h.store.reserve(ev.ID, expires, h.now()) {
-		case replayDuplicate:
+		var result replayResult
+		var err error
+		reserved, result, err = h.store.reserve(r.Context(), ev.ID, expires, h.now())
+		switch {
+		case err != nil:
+			// Fail closed: never forward a delivery that was not checked.
+			if c := h.logger.Check(zapcore.WarnLevel, "replay store unavailable: refusing the delivery"); c != nil {
+				c.Write(zap.String("event_id", ev.ID.String()), zap.String("error", err.Error()))
+			}
+			return h.refuse(r, repl, ReasonReplayStoreDown, &tok, ev.Name)
+		case result == replayDuplicate:
 			return h.refuse(r, repl, ReasonReplayed, &tok, ev.Name)
-		case replayFull:
+		case result == replayFull:
 			return h.refuse(r, repl, ReasonReplayStoreFull, &tok, ev.Name)
 		}
 	}
@@ -302,6 +375,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		r.Header.Del("Authorization")
 	}
 	setPlaceholders(repl, &ev)
+	acceptedCounter.Inc()
+	eventCounters[ev.nameIndex].Inc()
 	if c := h.logger.Check(zapcore.DebugLevel, "accepted delivery"); c != nil {
 		c.Write(zap.String("event_id", ev.ID.String()), zap.String("event_name", ev.Name),
 			zap.String("remote_addr", r.RemoteAddr))
@@ -315,11 +390,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	rec := caddyhttp.NewResponseRecorder(w, nil, nil)
 	succeeded := false
 	defer func() {
-		if !succeeded {
-			h.store.release(ev.ID, expires)
-			if c := h.logger.Check(zapcore.DebugLevel, "next handler failed: released the event ID"); c != nil {
-				c.Write(zap.String("event_id", ev.ID.String()), zap.Int("status", rec.Status()))
+		if succeeded {
+			return
+		}
+		if err := h.store.release(r.Context(), ev.ID, reserved); err != nil {
+			if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the event ID could not be released: a redelivery is refused until the token expires"); c != nil {
+				c.Write(zap.String("event_id", ev.ID.String()), zap.String("error", err.Error()))
 			}
+			return
+		}
+		if c := h.logger.Check(zapcore.DebugLevel, "next handler failed: released the event ID"); c != nil {
+			c.Write(zap.String("event_id", ev.ID.String()), zap.Int("status", rec.Status()))
 		}
 	}()
 	err := next.ServeHTTP(rec, r)
@@ -341,6 +422,7 @@ func setPlaceholders(repl *caddy.Replacer, ev *Event) {
 // (a lost event, or an attack with a signed token).
 func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason Reason, tok *Token, eventName string) error {
 	repl.Set("http.trivialsec_webhook.reason", reason.String())
+	refusedCounters[reason].Inc()
 	level := zapcore.DebugLevel
 	if reason.Authenticated() {
 		level = zapcore.WarnLevel

@@ -46,7 +46,7 @@ func newTestHandler(t *testing.T, change func(*Handler)) (*Handler, *observer.Ob
 		t.Fatalf("validate: %v", err)
 	}
 	t.Cleanup(func() { _ = h.Cleanup() })
-	if h.store != nil {
+	if _, ok := h.store.(*memoryStore); ok {
 		h.store = newMemoryStore(h.Replay.MaxEntries) // a store of its own for each test
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
@@ -534,7 +534,9 @@ func TestProvisionAndValidateErrors(t *testing.T) {
 		{"bad_subject", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Subject: "nope"}, `subject "nope" is not a UUID`},
 		{"unknown_event", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Events: []string{"report_updated"}}, `unknown event name "report_updated"`},
 		{"negative_leeway", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Leeway: durationPtr(-time.Second)}, "leeway must not be negative"},
-		{"redis_not_yet", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "redis"}}, "replay store redis is not available"},
+		{"redis_without_url", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "redis"}}, "replay store redis needs a url"},
+		{"redis_bad_url", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "redis", URL: "http://u:hunter2@x"}}, "replay redis: the URL does not parse (redis: invalid URL scheme: http)"},
+		{"redis_url_unset", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "redis", URL: "{env.TS_REDIS_UNSET}"}}, "replay redis url: evaluated placeholder {env.TS_REDIS_UNSET} is empty"},
 		{"unknown_store", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "disk"}}, `unknown replay store "disk"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -548,6 +550,9 @@ func TestProvisionAndValidateErrors(t *testing.T) {
 			}
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("error %v, want %q", err, tc.wantErr)
+			}
+			if strings.Contains(err.Error(), "hunter2") {
+				t.Fatalf("the error shows a password: %v", err)
 			}
 		})
 	}

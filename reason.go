@@ -42,6 +42,7 @@ const (
 	ReasonEventNotAllowed  // 10: event_name is not in the events allow-list
 	ReasonReplayed         // 11: this eid was accepted before
 	ReasonReplayStoreFull  // 11: the memory replay store is at its cap
+	ReasonReplayStoreDown  // 11: the Redis replay store did not answer
 	reasonCount
 )
 
@@ -75,6 +76,7 @@ var reasonCodes = [reasonCount]string{
 	ReasonEventNotAllowed:      "event_not_allowed",
 	ReasonReplayed:             "replayed",
 	ReasonReplayStoreFull:      "replay_store_full",
+	ReasonReplayStoreDown:      "replay_store_unavailable",
 }
 
 // String returns the reason's stable code, such as "bad_signature".

@@ -2,6 +2,7 @@ package trivialsecwebhook
 
 import (
 	"container/heap"
+	"context"
 	"sync"
 	"time"
 
@@ -20,6 +21,24 @@ import (
 // Only deliveries that passed every check take an entry, so an attacker
 // without a secret cannot fill it.
 const DefaultReplayMaxEntries = 1_000_000
+
+// replayStore is where accepted event IDs are kept: memory (one process) or
+// Redis (every instance behind a load balancer).
+type replayStore interface {
+	// reserve claims id until expires. Of concurrent reservations of one
+	// id, exactly one gets replayReserved. An error means the store could
+	// not answer: the caller fails closed.
+	reserve(ctx context.Context, id uuid.UUID, expires, now time.Time) (reservation, replayResult, error)
+	// release gives the reservation back, if it is still the one made.
+	release(ctx context.Context, id uuid.UUID, r reservation) error
+}
+
+// reservation identifies one reservation, so that releasing it never
+// removes another.
+type reservation struct {
+	expires int64  // memory: the entry's expiry, Unix nanoseconds
+	token   string // redis: the random value stored under the key
+}
 
 // replayResult is what a reservation came to.
 type replayResult uint8
@@ -44,35 +63,32 @@ func newMemoryStore(maxEntries int) *memoryStore {
 	return &memoryStore{entries: make(map[uuid.UUID]int64), maxEntries: maxEntries}
 }
 
-// reserve claims id until expires. Of concurrent reservations of one id,
-// exactly one gets replayReserved.
-func (s *memoryStore) reserve(id uuid.UUID, expires, now time.Time) replayResult {
+func (s *memoryStore) reserve(_ context.Context, id uuid.UUID, expires, now time.Time) (reservation, replayResult, error) {
 	exp, cutoff := expires.UnixNano(), now.UnixNano()
+	r := reservation{expires: exp}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.expire(cutoff)
 	if _, taken := s.entries[id]; taken {
-		return replayDuplicate
+		return r, replayDuplicate, nil
 	}
 	if exp <= cutoff {
 		// Only reachable with a leeway of zero and a clock that moved
 		// between the checks: nothing to remember.
-		return replayReserved
+		return r, replayReserved, nil
 	}
 	if len(s.entries) >= s.maxEntries {
-		return replayFull
+		return r, replayFull, nil
 	}
 	s.entries[id] = exp
 	heap.Push(&s.expiries, expiry{id: id, at: exp})
-	return replayReserved
+	return r, replayReserved, nil
 }
 
-// release forgets the reservation of id made until expires, if it is still
-// that one, so that a delivery the next handler failed can come again.
-func (s *memoryStore) release(id uuid.UUID, expires time.Time) {
+func (s *memoryStore) release(_ context.Context, id uuid.UUID, r reservation) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if exp, ok := s.entries[id]; ok && exp == expires.UnixNano() {
+	if exp, ok := s.entries[id]; ok && exp == r.expires {
 		delete(s.entries, id)
 	}
 	// Its heap element stays until its time and is then skipped. Released
@@ -80,6 +96,7 @@ func (s *memoryStore) release(id uuid.UUID, expires time.Time) {
 	if len(s.expiries) > 2*len(s.entries)+1024 {
 		s.rebuild()
 	}
+	return nil
 }
 
 // expire drops every entry whose expiry is not after cutoff.
@@ -133,15 +150,16 @@ func (h *expiryHeap) Pop() any {
 	return e
 }
 
-// memoryStores keeps each account's memory store across config reloads: the
-// new config takes the store over from the old one, so that a reload forgets
-// no accepted delivery.
-var memoryStores = caddy.NewUsagePool()
+// replayStores keeps each store across config reloads: the new config takes
+// the store over from the old one, so that a reload forgets no accepted
+// delivery and opens no new Redis connections. Keys: memoryStoreKey and
+// redisStoreKey.
+var replayStores = caddy.NewUsagePool()
 
 func memoryStoreKey(account string) string { return "memory:" + account }
 
 func loadMemoryStore(account string, maxEntries int) (*memoryStore, error) {
-	v, loaded, err := memoryStores.LoadOrNew(memoryStoreKey(account), func() (caddy.Destructor, error) {
+	v, loaded, err := replayStores.LoadOrNew(memoryStoreKey(account), func() (caddy.Destructor, error) {
 		return newMemoryStore(maxEntries), nil
 	})
 	if err != nil {

@@ -1,6 +1,7 @@
 package trivialsecwebhook
 
 import (
+	"context"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -17,20 +18,20 @@ func TestMemoryStore(t *testing.T) {
 
 	t.Run("reserve_then_duplicate", func(t *testing.T) {
 		s := newMemoryStore(10)
-		if got := s.reserve(a, exp, now); got != replayReserved {
+		if got := s.try(a, exp, now); got != replayReserved {
 			t.Fatalf("first: %d", got)
 		}
-		if got := s.reserve(a, exp, now.Add(time.Hour)); got != replayDuplicate {
+		if got := s.try(a, exp, now.Add(time.Hour)); got != replayDuplicate {
 			t.Fatalf("second: %d", got)
 		}
 	})
 	t.Run("expires_at_deadline", func(t *testing.T) {
 		s := newMemoryStore(10)
-		s.reserve(a, exp, now)
-		if got := s.reserve(a, exp, exp.Add(-time.Nanosecond)); got != replayDuplicate {
+		s.try(a, exp, now)
+		if got := s.try(a, exp, exp.Add(-time.Nanosecond)); got != replayDuplicate {
 			t.Fatalf("just before expiry: %d", got)
 		}
-		if got := s.reserve(a, exp.Add(time.Hour), exp); got != replayReserved {
+		if got := s.try(a, exp.Add(time.Hour), exp); got != replayReserved {
 			t.Fatalf("at expiry: %d", got)
 		}
 		if s.len() != 1 {
@@ -39,35 +40,35 @@ func TestMemoryStore(t *testing.T) {
 	})
 	t.Run("full_refuses_until_expiry", func(t *testing.T) {
 		s := newMemoryStore(2)
-		s.reserve(a, now.Add(time.Minute), now)
-		s.reserve(b, exp, now)
-		if got := s.reserve(c, exp, now); got != replayFull {
+		s.try(a, now.Add(time.Minute), now)
+		s.try(b, exp, now)
+		if got := s.try(c, exp, now); got != replayFull {
 			t.Fatalf("third of two: %d", got)
 		}
-		if got := s.reserve(a, exp, now); got != replayDuplicate {
+		if got := s.try(a, exp, now); got != replayDuplicate {
 			t.Fatalf("a duplicate is a duplicate even when full: %d", got)
 		}
-		if got := s.reserve(c, exp, now.Add(time.Minute)); got != replayReserved {
+		if got := s.try(c, exp, now.Add(time.Minute)); got != replayReserved {
 			t.Fatalf("after a's expiry: %d", got)
 		}
 	})
 	t.Run("release_only_own_reservation", func(t *testing.T) {
 		s := newMemoryStore(10)
-		s.reserve(a, exp, now)
-		s.release(a, exp.Add(time.Second)) // not ours: another expiry
-		if got := s.reserve(a, exp, now); got != replayDuplicate {
+		s.try(a, exp, now)
+		s.releaseAt(a, exp.Add(time.Second)) // not ours: another expiry
+		if got := s.try(a, exp, now); got != replayDuplicate {
 			t.Fatalf("released someone else's reservation: %d", got)
 		}
-		s.release(a, exp)
-		if got := s.reserve(a, exp, now); got != replayReserved {
+		s.releaseAt(a, exp)
+		if got := s.try(a, exp, now); got != replayReserved {
 			t.Fatalf("after release: %d", got)
 		}
 	})
 	t.Run("released_entry_heap_stays_bounded", func(t *testing.T) {
 		s := newMemoryStore(10)
 		for range 5000 {
-			s.reserve(a, exp, now)
-			s.release(a, exp)
+			s.try(a, exp, now)
+			s.releaseAt(a, exp)
 		}
 		if n := len(s.expiries); n > 1024+2 {
 			t.Fatalf("heap holds %d elements for %d entries", n, s.len())
@@ -75,7 +76,7 @@ func TestMemoryStore(t *testing.T) {
 	})
 	t.Run("reserved_in_past_is_not_kept", func(t *testing.T) {
 		s := newMemoryStore(10)
-		if got := s.reserve(a, now, now); got != replayReserved || s.len() != 0 {
+		if got := s.try(a, now, now); got != replayReserved || s.len() != 0 {
 			t.Fatalf("got %d, len %d", got, s.len())
 		}
 	})
@@ -88,21 +89,28 @@ func TestMemoryStoreConcurrent(t *testing.T) {
 	exp := testNow.Add(time.Hour)
 	for range 50 {
 		id := uuid.New()
-		var wins atomic.Int32
-		var wg sync.WaitGroup
-		for range 16 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if s.reserve(id, exp, testNow) == replayReserved {
-					wins.Add(1)
-				}
-			}()
-		}
-		wg.Wait()
-		if wins.Load() != 1 {
-			t.Fatalf("%d reservations won", wins.Load())
-		}
+		exactlyOneWins(t, 16, func() bool { return s.try(id, exp, testNow) == replayReserved })
+	}
+}
+
+// exactlyOneWins runs reserve from n goroutines at once, and fails the test
+// unless exactly one of them reserved.
+func exactlyOneWins(t *testing.T, n int, reserve func() bool) {
+	t.Helper()
+	var wins atomic.Int32
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if reserve() {
+				wins.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if wins.Load() != 1 {
+		t.Fatalf("%d of %d concurrent reservations won", wins.Load(), n)
 	}
 }
 
@@ -113,21 +121,21 @@ func TestMemoryStoreSurvivesReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	old.reserve(uuid.Nil, testNow.Add(time.Hour), testNow)
+	old.try(uuid.Nil, testNow.Add(time.Hour), testNow)
 	next, err := loadMemoryStore("reload-test", 20)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := memoryStores.Delete(memoryStoreKey("reload-test")); err != nil { // the old config's Cleanup
+	if _, err := replayStores.Delete(memoryStoreKey("reload-test")); err != nil { // the old config's Cleanup
 		t.Fatal(err)
 	}
-	if next != old || next.reserve(uuid.Nil, testNow.Add(time.Hour), testNow) != replayDuplicate {
+	if next != old || next.try(uuid.Nil, testNow.Add(time.Hour), testNow) != replayDuplicate {
 		t.Fatal("the reloaded config forgot an accepted event")
 	}
 	if next.maxEntries != 20 {
 		t.Fatalf("max entries %d, want the new config's 20", next.maxEntries)
 	}
-	if deleted, _ := memoryStores.Delete(memoryStoreKey("reload-test")); !deleted {
+	if deleted, _ := replayStores.Delete(memoryStoreKey("reload-test")); !deleted {
 		t.Fatal("the store outlived its last config")
 	}
 }
@@ -138,7 +146,7 @@ func BenchmarkMemoryStoreParallel(b *testing.B) {
 	exp := now.Add(time.Hour)
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if s.reserve(uuid.New(), exp, now) == replayFull {
+			if s.try(uuid.New(), exp, now) == replayFull {
 				s.mu.Lock()
 				clear(s.entries)
 				s.expiries = s.expiries[:0]
@@ -159,11 +167,25 @@ func BenchmarkMemoryStoreFootprint(b *testing.B) {
 		runtime.ReadMemStats(&before)
 		s := newMemoryStore(n)
 		for i := range n {
-			s.reserve(uuid.New(), now.Add(time.Duration(i)*time.Second), now)
+			s.try(uuid.New(), now.Add(time.Duration(i)*time.Second), now)
 		}
 		runtime.GC()
 		runtime.ReadMemStats(&after)
 		b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/n, "bytes/entry")
 		runtime.KeepAlive(s)
 	}
+}
+
+// try reserves, as ServeHTTP does, and says only how it went.
+func (s *memoryStore) try(id uuid.UUID, expires, now time.Time) replayResult {
+	_, result, err := s.reserve(context.Background(), id, expires, now)
+	if err != nil {
+		panic(err)
+	}
+	return result
+}
+
+// releaseAt releases the reservation made until expires.
+func (s *memoryStore) releaseAt(id uuid.UUID, expires time.Time) {
+	_ = s.release(context.Background(), id, reservation{expires: expires.UnixNano()})
 }

@@ -113,6 +113,7 @@ type Event struct {
 	Name      string // one of EventNames
 	Timestamp time.Time
 	Token     Token
+	nameIndex int // Name's index in EventNames
 }
 
 // Verify runs checks 2 to 10 of SPEC section 2 on one delivery: the pure form
@@ -438,7 +439,7 @@ func (v *verifier) VerifyBody(tok Token, body []byte) (Event, Reason) {
 	if index < 0 {
 		return Event{}, ReasonInvalidEventName
 	}
-	ev.Name = EventNames[index]
+	ev.Name, ev.nameIndex = EventNames[index], index
 	ev.Timestamp, ok = parseTimestamp(timestamp)
 	if !ok {
 		return Event{}, ReasonInvalidTimestamp

@@ -367,6 +367,7 @@ func TestReasons(t *testing.T) {
 		ReasonUnsupportedMediaType: 415, ReasonBodyTooLarge: 413, ReasonBodyReadFailed: 400,
 		ReasonDuplicateKey: 400, ReasonMissingField: 422, ReasonInvalidPayload: 422,
 		ReasonEIDMismatch: 403, ReasonEventNotAllowed: 403, ReasonReplayed: 409, ReasonReplayStoreFull: 503,
+		ReasonReplayStoreDown: 503,
 	} {
 		if r.Status() != want {
 			t.Errorf("%s: status %d, want %d", r, r.Status(), want)

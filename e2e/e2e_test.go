@@ -66,7 +66,7 @@ func TestValidateBrokenConfigs(t *testing.T) {
 		{"unknown_event", valid + "\tevents report_created reports_deleted\n", 5, `unknown event name "reports_deleted": use one of hosted_monitoring`},
 		{"negative_leeway", valid + "\tleeway -3s\n", 5, `leeway "-3s" is negative`},
 		{"bad_max_body", valid + "\tmax_body huge\n", 5, `max_body "huge" is not a size: write it like 10MiB`},
-		{"replay_redis", valid + "\treplay redis redis://127.0.0.1:6379\n", 5, "replay redis is not available in this version: use replay memory, or replay off"},
+		{"replay_redis_without_url", valid + "\treplay redis\n", 5, "replay redis takes a URL and an optional key prefix"},
 		{"missing_account", "\tsecret {env.TRIVIALSEC_E2E_SECRET}\n", 2, "trivialsec_webhook: account is required"},
 		{"missing_secret", "\taccount acme\n", 2, "trivialsec_webhook: secret is required"},
 	} {

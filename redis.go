@@ -1,0 +1,124 @@
+package trivialsecwebhook
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/url"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap/zapcore"
+)
+
+// The Redis replay store is shared by every Caddy instance behind a load
+// balancer: a delivery accepted by one is refused by all. It fails closed:
+// when Redis does not answer, deliveries get 503, never an unchecked pass.
+
+// redisTimeout bounds every Redis call, dial included.
+const redisTimeout = time.Second
+
+// DefaultRedisKeyPrefix starts every key the store writes; the event ID
+// follows.
+const DefaultRedisKeyPrefix = "trivialsec_webhook:replay:"
+
+// releaseScript deletes the key only if it still holds our reservation's
+// token: a reservation that expired and was taken by another delivery is
+// never removed.
+var releaseScript = redis.NewScript(`
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+	return redis.call("DEL", KEYS[1])
+end
+return 0`)
+
+func init() {
+	// go-redis logs to stderr by itself; send its lines to Caddy's log at
+	// DEBUG instead. What matters (Redis unreachable) is logged at WARN by
+	// the handler, with the event it concerns.
+	redis.SetLogger(redisLogger{})
+}
+
+type redisLogger struct{}
+
+func (redisLogger) Printf(_ context.Context, format string, v ...any) {
+	if c := caddy.Log().Named("http.handlers.trivialsec_webhook.redis").Check(zapcore.DebugLevel, fmt.Sprintf(format, v...)); c != nil {
+		c.Write()
+	}
+}
+
+type redisStore struct {
+	client *redis.Client
+	prefix string
+}
+
+// newRedisStore makes the client; it connects on first use. Errors never
+// show the URL, which may hold a password.
+func newRedisStore(rawURL, prefix string) (*redisStore, error) {
+	opts, err := redis.ParseURL(rawURL)
+	if err != nil {
+		if urlErr, ok := errors.AsType[*url.Error](err); ok {
+			err = urlErr.Err
+		}
+		return nil, fmt.Errorf("replay redis: the URL does not parse (%v): write it as redis://[user:password@]host:port[/db] or rediss://...", err)
+	}
+	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = redisTimeout, redisTimeout, redisTimeout
+	opts.MaxRetries = 1
+	return &redisStore{client: redis.NewClient(opts), prefix: prefix}, nil
+}
+
+func (s *redisStore) reserve(ctx context.Context, id uuid.UUID, expires, now time.Time) (reservation, replayResult, error) {
+	ttl := expires.Sub(now)
+	if ttl <= 0 {
+		return reservation{}, replayReserved, nil // nothing to remember
+	}
+	var token [16]byte
+	_, _ = rand.Read(token[:])
+	r := reservation{token: hex.EncodeToString(token[:])}
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
+	ok, err := s.client.SetNX(ctx, s.prefix+id.String(), r.token, ttl).Result()
+	switch {
+	case err != nil:
+		return r, 0, err
+	case !ok:
+		return r, replayDuplicate, nil
+	}
+	return r, replayReserved, nil
+}
+
+func (s *redisStore) release(ctx context.Context, id uuid.UUID, r reservation) error {
+	if r.token == "" {
+		return nil
+	}
+	// The request's context may be done already (the client went away);
+	// the release must still happen.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
+	defer cancel()
+	return releaseScript.Run(ctx, s.client, []string{s.prefix + id.String()}, r.token).Err()
+}
+
+// ping checks that Redis answers.
+func (s *redisStore) ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
+	defer cancel()
+	return s.client.Ping(ctx).Err()
+}
+
+// Destruct closes the client with the last config using it.
+func (s *redisStore) Destruct() error { return s.client.Close() }
+
+func redisStoreKey(rawURL, prefix string) string { return "redis:" + prefix + "|" + rawURL }
+
+func loadRedisStore(rawURL, prefix string) (*redisStore, error) {
+	v, _, err := replayStores.LoadOrNew(redisStoreKey(rawURL, prefix), func() (caddy.Destructor, error) {
+		return newRedisStore(rawURL, prefix)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*redisStore), nil
+}

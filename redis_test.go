@@ -1,0 +1,111 @@
+package trivialsecwebhook
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testredis"
+)
+
+func TestRedisStore(t *testing.T) {
+	srv := testredis.Start(t)
+	s, err := newRedisStore(srv.URL(), "test:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Destruct() })
+	ctx := context.Background()
+	now := time.Now()
+	exp := now.Add(90 * time.Second)
+
+	id := uuid.New()
+	first, result, err := s.reserve(ctx, id, exp, now)
+	if err != nil || result != replayReserved {
+		t.Fatalf("first: %d, %v", result, err)
+	}
+	if _, result, err := s.reserve(ctx, id, exp, now); err != nil || result != replayDuplicate {
+		t.Fatalf("second: %d, %v", result, err)
+	}
+	ttl, err := s.client.PTTL(ctx, "test:"+id.String()).Result()
+	if err != nil || ttl < 89*time.Second || ttl > 90*time.Second {
+		t.Fatalf("TTL %s, %v: want exp + leeway - now", ttl, err)
+	}
+
+	// Release is compare-and-delete: another reservation's token removes
+	// nothing.
+	if err := s.release(ctx, id, reservation{token: "not-ours"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, result, _ := s.reserve(ctx, id, exp, now); result != replayDuplicate {
+		t.Fatalf("released with another token: %d", result)
+	}
+	if err := s.release(ctx, id, first); err != nil {
+		t.Fatal(err)
+	}
+	if _, result, _ := s.reserve(ctx, id, exp, now); result != replayReserved {
+		t.Fatalf("after release: %d", result)
+	}
+
+	// Of concurrent reservations of one ID, exactly one wins.
+	for range 20 {
+		id := uuid.New()
+		exactlyOneWins(t, 10, func() bool {
+			_, result, err := s.reserve(ctx, id, exp, now)
+			return err == nil && result == replayReserved
+		})
+	}
+
+	// Redis down: an error, quickly; Redis back: reservations again.
+	srv.Stop()
+	start := time.Now()
+	if _, _, err := s.reserve(ctx, uuid.New(), exp, now); err == nil {
+		t.Fatal("no error with Redis down")
+	}
+	if d := time.Since(start); d > 5*redisTimeout {
+		t.Errorf("the failure took %s", d)
+	}
+	srv.Restart()
+	if _, result, err := s.reserve(ctx, uuid.New(), exp, now); err != nil || result != replayReserved {
+		t.Fatalf("after restart: %d, %v", result, err)
+	}
+}
+
+// TestServeHTTPRedisFailsClosed: with Redis down, deliveries get 503 and a
+// WARN line, and nothing reaches the next handler.
+func TestServeHTTPRedisFailsClosed(t *testing.T) {
+	srv := testredis.Start(t)
+	h, logs := newTestHandler(t, func(h *Handler) { h.Replay = &Replay{Store: "redis", URL: srv.URL(), KeyPrefix: t.Name() + ":"} })
+	next := &recordingNext{}
+	if status, _ := serve(t, h, next, deliveryRequest(productionDelivery())); status != 200 {
+		t.Fatalf("with Redis up: %d", status)
+	}
+	if status, _ := serve(t, h, next, deliveryRequest(productionDelivery())); status != http.StatusConflict {
+		t.Fatalf("replay with Redis up: %d", status)
+	}
+	srv.Stop()
+	d := productionDelivery().withEventID(uuid.NewString())
+	status, repl := serve(t, h, next, deliveryRequest(d))
+	if status != http.StatusServiceUnavailable || next.calls != 1 {
+		t.Fatalf("with Redis down: status %d, next called %d times", status, next.calls)
+	}
+	if got, _ := repl.GetString("http.trivialsec_webhook.reason"); got != "replay_store_unavailable" {
+		t.Errorf("reason %q", got)
+	}
+	warn := logs.FilterLevelExact(zapcore.WarnLevel).FilterMessage("replay store unavailable: refusing the delivery")
+	if warn.Len() != 1 || warn.All()[0].ContextMap()["error"] == "" {
+		t.Errorf("no WARN line naming the reason: %v", logs.All())
+	}
+	if logs.FilterField(zap.String("reason", "replay_store_unavailable")).Len() != 1 {
+		t.Error("the refusal is not logged with its reason")
+	}
+	srv.Restart()
+	if status, _ := serve(t, h, next, deliveryRequest(d)); status != 200 {
+		t.Fatalf("with Redis back: %d", status)
+	}
+}
