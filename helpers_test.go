@@ -155,3 +155,5 @@ func swapPart(token string, i int, part string) string {
 	parts[i] = part
 	return strings.Join(parts, ".")
 }
+
+func uuidString() string { return uuid.NewString() }

@@ -39,9 +39,8 @@ const (
 // that "\u0065vent_id" and "event_id" are seen as the same key; two members
 // with the same key are refused, since parsers disagree on which one wins.
 func readObject(data []byte, dst []member) ([]member, jsonStatus) {
-	if !utf8.Valid(data) {
-		return dst, jsonMalformed
-	}
+	// UTF-8 is checked inside strings, by scanString: anywhere else, a byte
+	// outside ASCII is malformed JSON already.
 	i := skipBlanks(data, 0)
 	if i >= len(data) || data[i] != '{' {
 		return dst, jsonMalformed
@@ -132,9 +131,15 @@ func skipBlanks(data []byte, i int) int {
 
 // scanString checks the string that starts at data[i] (a quote) and returns
 // the index just past its closing quote, and whether it holds an escape.
-// The text is already known to be valid UTF-8.
+// Its text must be valid UTF-8.
 func scanString(data []byte, i int) (end int, escaped, ok bool) {
 	for i++; i < len(data); {
+		for i < len(data) && plain[data[i]] {
+			i++
+		}
+		if i == len(data) {
+			break
+		}
 		switch c := data[i]; {
 		case c == '"':
 			return i + 1, escaped, true
@@ -156,12 +161,25 @@ func scanString(data []byte, i int) (end int, escaped, ok bool) {
 			}
 		case c < 0x20:
 			return 0, false, false
-		default:
-			i++
+		default: // c >= 0x80
+			r, size := utf8.DecodeRune(data[i:])
+			if r == utf8.RuneError && size <= 1 {
+				return 0, false, false
+			}
+			i += size
 		}
 	}
 	return 0, false, false
 }
+
+// plain marks the bytes a string holds as they are, without a look: ASCII
+// but control characters, the quote and the backslash.
+var plain = func() (t [256]bool) {
+	for c := 0x20; c < 0x80; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
 
 func isHex4(b []byte) bool {
 	for _, c := range b[:4] {

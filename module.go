@@ -367,14 +367,20 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 
-	r.Body = io.NopCloser(bytes.NewReader(body))
+	// The body again, byte for byte, with its length: a chunked upload goes
+	// on with a Content-Length.
+	if r.ContentLength != int64(len(body)) || len(r.Header["Content-Length"]) != 1 {
+		r.Header["Content-Length"] = []string{strconv.Itoa(len(body))}
+	}
+	br := new(bodyReader)
+	br.Reset(body)
+	r.Body = br
 	r.ContentLength = int64(len(body))
 	r.TransferEncoding = nil
-	r.Header.Set("Content-Length", strconv.Itoa(len(body)))
 	if h.StripAuthorization {
 		r.Header.Del("Authorization")
 	}
-	setPlaceholders(repl, &ev)
+	repl.Map(ev.placeholder)
 	acceptedCounter.Inc()
 	eventCounters[ev.nameIndex].Inc()
 	if c := h.logger.Check(zapcore.DebugLevel, "accepted delivery"); c != nil {
@@ -408,14 +414,34 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	return err
 }
 
-func setPlaceholders(repl *caddy.Replacer, ev *Event) {
-	repl.Set("http.trivialsec_webhook.event_id", ev.ID.String())
-	repl.Set("http.trivialsec_webhook.event_name", ev.Name)
-	repl.Set("http.trivialsec_webhook.timestamp", ev.Timestamp.UTC().Format(time.RFC3339Nano))
-	repl.Set("http.trivialsec_webhook.issued_at", ev.Token.IssuedAt.UTC().Format(time.RFC3339))
-	repl.Set("http.trivialsec_webhook.expires_at", ev.Token.ExpiresAt.UTC().Format(time.RFC3339))
-	repl.Set("http.trivialsec_webhook.endpoint", ev.Token.Endpoint)
+// placeholder gives the {http.trivialsec_webhook.*} placeholders of an
+// accepted event. Values are made only when a later handler asks for them.
+func (ev *Event) placeholder(key string) (any, bool) {
+	name, ok := strings.CutPrefix(key, "http.trivialsec_webhook.")
+	if !ok {
+		return nil, false
+	}
+	switch name {
+	case "event_id":
+		return ev.ID.String(), true
+	case "event_name":
+		return ev.Name, true
+	case "timestamp":
+		return ev.Timestamp.UTC().Format(time.RFC3339Nano), true
+	case "issued_at":
+		return ev.Token.IssuedAt.UTC().Format(time.RFC3339), true
+	case "expires_at":
+		return ev.Token.ExpiresAt.UTC().Format(time.RFC3339), true
+	case "endpoint":
+		return ev.Token.Endpoint, true
+	}
+	return nil, false
 }
+
+// bodyReader hands the verified body to the next handler.
+type bodyReader struct{ bytes.Reader }
+
+func (*bodyReader) Close() error { return nil }
 
 // refuse answers a refusal through Caddy's error handling, and logs it:
 // at DEBUG before the signature verified (internet noise), at WARN after
@@ -432,13 +458,11 @@ func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason Reason, t
 		// Only what the signed token or the checks vouch for, in canonical
 		// form: never a raw value from the request.
 		if tok != nil {
-			if id, ok := eidUUID(tok.EventID); ok {
-				fields = append(fields, zap.String("event_id", id.String()))
+			if tok.eidValid {
+				fields = append(fields, zap.String("event_id", tok.EventID.String()))
 			}
 			if eventName == "" {
-				if i := eventIndex([]byte(tok.EventName)); i >= 0 {
-					eventName = EventNames[i]
-				}
+				eventName = tok.EventName
 			}
 		}
 		if eventName != "" {
@@ -475,7 +499,9 @@ func readBody(r *http.Request, limit int64) ([]byte, Reason) {
 		if int64(len(buf)) > limit {
 			return nil, ReasonBodyTooLarge
 		}
-		if err == io.EOF {
+		// A body framed by Content-Length ends there (net/http holds it
+		// to that); no further read, each of which costs Caddy a deadline.
+		if err == io.EOF || (err == nil && int64(len(buf)) == r.ContentLength) {
 			return buf, reasonNone
 		}
 		if err != nil {

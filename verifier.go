@@ -1,12 +1,17 @@
 package trivialsecwebhook
 
 import (
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha256"
 	"encoding/base64"
 	"errors"
+	"hash"
 	"math"
 	"mime"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
@@ -78,6 +83,8 @@ type verifierConfig struct {
 // verifier checks deliveries. It is safe for concurrent use.
 type verifier struct {
 	verifierConfig
+	audience  string
+	macs      []sync.Pool // per key: keyed HMAC-SHA256 states, reset and reused
 	validator *jwt.Validator
 }
 
@@ -85,27 +92,42 @@ func newVerifier(c verifierConfig) *verifier {
 	if c.now == nil {
 		c.now = time.Now
 	}
-	return &verifier{
+	v := &verifier{
 		verifierConfig: c,
+		audience:       "urn:trivialsec:webhook:client_endpoint:" + c.account,
+		macs:           make([]sync.Pool, len(c.keys)),
+		// golang-jwt checks the times: exp required, exp and nbf with the
+		// leeway. aud, iss and sub are compared below on the decoded bytes,
+		// which spares the strings golang-jwt's getters would need.
 		validator: jwt.NewValidator(
 			jwt.WithLeeway(c.leeway),
-			jwt.WithAudience("urn:trivialsec:webhook:client_endpoint:"+c.account),
-			jwt.WithIssuer(c.issuer),
 			jwt.WithExpirationRequired(),
 			jwt.WithTimeFunc(c.now),
 		),
 	}
+	for i, key := range c.keys {
+		v.macs[i].New = func() any { return hmac.New(sha256.New, key) }
+	}
+	return v
 }
 
 // Token is what a verified token says.
 type Token struct {
-	EventID   string // the eid claim, as sent
-	EventName string // the evn claim; empty when absent
-	Endpoint  string // the cep claim; empty when absent
+	EventID   uuid.UUID // the eid claim's UUID, when eid is urn:uuid:<uuid>
+	EventName string    // the evn claim when it is one of EventNames
+	Endpoint  string    // the cep claim; empty when absent
 	IssuedAt  time.Time
 	NotBefore time.Time
 	ExpiresAt time.Time
+
+	eidValid bool // eid is urn:uuid: and a hyphenated UUID
+	evn      int  // evnAbsent, evnUnknown, or the evn claim's index in EventNames
 }
+
+const (
+	evnAbsent  = -1
+	evnUnknown = -2
+)
 
 // Event is a verified delivery.
 type Event struct {
@@ -143,32 +165,53 @@ func TokenFrom(authorization string) string {
 	return s
 }
 
+// tokenScratch is the memory one token check decodes into. It is pooled, so
+// that checking a token allocates nothing; nothing in it outlives the check.
+type tokenScratch struct {
+	raw, header, payload, sig, mac []byte
+	members                        [16]member
+	c                              claims
+}
+
+var tokenScratchPool = sync.Pool{New: func() any {
+	return &tokenScratch{
+		raw:     make([]byte, 0, 1024),
+		header:  make([]byte, 0, 64),
+		payload: make([]byte, 0, 1024),
+		sig:     make([]byte, 0, sha256.Size),
+		mac:     make([]byte, 0, sha256.Size),
+	}
+}}
+
 // VerifyToken runs check 3: the JWT, its signature and its claims.
 func (v *verifier) VerifyToken(authorization string) (Token, Reason) {
-	raw := TokenFrom(authorization)
-	if raw == "" {
+	token := TokenFrom(authorization)
+	if token == "" {
 		return Token{}, ReasonMissingToken
 	}
-	if len(raw) > maxTokenLength {
+	if len(token) > maxTokenLength {
 		return Token{}, ReasonMalformedToken
 	}
-	dot1 := strings.IndexByte(raw, '.')
-	dot2 := strings.LastIndexByte(raw, '.')
-	if dot1 < 0 || dot1 == dot2 || strings.IndexByte(raw[dot1+1:dot2], '.') >= 0 {
+	s := tokenScratchPool.Get().(*tokenScratch)
+	defer tokenScratchPool.Put(s)
+	s.raw = append(s.raw[:0], token...)
+	raw := s.raw
+	dot1 := bytes.IndexByte(raw, '.')
+	dot2 := bytes.LastIndexByte(raw, '.')
+	if dot1 < 0 || dot1 == dot2 || bytes.IndexByte(raw[dot1+1:dot2], '.') >= 0 {
 		return Token{}, ReasonMalformedToken
 	}
 
 	// The algorithm is pinned: the header may only confirm it.
-	header, err := b64.DecodeString(raw[:dot1])
-	if err != nil {
+	var err error
+	if s.header, err = b64.AppendDecode(s.header[:0], raw[:dot1]); err != nil {
 		return Token{}, ReasonMalformedToken
 	}
-	var buf [8]member
-	members, status := readObject(header, buf[:0])
+	members, status := readObject(s.header, s.members[:0])
 	if status != jsonOK {
 		return Token{}, ReasonMalformedToken
 	}
-	alg := []byte(nil)
+	var alg []byte
 	for _, m := range members {
 		if string(m.key) == "alg" {
 			alg, _ = jsonString(m.value)
@@ -178,80 +221,89 @@ func (v *verifier) VerifyToken(authorization string) (Token, Reason) {
 		return Token{}, ReasonBadAlgorithm
 	}
 
-	sig, err := b64.DecodeString(raw[dot2+1:])
-	if err != nil {
+	if s.sig, err = b64.AppendDecode(s.sig[:0], raw[dot2+1:]); err != nil {
 		return Token{}, ReasonMalformedToken
 	}
-	if !v.signatureValid(raw[:dot2], sig) {
+	if !v.signatureValid(s, raw[:dot2]) {
 		return Token{}, ReasonBadSignature
 	}
 
-	payload, err := b64.DecodeString(raw[dot1+1 : dot2])
-	if err != nil {
+	if s.payload, err = b64.AppendDecode(s.payload[:0], raw[dot1+1:dot2]); err != nil {
 		return Token{}, ReasonMalformedToken
 	}
-	var c claims
-	reason := c.read(payload)
+	c := &s.c
+	*c = claims{}
+	reason := c.read(s.payload, s.members[:0])
 	// The signature verified: what the claims say is the sender's word, and
 	// names the event in the log even when a check below refuses it.
-	tok := Token{
-		EventID:   c.eid,
-		EventName: c.evn,
-		Endpoint:  c.cep,
-		IssuedAt:  c.iat.Time,
-		NotBefore: c.nbf.Time,
-		ExpiresAt: c.exp.Time,
+	tok := Token{IssuedAt: c.iat.Time, NotBefore: c.nbf.Time, ExpiresAt: c.exp.Time, evn: evnAbsent}
+	tok.EventID, tok.eidValid = eidUUID(c.eid)
+	if c.evn != nil {
+		tok.evn = eventIndex(c.evn)
+		if tok.evn < 0 {
+			tok.evn = evnUnknown
+		} else {
+			tok.EventName = EventNames[tok.evn]
+		}
+	}
+	if len(c.cep) > 0 {
+		tok.Endpoint = string(c.cep)
 	}
 	if reason != reasonNone {
 		return tok, reason
 	}
-	if err := v.validator.Validate(&c); err != nil {
+	if err := v.validator.Validate(c); err != nil {
 		switch {
 		case errors.Is(err, jwt.ErrTokenExpired):
 			return tok, ReasonExpired
 		case errors.Is(err, jwt.ErrTokenNotValidYet):
 			return tok, ReasonNotYetValid
-		// The validator calls an empty aud or iss missing.
-		case errors.Is(err, jwt.ErrTokenInvalidAudience),
-			errors.Is(err, jwt.ErrTokenRequiredClaimMissing) && c.iss != "":
-			return tok, ReasonBadAudience
-		case errors.Is(err, jwt.ErrTokenInvalidIssuer),
-			errors.Is(err, jwt.ErrTokenRequiredClaimMissing):
-			return tok, ReasonBadIssuer
 		default:
 			return tok, ReasonMalformedClaim
 		}
 	}
-	if sub, err := uuid.Parse(c.sub); err != nil || sub != v.subject {
+	if !audienceHolds(c.aud, v.audience) {
+		return tok, ReasonBadAudience
+	}
+	if string(c.iss) != v.issuer {
+		return tok, ReasonBadIssuer
+	}
+	if sub, ok := parseUUID(c.sub); !ok || sub != v.subject {
 		return tok, ReasonBadSubject
 	}
 	return tok, reasonNone
 }
 
-// signatureValid reports whether one of the secrets signs signingInput with
-// HMAC-SHA256 into sig. golang-jwt compares in constant time.
-func (v *verifier) signatureValid(signingInput string, sig []byte) bool {
-	for _, key := range v.keys {
-		if jwt.SigningMethodHS256.Verify(signingInput, sig, key) == nil {
+// signatureValid reports whether one of the secrets signs input with
+// HMAC-SHA256 into s.sig, compared in constant time. It is crypto/hmac, as
+// in golang-jwt's SigningMethodHS256.Verify, with the keyed state reused
+// rather than made again for every token.
+func (v *verifier) signatureValid(s *tokenScratch, input []byte) bool {
+	for i := range v.macs {
+		mac := v.macs[i].Get().(hash.Hash)
+		mac.Reset()
+		mac.Write(input)
+		s.mac = mac.Sum(s.mac[:0])
+		v.macs[i].Put(mac)
+		if hmac.Equal(s.mac, s.sig) {
 			return true
 		}
 	}
 	return false
 }
 
-// claims are the JWT claims the module reads. It implements jwt.Claims so
-// that golang-jwt's Validator checks exp, nbf, aud and iss.
+// claims are the JWT claims the module reads, as decoded bytes. It
+// implements jwt.Claims for golang-jwt's Validator, which reads the times.
 type claims struct {
 	iat, nbf, exp jwt.NumericDate
-	aud           jwt.ClaimStrings
-	iss, sub      string
-	eid, evn, cep string
+	aud           []byte // the raw JSON value: a string or an array
+	iss, sub      []byte
+	eid, evn, cep []byte // evn and cep: nil when absent
 }
 
 // read fills c from the claims JSON, checking presence and types.
-func (c *claims) read(payload []byte) Reason {
-	var buf [12]member
-	members, status := readObject(payload, buf[:0])
+func (c *claims) read(payload []byte, scratch []member) Reason {
+	members, status := readObject(payload, scratch)
 	if status != jsonOK {
 		return ReasonMalformedToken
 	}
@@ -280,20 +332,20 @@ func (c *claims) read(payload []byte) Reason {
 			c.exp, ok = numericDate(m.value)
 		case "aud":
 			has |= hasAud
-			c.aud, ok = audience(m.value)
+			c.aud, ok = m.value, audienceWellTyped(m.value)
 		case "iss":
 			has |= hasIss
-			c.iss, ok = stringClaim(m.value)
+			c.iss, ok = jsonString(m.value)
 		case "sub":
 			has |= hasSub
-			c.sub, ok = stringClaim(m.value)
+			c.sub, ok = jsonString(m.value)
 		case "eid":
 			has |= hasEID
-			c.eid, ok = stringClaim(m.value)
+			c.eid, ok = jsonString(m.value)
 		case "evn":
-			c.evn, ok = stringClaim(m.value)
+			c.evn, ok = jsonString(m.value)
 		case "cep":
-			c.cep, ok = stringClaim(m.value)
+			c.cep, ok = jsonString(m.value)
 		default:
 			ok = true
 		}
@@ -310,9 +362,9 @@ func (c *claims) read(payload []byte) Reason {
 func (c *claims) GetExpirationTime() (*jwt.NumericDate, error) { return &c.exp, nil }
 func (c *claims) GetNotBefore() (*jwt.NumericDate, error)      { return &c.nbf, nil }
 func (c *claims) GetIssuedAt() (*jwt.NumericDate, error)       { return &c.iat, nil }
-func (c *claims) GetIssuer() (string, error)                   { return c.iss, nil }
-func (c *claims) GetSubject() (string, error)                  { return c.sub, nil }
-func (c *claims) GetAudience() (jwt.ClaimStrings, error)       { return c.aud, nil }
+func (c *claims) GetIssuer() (string, error)                   { return "", nil }  // checked by VerifyToken
+func (c *claims) GetSubject() (string, error)                  { return "", nil }  // checked by VerifyToken
+func (c *claims) GetAudience() (jwt.ClaimStrings, error)       { return nil, nil } // checked by VerifyToken
 
 // numericDate reads a NumericDate claim: a JSON number of seconds, its
 // fraction dropped as PyJWT and golang-jwt drop it.
@@ -330,6 +382,11 @@ func unixSeconds(value []byte) (float64, bool) {
 	if len(value) == 0 || (value[0] != '-' && (value[0] < '0' || value[0] > '9')) {
 		return 0, false
 	}
+	if len(value) <= 12 { // the sender's whole seconds: no float parsing
+		if n, ok := digits(value); ok {
+			return float64(n), n <= maxUnixSeconds
+		}
+	}
 	f, err := strconv.ParseFloat(string(value), 64)
 	if err != nil || math.IsNaN(f) || f < 0 || f > maxUnixSeconds {
 		return 0, false
@@ -337,43 +394,46 @@ func unixSeconds(value []byte) (float64, bool) {
 	return f, true
 }
 
-func stringClaim(value []byte) (string, bool) {
-	s, ok := jsonString(value)
-	return string(s), ok
+// audienceWellTyped reports whether aud is a string or an array of strings.
+func audienceWellTyped(value []byte) bool {
+	ok := true
+	eachAudience(value, func(_ []byte, isString bool) bool {
+		ok = ok && isString
+		return ok
+	})
+	return ok && (value[0] == '"' || value[0] == '[')
 }
 
-// audience reads aud: a string, or an array of strings.
-func audience(value []byte) (jwt.ClaimStrings, bool) {
-	if s, ok := stringClaim(value); ok {
-		return jwt.ClaimStrings{s}, true
+// audienceHolds reports whether aud, a string or an array of strings, holds
+// want.
+func audienceHolds(value []byte, want string) bool {
+	found := false
+	eachAudience(value, func(s []byte, _ bool) bool {
+		found = string(s) == want
+		return !found
+	})
+	return found
+}
+
+// eachAudience calls fn with each string of aud (a string, or the elements
+// of an array), until fn returns false. aud is well-formed JSON already.
+func eachAudience(value []byte, fn func(s []byte, isString bool) bool) {
+	if value[0] != '[' {
+		s, ok := jsonString(value)
+		fn(s, ok)
+		return
 	}
-	if len(value) == 0 || value[0] != '[' {
-		return nil, false
-	}
-	// The array is already known to be well-formed JSON.
-	var aud jwt.ClaimStrings
 	i := skipBlanks(value, 1)
-	if i < len(value) && value[i] == ']' {
-		return aud, true
-	}
-	for {
-		end, ok := scanValue(value, i)
-		if !ok {
-			return nil, false
+	for i < len(value) && value[i] != ']' {
+		end, _ := scanValue(value, i)
+		s, ok := jsonString(value[i:end])
+		if !fn(s, ok) {
+			return
 		}
-		s, ok := stringClaim(value[i:end])
-		if !ok {
-			return nil, false
-		}
-		aud = append(aud, s)
 		i = skipBlanks(value, end)
-		if i < len(value) && value[i] == ']' {
-			return aud, true
+		if value[i] == ',' {
+			i = skipBlanks(value, i+1)
 		}
-		if i >= len(value) || value[i] != ',' {
-			return nil, false
-		}
-		i = skipBlanks(value, i+1)
 	}
 }
 
@@ -448,10 +508,10 @@ func (v *verifier) VerifyBody(tok Token, body []byte) (Event, Reason) {
 		return Event{}, ReasonInvalidPayload
 	}
 
-	if eid, ok := eidUUID(tok.EventID); !ok || eid != ev.ID {
+	if !tok.eidValid || tok.EventID != ev.ID {
 		return Event{}, ReasonEIDMismatch
 	}
-	if tok.EventName != "" && tok.EventName != ev.Name {
+	if tok.evn != evnAbsent && tok.evn != index {
 		return Event{}, ReasonEVNMismatch
 	}
 	if v.endpoint != "" && tok.Endpoint != "" && tok.Endpoint != v.endpoint {
@@ -472,12 +532,11 @@ func parseUUID(s []byte) (uuid.UUID, bool) {
 }
 
 // eidUUID reads the eid claim: urn:uuid: (any case) and a hyphenated UUID.
-func eidUUID(eid string) (uuid.UUID, bool) {
+func eidUUID(eid []byte) (uuid.UUID, bool) {
 	if len(eid) != len("urn:uuid:")+36 {
 		return uuid.UUID{}, false
 	}
-	id, err := uuid.Parse(eid)
-	return id, err == nil
+	return parseUUID(eid)
 }
 
 // parseTimestamp reads the timestamp field: a JSON number of Unix seconds,

@@ -1,0 +1,117 @@
+package trivialsecwebhook
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// Benchmarks of the hot path. The end-to-end comparison with plain Caddy
+// is bench/run.sh; these say where the module's own time and memory go.
+
+// benchDelivery is a production delivery whose payload pads the body to
+// about size bytes.
+func benchDelivery(size int) *delivery {
+	d := productionDelivery()
+	if pad := size - len(d.body()) - len(`, "pad": ""`); pad > 0 {
+		d.payload = `{"report_id": "r-1", "pad": "` + strings.Repeat("x", pad) + `"}`
+	}
+	return d
+}
+
+func BenchmarkVerifyToken(b *testing.B) {
+	v := testVerifier(b, nil)
+	auth := productionDelivery().authorization()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, reason := v.VerifyToken(auth); reason != reasonNone {
+			b.Fatal(reason)
+		}
+	}
+}
+
+func BenchmarkVerify(b *testing.B) {
+	for _, size := range []int{1 << 10, 64 << 10, 1 << 20} {
+		b.Run(fmt.Sprintf("body=%dKiB", size>>10), func(b *testing.B) {
+			v := testVerifier(b, nil)
+			d := benchDelivery(size)
+			auth, body := d.authorization(), []byte(d.body())
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, reason := v.Verify(auth, "", body); reason != reasonNone {
+					b.Fatal(reason)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkServeHTTP: the whole handler, a 1 KiB delivery, a next handler
+// that reads the body and answers 200; replay off, as in the targets.
+func BenchmarkServeHTTP(b *testing.B) {
+	for _, replay := range []string{"off", "memory"} {
+		b.Run("replay="+replay, func(b *testing.B) {
+			b.Setenv("TRIVIALSEC_TEST_SECRET", testSecret)
+			h := &Handler{Account: testAccount, Secret: []string{"{env.TRIVIALSEC_TEST_SECRET}"}, Replay: &Replay{Store: replay}}
+			h.now = func() time.Time { return testNow }
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+			defer cancel()
+			if err := h.Provision(ctx); err != nil {
+				b.Fatal(err)
+			}
+			defer h.Cleanup()
+			h.logger = zap.NewNop()
+			if replay == "memory" {
+				h.store = newMemoryStore(DefaultReplayMaxEntries)
+			}
+			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+				_, err := io.Copy(io.Discard, r.Body)
+				w.WriteHeader(http.StatusOK)
+				return err
+			})
+			d := benchDelivery(1 << 10)
+			auth, body := d.authorization(), d.body()
+			// With replay on, each delivery must be a new event.
+			var auths, bodies []string
+			if replay == "memory" {
+				for range 1 << 16 {
+					d := benchDelivery(1 << 10).withEventID(uuidString())
+					auths, bodies = append(auths, d.authorization()), append(bodies, d.body())
+				}
+			}
+			w := httptest.NewRecorder()
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				a, bd := auth, body
+				if replay == "memory" {
+					if i == len(auths) {
+						b.StopTimer()
+						h.store = newMemoryStore(DefaultReplayMaxEntries)
+						i = 0
+						b.StartTimer()
+					}
+					a, bd = auths[i], bodies[i]
+					i++
+				}
+				r := httptest.NewRequest(http.MethodPost, "/webhook/trivialsec", strings.NewReader(bd))
+				r.Header.Set("Authorization", a)
+				r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+				if err := h.ServeHTTP(w, r, next); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
