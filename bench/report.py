@@ -52,6 +52,8 @@ md = [
     f"- Load: `wrk -t1 -c$CONNS` per target, one valid delivery of {body_size} bytes",
     "  (documented style, which every target accepts), replay protection off, sent again and",
     "  again; any answer other than 2xx fails the run.",
+    "- With `PIN=1` the servers run on core 1, and wrk and the proxy's upstream on core 0, so",
+    "  that the load generator does not take the server's time.",
     "",
     "## Results",
     "",
@@ -80,7 +82,7 @@ md += [
     "```",
     "",
 ]
-extra = os.environ.get("BENCH_NOTES_FILE")
-if extra and os.path.exists(extra):
-    md += [open(extra).read().rstrip(), ""]
+for extra in (os.environ.get("BENCH_NOTES_FILE"), "bench/profile.md"):
+    if extra and os.path.exists(extra):
+        md += [open(extra).read().rstrip(), ""]
 open(report, "w").write("\n".join(md).replace("$CONNS", os.environ.get("CONNS", "32")))

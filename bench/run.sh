@@ -146,5 +146,19 @@ for round in $(seq "$ROUNDS"); do
 	echo "round $round: $(tail -1 "$results")"
 done
 
+# Memory: what unauthenticated uploads and large valid deliveries cost.
+cleanup
+trap - EXIT
+{
+	echo "## Memory"
+	echo
+	echo 'Resident memory of Caddy with the module (replay off, `max_body` 10 MiB), sampled every'
+	echo '2 ms by `go run ./bench/memory`, which starts its own Caddy:'
+	echo
+	go run ./bench/memory -caddy "$CADDY" | sed -n 's/^\(200\|64\) /- &/p'
+} >"$OUT/notes.md"
+cat "$OUT/notes.md"
+export BENCH_NOTES_FILE=$OUT/notes.md
+
 /usr/bin/python3 bench/report.py "$results" "$REPORT" \
 	"ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS BODY_SIZE=$BODY_SIZE PIN=$PIN bench/run.sh" "$BODY_SIZE"
