@@ -1,0 +1,252 @@
+package trivialsecwebhook
+
+import (
+	"encoding/json"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/golang-jwt/jwt/v5"
+	"github.com/google/uuid"
+)
+
+// Fuzz targets. Each checks, for any input: no panic; a refusal carries a
+// known reason code; and nothing is accepted that an independent check
+// (golang-jwt's own parser, encoding/json) would not accept too.
+// Seed corpora: testdata/fuzz/<target>/ and the f.Add calls.
+
+// FuzzVerifyToken: a token is accepted only if golang-jwt, given the same
+// rules, verifies it too.
+func FuzzVerifyToken(f *testing.F) {
+	for _, style := range styles {
+		d := style.make()
+		f.Add(d.authorization())
+		f.Add(signOther(d, "HS512"))
+	}
+	f.Add("")
+	f.Add("Bearer e30.e30.")
+	v := testVerifier(f, nil)
+	parser := jwt.NewParser(
+		jwt.WithValidMethods([]string{"HS256"}),
+		jwt.WithStrictDecoding(),
+		// A second more than the module's leeway: the module drops the
+		// fraction of nbf and exp as PyJWT does; golang-jwt keeps it.
+		jwt.WithLeeway(DefaultLeeway+time.Second),
+		jwt.WithExpirationRequired(),
+		jwt.WithAudience("urn:trivialsec:webhook:client_endpoint:"+testAccount),
+		jwt.WithIssuer(DefaultIssuer),
+		jwt.WithTimeFunc(func() time.Time { return testNow }),
+	)
+	f.Fuzz(func(t *testing.T, authorization string) {
+		tok, reason := v.VerifyToken(authorization)
+		checkReason(t, reason)
+		if reason != reasonNone {
+			return
+		}
+		claims := jwt.MapClaims{}
+		if _, err := parser.ParseWithClaims(TokenFrom(authorization), claims, func(*jwt.Token) (any, error) {
+			return []byte(testSecret), nil
+		}); err != nil {
+			t.Fatalf("accepted a token golang-jwt refuses: %v", err)
+		}
+		sub, _ := claims["sub"].(string)
+		if id, err := uuid.Parse(sub); err != nil || id.String() != DefaultSubject {
+			t.Fatalf("accepted sub %q", sub)
+		}
+		if _, ok := claims["eid"].(string); !ok {
+			t.Fatal("accepted a token without a string eid")
+		}
+		if tok.ExpiresAt.IsZero() {
+			t.Fatal("accepted a token without exp")
+		}
+	})
+}
+
+// FuzzVerifyBody: under a genuine token, a body is accepted only if it is
+// one valid UTF-8 JSON object without duplicate top-level keys, whose
+// fields say what the module says they say.
+func FuzzVerifyBody(f *testing.F) {
+	for _, style := range styles {
+		f.Add(style.make().body())
+	}
+	f.Add(`{"event_id": "` + testEventID + `", "event_name": "report_created", "timestamp": 1795890818, "payload": {"a": [1, {"b": "\ud800"}], "a": 2}}`)
+	f.Add("\ufeff{}")
+	v := testVerifier(f, nil)
+	tok, reason := v.VerifyToken(productionDelivery().authorization())
+	if reason != reasonNone {
+		f.Fatal(reason)
+	}
+	f.Fuzz(func(t *testing.T, body string) {
+		ev, reason := v.VerifyBody(tok, []byte(body))
+		checkReason(t, reason)
+		if reason != reasonNone {
+			return
+		}
+		if !utf8.ValidString(body) || !json.Valid([]byte(body)) {
+			t.Fatal("accepted a body that is not valid UTF-8 JSON")
+		}
+		keys, err := topLevelKeys(body)
+		if err != nil {
+			t.Fatalf("accepted a body that is not one object: %v", err)
+		}
+		seen := map[string]bool{}
+		for _, k := range keys {
+			if seen[k] {
+				t.Fatalf("accepted a body with key %q twice", k)
+			}
+			seen[k] = true
+		}
+		var m map[string]json.RawMessage
+		if err := json.Unmarshal([]byte(body), &m); err != nil {
+			t.Fatalf("encoding/json: %v", err)
+		}
+		var fields struct{ EventID, EventName string }
+		if json.Unmarshal(m["event_id"], &fields.EventID) != nil || json.Unmarshal(m["event_name"], &fields.EventName) != nil {
+			t.Fatalf("accepted event_id %s, event_name %s", m["event_id"], m["event_name"])
+		}
+		if id, err := uuid.Parse(fields.EventID); err != nil || id != ev.ID || id != tok.EventID {
+			t.Fatalf("accepted event_id %q as %s", fields.EventID, ev.ID)
+		}
+		if fields.EventName != ev.Name || eventIndex([]byte(ev.Name)) < 0 {
+			t.Fatalf("accepted event_name %q as %q", fields.EventName, ev.Name)
+		}
+		if p := m["payload"]; len(p) == 0 || p[0] != '{' {
+			t.Fatalf("accepted payload %s", p)
+		}
+	})
+}
+
+// FuzzReadObject holds the JSON reader against encoding/json both ways.
+func FuzzReadObject(f *testing.F) {
+	for _, text := range jsonTexts {
+		f.Add(text)
+	}
+	f.Add(`{"a":{"b":[1,2,{"c":"\u00e9"}]},"d":"\ud83d\ude00"}`)
+	f.Add(`{"a":1,"\u0061":2}`)
+	f.Fuzz(func(t *testing.T, text string) {
+		if depth(text) > maxJSONDepth-1000 {
+			return // encoding/json stops at 10,000 levels, readObject at 10,001
+		}
+		_, status := readObject([]byte(text), nil)
+		keys, err := topLevelKeys(text)
+		valid := utf8.ValidString(text) && json.Valid([]byte(text)) && err == nil
+		duplicate := false
+		seen := map[string]bool{}
+		for _, k := range keys {
+			duplicate = duplicate || seen[k]
+			seen[k] = true
+		}
+		var want jsonStatus
+		switch {
+		case !valid:
+			want = jsonMalformed
+		case duplicate:
+			want = jsonDuplicateKey
+		}
+		// encoding/json turns lone surrogates into U+FFFD, so two keys
+		// that differ only there look alike to it and not to readObject.
+		if want == jsonDuplicateKey && status == jsonOK && strings.Contains(text, `\u`) {
+			return
+		}
+		if status != want {
+			t.Fatalf("readObject says %d, encoding/json says %d", status, want)
+		}
+	})
+}
+
+// FuzzUnmarshalCaddyfile: any Caddyfile block either fails with an error
+// that names the file and line, or gives a config with what is required.
+func FuzzUnmarshalCaddyfile(f *testing.F) {
+	// The input is what follows the directive's name, which Caddy has
+	// matched before it calls UnmarshalCaddyfile.
+	f.Add(" {\n\taccount acme\n\tsecret {env.S} {file./s}\n\tevents report_created\n\treplay memory 10\n}")
+	f.Add(" {\n\taccount a\n\tsecret s\n\treplay redis redis://127.0.0.1:6379 p:\n\tleeway 2s\n\tmax_body 1MB\n\tstrip_authorization\n}")
+	f.Add(" {\n\tsubject x\n}")
+	f.Fuzz(func(t *testing.T, input string) {
+		var h Handler
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("trivialsec_webhook" + input))
+		if err != nil {
+			if !strings.Contains(err.Error(), "Testfile:") {
+				t.Fatalf("error without file and line: %v", err)
+			}
+			return
+		}
+		if h.Account == "" || len(h.Secret) == 0 {
+			t.Fatalf("accepted without account or secret: %+v", h)
+		}
+		if h.Subject != "" {
+			if _, err := uuid.Parse(h.Subject); err != nil {
+				t.Fatalf("accepted subject %q", h.Subject)
+			}
+		}
+		for _, name := range h.Events {
+			if eventIndex([]byte(name)) < 0 {
+				t.Fatalf("accepted event %q", name)
+			}
+		}
+		if h.Leeway != nil && *h.Leeway < 0 {
+			t.Fatal("accepted a negative leeway")
+		}
+	})
+}
+
+func checkReason(t *testing.T, r Reason) {
+	t.Helper()
+	if r >= reasonCount || (r != reasonNone && r.String() == "") {
+		t.Fatalf("unknown reason %d", r)
+	}
+}
+
+// topLevelKeys returns the keys of the JSON object text, in order, as
+// encoding/json reads them.
+func topLevelKeys(text string) ([]string, error) {
+	dec := json.NewDecoder(strings.NewReader(text))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, errors.New("not an object")
+	}
+	var keys []string
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		keys = append(keys, tok.(string))
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := dec.Token(); err != nil {
+		return nil, err
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, errors.New("data after the object")
+	}
+	return keys, nil
+}
+
+// depth is the deepest nesting of arrays and objects in valid JSON text.
+func depth(text string) int {
+	d, deepest, inString, escaped := 0, 0, false, false
+	for i := 0; i < len(text); i++ {
+		c := text[i]
+		switch {
+		case inString && escaped:
+			escaped = false
+		case inString && c == '\\':
+			escaped = true
+		case c == '"':
+			inString = !inString
+		case !inString && (c == '{' || c == '['):
+			d++
+			deepest = max(deepest, d)
+		case !inString && (c == '}' || c == ']'):
+			d--
+		}
+	}
+	return deepest
+}
