@@ -77,8 +77,14 @@ func freePort(t *testing.T) int {
 func startCaddy(t *testing.T, site string) string {
 	t.Helper()
 	port := freePort(t)
-	caddyfile := fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tstorage file_system %s\n}\n\nhttp://127.0.0.1:%d {\n%s\n}\n",
-		t.TempDir(), port, site)
+	loadCaddyfile(t, fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n\tstorage file_system %s\n}\n\nhttp://127.0.0.1:%d {\n%s\n}\n",
+		t.TempDir(), port, site))
+	return fmt.Sprintf("http://127.0.0.1:%d", port)
+}
+
+// loadCaddyfile runs a whole Caddyfile until the test ends.
+func loadCaddyfile(t *testing.T, caddyfile string) {
+	t.Helper()
 	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
 	if err != nil {
 		t.Fatalf("adapt: %v\n%s", err, caddyfile)
@@ -92,7 +98,6 @@ func startCaddy(t *testing.T, site string) string {
 			t.Errorf("stop: %v", err)
 		}
 	})
-	return fmt.Sprintf("http://127.0.0.1:%d", port)
 }
 
 // loadedConfig is the JSON config startCaddy loaded last.
