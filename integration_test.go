@@ -124,13 +124,18 @@ func post(t *testing.T, url, authorization string, body io.Reader) *http.Respons
 		req.Header.Set("Authorization", authorization)
 	}
 	req.Header.Set("User-Agent", "Trivial Security")
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := senderClient.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { resp.Body.Close() })
 	return resp
 }
+
+// senderClient opens a connection per delivery, as the sender does. (An
+// idle kept-alive connection can be closed by a config reload just as it
+// is reused, and Go does not resend a POST.)
+var senderClient = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 30 * time.Second}
 
 func readAll(t *testing.T, r io.Reader) string {
 	t.Helper()
@@ -410,7 +415,10 @@ func TestIntegrationMetrics(t *testing.T) {
 // scrape reads a Prometheus text exposition into series -> value.
 func scrape(t *testing.T, url string) map[string]float64 {
 	t.Helper()
-	resp, err := http.Get(url)
+	resp, err := senderClient.Get(url)
+	if err != nil { // once more: a reload may have closed the connection
+		resp, err = senderClient.Get(url)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -94,3 +94,29 @@ func (s *Server) ping() error {
 	}
 	return nil
 }
+
+// ConnectedClients asks the server how many clients are connected, this
+// query's own connection included.
+func (s *Server) ConnectedClients() (int, error) {
+	conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", s.Port), time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(time.Second))
+	if _, err := conn.Write([]byte("INFO clients\r\n")); err != nil {
+		return 0, err
+	}
+	r := bufio.NewReader(conn)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return 0, err
+		}
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "connected_clients:"); ok {
+			var n int
+			_, err := fmt.Sscan(v, &n)
+			return n, err
+		}
+	}
+}
