@@ -63,7 +63,7 @@ func newRedisStore(rawURL, prefix string) (*redisStore, error) {
 		if urlErr, ok := errors.AsType[*url.Error](err); ok {
 			err = urlErr.Err
 		}
-		return nil, fmt.Errorf("replay redis: the URL does not parse (%v): write it as redis://[user:password@]host:port[/db] or rediss://...", err)
+		return nil, fmt.Errorf("replay redis: the URL does not parse (%v): write it as redis://[user:password@]host:port[/db], or rediss:// for TLS", err)
 	}
 	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = redisTimeout, redisTimeout, redisTimeout
 	opts.MaxRetries = 1

@@ -134,7 +134,6 @@ type server struct {
 	cmd    *exec.Cmd
 	log    *bytes.Buffer
 	logMu  *sync.Mutex
-	admin  string
 	config string
 }
 
