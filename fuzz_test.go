@@ -167,8 +167,14 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 	f.Add(" {\n\taccount a\n\tsecret s\n\treplay redis redis://127.0.0.1:6379 p:\n\tleeway 2s\n\tmax_body 1MB\n\tstrip_authorization\n}")
 	f.Add(" {\n\tsubject x\n}")
 	f.Fuzz(func(t *testing.T, input string) {
+		// Caddy refuses a file its lexer cannot read before any directive
+		// sees it (NewTestDispenser would log.Fatal on it instead).
+		tokens, err := caddyfile.Tokenize([]byte("trivialsec_webhook"+input), "Testfile")
+		if err != nil {
+			return
+		}
 		var h Handler
-		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("trivialsec_webhook" + input))
+		err = h.UnmarshalCaddyfile(caddyfile.NewDispenser(tokens))
 		if err != nil {
 			if !strings.Contains(err.Error(), "Testfile:") {
 				t.Fatalf("error without file and line: %v", err)
