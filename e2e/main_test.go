@@ -6,10 +6,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
-	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -23,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 )
 
 const (
@@ -121,12 +119,11 @@ func cleanEnv() []string {
 
 func freePort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := testkit.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return port
 }
 
 // server is a running `caddy run`.
@@ -235,22 +232,10 @@ func (u *upstream) received() []string {
 	return append([]string(nil), u.bodies...)
 }
 
-// mint signs a production-style delivery with its own code, independent of
-// the module's, for the plain HTTP client.
+// mint signs a genuine production-style delivery for account, with code
+// independent of the module's.
 func mint(secret, account, eventID string, now time.Time) (authorization, body string) {
-	b64 := base64.RawURLEncoding
-	claims, _ := json.Marshal(map[string]any{
-		"iat": now.Unix(), "nbf": now.Unix() + 3, "exp": now.Unix() + 86400,
-		"aud": []string{"urn:trivialsec:webhook:client_endpoint:" + account},
-		"iss": "https://www.trivialsec.com", "sub": "bc6e2cd51f59487fb05b49946bd078b2",
-		"eid": "urn:uuid:" + eventID, "evn": "client_activity",
-	})
-	input := b64.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + b64.EncodeToString(claims)
-	mac := hmac.New(sha256.New, []byte(secret))
-	mac.Write([]byte(input))
-	body = fmt.Sprintf(`{"event_id": "%s", "event_name": "client_activity", "timestamp": "%s", "payload": {"n": 1}}`,
-		eventID, now.UTC().Format("2006-01-02T15:04:05.000000+00:00"))
-	return input + "." + b64.EncodeToString(mac.Sum(nil)), body
+	return testkit.Mint(secret, account, eventID, eventID, now)
 }
 
 // sender is a plain HTTP client that, like the production sender's one-shot

@@ -11,8 +11,6 @@
 package main
 
 import (
-	"crypto/hmac"
-	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -20,7 +18,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -32,6 +29,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 )
 
 const (
@@ -59,7 +58,14 @@ func run(caddyBin string, n, conc, rate int) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	port, admin := freePort(), freePort()
+	port, err := testkit.FreePort()
+	if err != nil {
+		return err
+	}
+	admin, err := testkit.FreePort()
+	if err != nil {
+		return err
+	}
 	configs := [2]string{filepath.Join(dir, "a.Caddyfile"), filepath.Join(dir, "b.Caddyfile")}
 	for i, name := range configs {
 		// Equivalent configs: they differ only in a header the upstream ignores.
@@ -89,7 +95,7 @@ http://127.0.0.1:%d {
 	}
 	defer func() { _ = caddy.Process.Kill(); _ = caddy.Wait() }()
 	url := fmt.Sprintf("http://127.0.0.1:%d/webhook/trivialsec", port)
-	if err := waitFor(fmt.Sprintf("127.0.0.1:%d", port)); err != nil {
+	if err := testkit.WaitForListener(fmt.Sprintf("127.0.0.1:%d", port), 30*time.Second); err != nil {
 		return err
 	}
 	time.Sleep(3100 * time.Millisecond) // tokens minted now hold nbf = now + 3 s
@@ -309,22 +315,10 @@ func send(client *http.Client, url string, j job) (int, error) {
 	return resp.StatusCode, nil
 }
 
-// mint signs a production-style delivery: the token's eid is tokenID, the
-// body's event_id is bodyID.
+// mint signs a delivery whose token names tokenID and whose body names
+// bodyID.
 func mint(key, tokenID, bodyID string, now time.Time) (auth, body string) {
-	b64 := base64.RawURLEncoding
-	claims, _ := json.Marshal(map[string]any{
-		"iat": now.Unix(), "nbf": now.Unix() + 3, "exp": now.Unix() + 86400,
-		"aud": []string{"urn:trivialsec:webhook:client_endpoint:" + account},
-		"iss": "https://www.trivialsec.com", "sub": "bc6e2cd51f59487fb05b49946bd078b2",
-		"eid": "urn:uuid:" + tokenID, "evn": "hosted_scanner",
-	})
-	input := b64.EncodeToString([]byte(`{"alg":"HS256","typ":"JWT"}`)) + "." + b64.EncodeToString(claims)
-	mac := hmac.New(sha256.New, []byte(key))
-	mac.Write([]byte(input))
-	body = fmt.Sprintf(`{"event_id": "%s", "event_name": "hosted_scanner", "timestamp": "%s", "payload": {"scan": 1}}`,
-		bodyID, now.UTC().Format("2006-01-02T15:04:05.000000+00:00"))
-	return input + "." + b64.EncodeToString(mac.Sum(nil)), body
+	return testkit.Mint(key, account, tokenID, bodyID, now)
 }
 
 // upstream counts the deliveries it receives by event ID.
@@ -367,25 +361,4 @@ func (u *upstream) total() int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.n
-}
-
-func freePort() int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-func waitFor(addr string) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("caddy did not listen on %s", addr)
 }

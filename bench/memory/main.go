@@ -23,6 +23,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 )
 
 const secret = "memory-bench-secret"
@@ -42,7 +44,7 @@ func run(caddyBin string) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	port, err := freePort()
+	port, err := testkit.FreePort()
 	if err != nil {
 		return err
 	}
@@ -70,7 +72,7 @@ http://127.0.0.1:%d {
 	}
 	defer func() { _ = caddy.Process.Kill(); _ = caddy.Wait() }()
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	if err := waitFor(addr); err != nil {
+	if err := testkit.WaitForListener(addr, 30*time.Second); err != nil {
 		return err
 	}
 
@@ -260,25 +262,4 @@ func rss(pid int) (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("no VmRSS for pid %d", pid)
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
-func waitFor(addr string) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("caddy did not listen on %s", addr)
 }
