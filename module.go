@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -473,9 +474,16 @@ func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason Reason, t
 	return caddyhttp.Error(reason.Status(), reason)
 }
 
+// firstBodyBuffer is what readBody allocates before any byte arrives. The
+// buffer then grows with the bytes read, never ahead of them: a
+// Content-Length alone, which anyone holding one captured token can send,
+// must not make the module allocate max_body.
+const firstBodyBuffer = 64 << 10
+
 // readBody reads the body, at most limit bytes. It runs only once the token
 // has verified, so an unauthenticated request makes the module buffer
-// nothing. The buffer is sized from Content-Length when the client sent one.
+// nothing. A body of known length up to 64 KiB is read into one buffer of
+// its size.
 func readBody(r *http.Request, limit int64) ([]byte, Reason) {
 	if r.Body == nil {
 		return nil, reasonNone
@@ -483,16 +491,16 @@ func readBody(r *http.Request, limit int64) ([]byte, Reason) {
 	if r.ContentLength > limit {
 		return nil, ReasonBodyTooLarge
 	}
-	size := r.ContentLength
-	if size < 0 {
-		size = min(limit, 32<<10)
-	}
-	// One byte more than expected, so that the end of the body is seen
+	// Room for one byte more than the body, so that its end is seen
 	// without growing the buffer.
-	buf := make([]byte, 0, size+1)
+	want := limit + 1
+	if r.ContentLength >= 0 {
+		want = r.ContentLength + 1
+	}
+	buf := make([]byte, 0, min(want, firstBodyBuffer+1))
 	for {
 		if len(buf) == cap(buf) {
-			buf = append(buf, 0)[:len(buf)]
+			buf = slices.Grow(buf, int(min(int64(cap(buf)), want-int64(len(buf)))))
 		}
 		n, err := r.Body.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]

@@ -9,11 +9,13 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -561,4 +563,45 @@ func TestProvisionAndValidateErrors(t *testing.T) {
 func durationPtr(d time.Duration) *caddy.Duration {
 	cd := caddy.Duration(d)
 	return &cd
+}
+
+// TestReadBody reads bodies around the sizes where the buffer grows, with
+// and without a Content-Length, byte for byte.
+func TestReadBody(t *testing.T) {
+	const limit = 3 << 20
+	for _, size := range []int{0, 1, firstBodyBuffer - 1, firstBodyBuffer, firstBodyBuffer + 1, 1<<20 + 3, limit} {
+		body := strings.Repeat("x", size)
+		for _, known := range []bool{true, false} {
+			r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(body))
+			if !known {
+				r.Body, r.ContentLength = io.NopCloser(iotest.HalfReader(strings.NewReader(body))), -1
+			}
+			got, reason := readBody(r, limit)
+			if reason != reasonNone || string(got) != body {
+				t.Errorf("size %d, length known %v: %d bytes, %q", size, known, len(got), reason)
+			}
+		}
+	}
+	r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(strings.Repeat("x", limit+1)))
+	r.ContentLength = -1
+	if _, reason := readBody(r, limit); reason != ReasonBodyTooLarge {
+		t.Errorf("one byte over the limit, no length: %q", reason)
+	}
+}
+
+// TestReadBodyAllocatesWithTheData: a Content-Length of 10 MiB followed by a
+// few bytes makes readBody allocate for what arrived, not for 10 MiB.
+func TestReadBodyAllocatesWithTheData(t *testing.T) {
+	r := httptest.NewRequest(http.MethodPost, "/", nil)
+	r.Body = io.NopCloser(io.MultiReader(strings.NewReader(`{"event_id": `), errReader{}))
+	r.ContentLength = 10 << 20
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	if _, reason := readBody(r, DefaultMaxBody); reason != ReasonBodyReadFailed {
+		t.Fatalf("reason %q", reason)
+	}
+	runtime.ReadMemStats(&after)
+	if allocated := after.TotalAlloc - before.TotalAlloc; allocated > 1<<20 {
+		t.Fatalf("allocated %d bytes for a 13-byte body", allocated)
+	}
 }
