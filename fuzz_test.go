@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -149,7 +150,9 @@ func FuzzReadObject(f *testing.F) {
 		}
 		// encoding/json turns lone surrogates into U+FFFD, so two keys
 		// that differ only there look alike to it and not to readObject.
-		if want == jsonDuplicateKey && status == jsonOK && strings.Contains(text, `\u`) {
+		if want == jsonDuplicateKey && status == jsonOK && slices.ContainsFunc(keys, func(k string) bool {
+			return strings.ContainsRune(k, utf8.RuneError)
+		}) {
 			return
 		}
 		if status != want {

@@ -241,9 +241,9 @@ func (h *Handler) provisionStore(ctx caddy.Context) error {
 func (h *Handler) resolveRedisURL() (string, error) {
 	raw := h.Replay.URL
 	if secretPlaceholder.MatchString(raw) {
-		v, err := caddy.NewReplacer().ReplaceOrErr(raw, true, true)
+		v, err := resolvePlaceholder(raw)
 		if err != nil {
-			return "", fmt.Errorf("replay redis url: %v: set the variable or create the file", err)
+			return "", fmt.Errorf("replay redis url: %w", err)
 		}
 		return v, nil
 	}
@@ -258,16 +258,14 @@ func (h *Handler) resolveRedisURL() (string, error) {
 // resolveSecrets turns the configured secrets into keys. Nothing it returns
 // or logs holds a secret's value.
 func (h *Handler) resolveSecrets() ([][]byte, error) {
-	repl := caddy.NewReplacer()
 	keys := make([][]byte, 0, len(h.Secret))
 	for i, s := range h.Secret {
 		n := i + 1
 		switch {
 		case secretPlaceholder.MatchString(s):
-			v, err := repl.ReplaceOrErr(s, true, true)
+			v, err := resolvePlaceholder(s)
 			if err != nil {
-				// The replacer's error names the placeholder, not a value.
-				return nil, fmt.Errorf("secret %d: %v: set the variable or create the file", n, err)
+				return nil, fmt.Errorf("secret %d: %w", n, err)
 			}
 			keys = append(keys, []byte(v))
 		case strings.Contains(s, "{env.") || strings.Contains(s, "{file."):
@@ -281,6 +279,17 @@ func (h *Handler) resolveSecrets() ([][]byte, error) {
 		}
 	}
 	return keys, nil
+}
+
+// resolvePlaceholder resolves one {env.*} or {file.*} placeholder written
+// alone. An empty result is an error that names the placeholder, never a
+// value.
+func resolvePlaceholder(placeholder string) (string, error) {
+	v, err := caddy.NewReplacer().ReplaceOrErr(placeholder, true, true)
+	if err != nil {
+		return "", fmt.Errorf("%v: set the variable or create the file", err)
+	}
+	return v, nil
 }
 
 // Validate checks the configuration.
