@@ -2,6 +2,8 @@ package trivialsecwebhook
 
 import (
 	"bytes"
+	"encoding/binary"
+	"math/bits"
 	"unicode/utf8"
 )
 
@@ -134,6 +136,15 @@ func skipBlanks(data []byte, i int) int {
 // Its text must be valid UTF-8.
 func scanString(data []byte, i int) (end int, escaped, ok bool) {
 	for i++; i < len(data); {
+		// Eight bytes at a time while none needs a look, then byte by byte.
+		for i+8 <= len(data) {
+			special := specialBytes(binary.LittleEndian.Uint64(data[i:]))
+			if special != 0 {
+				i += bits.TrailingZeros64(special) / 8
+				break
+			}
+			i += 8
+		}
 		for i < len(data) && plain[data[i]] {
 			i++
 		}
@@ -170,6 +181,20 @@ func scanString(data []byte, i int) (end int, escaped, ok bool) {
 		}
 	}
 	return 0, false, false
+}
+
+// specialBytes sets the top bit of each byte of x, read little-endian, that a
+// string does not hold as it is: a control character, the quote, the
+// backslash, or a byte outside ASCII. Bits above the lowest may be set
+// falsely (a borrow runs on); the lowest set bit is exact.
+func specialBytes(x uint64) uint64 {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	control := (x - 0x20*ones) &^ x
+	quote := x ^ '"'*ones
+	quote = (quote - ones) &^ quote
+	backslash := x ^ '\\'*ones
+	backslash = (backslash - ones) &^ backslash
+	return (control | quote | backslash | x) & highs
 }
 
 // plain marks the bytes a string holds as they are, without a look: ASCII
@@ -245,14 +270,42 @@ func skipDigits(data []byte, i int) int {
 }
 
 // scanValue checks the value that starts at data[i] and returns the index
-// just past it. It keeps no recursion: the open arrays and objects are bits
-// on a fixed stack, so depth costs no memory beyond maxJSONDepth bits.
+// just past it. Strings, numbers and literals are read directly; arrays and
+// objects go to scanNested.
 func scanValue(data []byte, i int) (int, bool) {
-	var open [maxJSONDepth/64 + 1]uint64 // bit set: an object; clear: an array
+	if i >= len(data) {
+		return 0, false
+	}
+	switch data[i] {
+	case '"':
+		end, _, ok := scanString(data, i)
+		return end, ok
+	case '{', '[':
+		return scanNested(data, i)
+	case 't':
+		return scanLiteral(data, i, "true")
+	case 'f':
+		return scanLiteral(data, i, "false")
+	case 'n':
+		return scanLiteral(data, i, "null")
+	}
+	return scanNumber(data, i)
+}
+
+// scanNested checks the array or object that starts at data[i] and returns
+// the index just past it. It keeps no recursion: the open arrays and objects
+// are bits on a stack, inline up to a depth of 128 and on the heap past it,
+// up to maxJSONDepth.
+func scanNested(data []byte, i int) (int, bool) {
+	var inline [2]uint64
+	open := inline[:] // bit set: an object; clear: an array
 	depth := 0
 	push := func(object bool) bool {
 		if depth == maxJSONDepth {
 			return false
+		}
+		if depth == len(open)*64 {
+			open = append(open, make([]uint64, maxJSONDepth/64+1-len(open))...)
 		}
 		if object {
 			open[depth/64] |= 1 << (depth % 64)
@@ -286,9 +339,7 @@ func scanValue(data []byte, i int) (int, bool) {
 		if i >= len(data) {
 			return 0, false
 		}
-		closed := true // the value at i is complete once read
-		switch c := data[i]; {
-		case c == '{' || c == '[':
+		if c := data[i]; c == '{' || c == '[' {
 			object, closer := c == '{', byte(']')
 			if object {
 				closer = '}'
@@ -297,40 +348,18 @@ func scanValue(data []byte, i int) (int, bool) {
 				return 0, false
 			}
 			i = skipBlanks(data, i+1)
-			if i < len(data) && data[i] == closer {
-				i++
-				depth--
-				break
-			}
-			if object {
-				if i, ok = key(i); !ok {
-					return 0, false
+			if i >= len(data) || data[i] != closer {
+				if object {
+					if i, ok = key(i); !ok {
+						return 0, false
+					}
 				}
+				continue
 			}
-			closed = false
-		case c == '"':
-			if i, _, ok = scanString(data, i); !ok {
-				return 0, false
-			}
-		case c == 't':
-			if i, ok = scanLiteral(data, i, "true"); !ok {
-				return 0, false
-			}
-		case c == 'f':
-			if i, ok = scanLiteral(data, i, "false"); !ok {
-				return 0, false
-			}
-		case c == 'n':
-			if i, ok = scanLiteral(data, i, "null"); !ok {
-				return 0, false
-			}
-		default:
-			if i, ok = scanNumber(data, i); !ok {
-				return 0, false
-			}
-		}
-		if !closed {
-			continue
+			i++
+			depth--
+		} else if i, ok = scanValue(data, i); !ok {
+			return 0, false
 		}
 		// After a complete value: close what ends here, or move to the next
 		// element of the innermost open array or object.

@@ -121,3 +121,73 @@ func TestScanValueDepth(t *testing.T) {
 		}
 	}
 }
+
+// TestScanStringEachByte puts every byte value at every position of a
+// string longer than two words, so that each is met by the eight-byte scan
+// and by the byte loop behind it.
+func TestScanStringEachByte(t *testing.T) {
+	const n = 19
+	for c := range 256 {
+		for pos := range n {
+			text := []byte(`"` + strings.Repeat("a", n) + `"`)
+			text[1+pos] = byte(c)
+			end, _, ok := scanString(text, 0)
+			switch {
+			case c == '"':
+				if !ok || end != pos+2 {
+					t.Errorf("quote at %d: end %d ok %v, want %d true", pos, end, ok, pos+2)
+				}
+			case c == '\\', c < 0x20, c >= 0x80: // a bad escape, a control character, a lone UTF-8 byte
+				if ok {
+					t.Errorf("byte %#x at %d: accepted", c, pos)
+				}
+			default:
+				if !ok || end != len(text) {
+					t.Errorf("byte %#x at %d: end %d ok %v, want %d true", c, pos, end, ok, len(text))
+				}
+			}
+		}
+	}
+	// Two special bytes in one word: the first decides.
+	if end, _, ok := scanString([]byte(`"ab"c`+"\x01"+`defgh"`), 0); !ok || end != 4 {
+		t.Errorf("quote before a control character: end %d ok %v", end, ok)
+	}
+	if _, _, ok := scanString([]byte(`"ab`+"\x01"+`c"defgh"`), 0); ok {
+		t.Error("control character before a quote: accepted")
+	}
+}
+
+// TestScanNestedAcrossTheInlineStack mixes arrays and objects past the
+// depth of 128 the bit stack holds inline, so that a closer is checked
+// against a bit from before and after the stack moved to the heap.
+func TestScanNestedAcrossTheInlineStack(t *testing.T) {
+	for _, depth := range []int{127, 128, 129, 200} {
+		var open, closeAll strings.Builder
+		for d := range depth {
+			if d%3 == 0 {
+				open.WriteString(`{"k":`)
+			} else {
+				open.WriteString("[")
+			}
+		}
+		for d := depth - 1; d >= 0; d-- {
+			if d%3 == 0 {
+				closeAll.WriteString("}")
+			} else {
+				closeAll.WriteString("]")
+			}
+		}
+		good := open.String() + "1" + closeAll.String()
+		if end, ok := scanValue([]byte(good), 0); !ok || end != len(good) {
+			t.Errorf("depth %d: end %d ok %v", depth, end, ok)
+		}
+		// The outermost closer swapped: refused only by the bit of depth 0.
+		bad := good[:len(good)-1] + "]"
+		if _, ok := scanValue([]byte(bad), 0); ok {
+			t.Errorf("depth %d: a wrong outermost closer accepted", depth)
+		}
+		if json.Valid([]byte(good)) != true || json.Valid([]byte(bad)) != false {
+			t.Fatalf("depth %d: encoding/json disagrees with the test", depth)
+		}
+	}
+}

@@ -5,7 +5,6 @@ import (
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
-	"errors"
 	"hash"
 	"math"
 	"mime"
@@ -83,9 +82,8 @@ type verifierConfig struct {
 // verifier checks deliveries. It is safe for concurrent use.
 type verifier struct {
 	verifierConfig
-	audience  string
-	macs      []sync.Pool // per key: keyed HMAC-SHA256 states, reset and reused
-	validator *jwt.Validator
+	audience string
+	macs     []sync.Pool // per key: keyed HMAC-SHA256 states, reset and reused
 }
 
 func newVerifier(c verifierConfig) *verifier {
@@ -96,14 +94,6 @@ func newVerifier(c verifierConfig) *verifier {
 		verifierConfig: c,
 		audience:       "urn:trivialsec:webhook:client_endpoint:" + c.account,
 		macs:           make([]sync.Pool, len(c.keys)),
-		// golang-jwt checks the times: exp required, exp and nbf with the
-		// leeway. aud, iss and sub are compared below on the decoded bytes,
-		// which spares the strings golang-jwt's getters would need.
-		validator: jwt.NewValidator(
-			jwt.WithLeeway(c.leeway),
-			jwt.WithExpirationRequired(),
-			jwt.WithTimeFunc(c.now),
-		),
 	}
 	for i, key := range c.keys {
 		v.macs[i].New = func() any { return hmac.New(sha256.New, key) }
@@ -236,7 +226,7 @@ func (v *verifier) VerifyToken(authorization string) (Token, Reason) {
 	reason := c.read(s.payload, s.members[:0])
 	// The signature verified: what the claims say is the sender's word, and
 	// names the event in the log even when a check below refuses it.
-	tok := Token{IssuedAt: c.iat.Time, NotBefore: c.nbf.Time, ExpiresAt: c.exp.Time, evn: evnAbsent}
+	tok := Token{IssuedAt: c.iat, NotBefore: c.nbf, ExpiresAt: c.exp, evn: evnAbsent}
 	tok.EventID, tok.eidValid = eidUUID(c.eid)
 	if c.evn != nil {
 		tok.evn = eventIndex(c.evn)
@@ -252,15 +242,8 @@ func (v *verifier) VerifyToken(authorization string) (Token, Reason) {
 	if reason != reasonNone {
 		return tok, reason
 	}
-	if err := v.validator.Validate(c); err != nil {
-		switch {
-		case errors.Is(err, jwt.ErrTokenExpired):
-			return tok, ReasonExpired
-		case errors.Is(err, jwt.ErrTokenNotValidYet):
-			return tok, ReasonNotYetValid
-		default:
-			return tok, ReasonMalformedClaim
-		}
+	if reason := checkTimes(v.now(), c.exp, c.nbf, v.leeway); reason != reasonNone {
+		return tok, reason
 	}
 	if !audienceHolds(c.aud, v.audience) {
 		return tok, ReasonBadAudience
@@ -292,10 +275,24 @@ func (v *verifier) signatureValid(s *tokenScratch, input []byte) bool {
 	return false
 }
 
-// claims are the JWT claims the module reads, as decoded bytes. It
-// implements jwt.Claims for golang-jwt's Validator, which reads the times.
+// checkTimes checks exp and nbf as golang-jwt's Validator does with
+// WithLeeway: expired once now reaches exp + leeway, not yet valid while now
+// is before nbf - leeway, expiry reported first. Two comparisons in place of
+// the Validator spare 180 ns and an allocation per token;
+// TestCheckTimesMatchesGolangJWT holds them to the Validator at the edges.
+func checkTimes(now, exp, nbf time.Time, leeway time.Duration) Reason {
+	if !now.Before(exp.Add(leeway)) {
+		return ReasonExpired
+	}
+	if now.Before(nbf.Add(-leeway)) {
+		return ReasonNotYetValid
+	}
+	return reasonNone
+}
+
+// claims are the JWT claims the module reads, as decoded bytes and times.
 type claims struct {
-	iat, nbf, exp jwt.NumericDate
+	iat, nbf, exp time.Time
 	aud           []byte // the raw JSON value: a string or an array
 	iss, sub      []byte
 	eid, evn, cep []byte // evn and cep: nil when absent
@@ -359,21 +356,14 @@ func (c *claims) read(payload []byte, scratch []member) Reason {
 	return reasonNone
 }
 
-func (c *claims) GetExpirationTime() (*jwt.NumericDate, error) { return &c.exp, nil }
-func (c *claims) GetNotBefore() (*jwt.NumericDate, error)      { return &c.nbf, nil }
-func (c *claims) GetIssuedAt() (*jwt.NumericDate, error)       { return &c.iat, nil }
-func (c *claims) GetIssuer() (string, error)                   { return "", nil }  // checked by VerifyToken
-func (c *claims) GetSubject() (string, error)                  { return "", nil }  // checked by VerifyToken
-func (c *claims) GetAudience() (jwt.ClaimStrings, error)       { return nil, nil } // checked by VerifyToken
-
 // numericDate reads a NumericDate claim: a JSON number of seconds, its
 // fraction dropped as PyJWT and golang-jwt drop it.
-func numericDate(value []byte) (jwt.NumericDate, bool) {
+func numericDate(value []byte) (time.Time, bool) {
 	secs, ok := unixSeconds(value)
 	if !ok {
-		return jwt.NumericDate{}, false
+		return time.Time{}, false
 	}
-	return jwt.NumericDate{Time: time.Unix(int64(secs), 0)}, true
+	return time.Unix(int64(secs), 0), true
 }
 
 // unixSeconds reads a raw JSON number of seconds since 1970 up to the end of

@@ -4,10 +4,12 @@ import (
 	"crypto/hmac"
 	"crypto/sha512"
 	"encoding/base64"
+	"errors"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/golang-jwt/jwt/v5"
 	"github.com/google/uuid"
 )
 
@@ -412,4 +414,39 @@ func dropField(body, key string) string {
 		j += 2
 	}
 	return body[:i] + body[j:]
+}
+
+// TestCheckTimesMatchesGolangJWT holds checkTimes to golang-jwt's Validator,
+// which it stands in for, around every edge: exp and nbf from two leeways
+// before now to two after, by the nanosecond near each edge.
+func TestCheckTimesMatchesGolangJWT(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	for _, leeway := range []time.Duration{0, time.Second, DefaultLeeway} {
+		var offsets []time.Duration
+		for _, edge := range []time.Duration{-2 * leeway, -leeway, 0, leeway, 2 * leeway} {
+			offsets = append(offsets, edge-time.Nanosecond, edge, edge+time.Nanosecond)
+		}
+		validator := jwt.NewValidator(jwt.WithLeeway(leeway), jwt.WithExpirationRequired(),
+			jwt.WithTimeFunc(func() time.Time { return now }))
+		for _, expOffset := range offsets {
+			for _, nbfOffset := range offsets {
+				exp, nbf := now.Add(expOffset), now.Add(nbfOffset)
+				want := reasonNone
+				switch err := validator.Validate(jwt.RegisteredClaims{
+					ExpiresAt: &jwt.NumericDate{Time: exp}, NotBefore: &jwt.NumericDate{Time: nbf},
+				}); {
+				case err == nil:
+				case errors.Is(err, jwt.ErrTokenExpired):
+					want = ReasonExpired
+				case errors.Is(err, jwt.ErrTokenNotValidYet):
+					want = ReasonNotYetValid
+				default:
+					t.Fatalf("golang-jwt: %v", err)
+				}
+				if got := checkTimes(now, exp, nbf, leeway); got != want {
+					t.Errorf("leeway %v, exp now%+v, nbf now%+v: %v, golang-jwt says %v", leeway, expOffset, nbfOffset, got, want)
+				}
+			}
+		}
+	}
 }

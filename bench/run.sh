@@ -47,7 +47,7 @@ sed -n 2p "$OUT/delivery.txt" | tr -d '\n' >"$OUT/body"
 export BENCH_AUTH_FILE=$OUT/auth BENCH_BODY_FILE=$OUT/body
 
 port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-P_RESPOND=$(port) P_RESPOND_MOD=$(port) P_PROXY=$(port) P_PROXY_MOD=$(port) P_UP=$(port) P_SEED=$(port)
+P_RESPOND=$(port) P_READ=$(port) P_RESPOND_MOD=$(port) P_PROXY=$(port) P_PROXY_MOD=$(port) P_UP=$(port) P_SEED=$(port)
 
 cat >"$OUT/upstream.Caddyfile" <<CADDY
 {
@@ -69,6 +69,13 @@ cat >"$OUT/bench.Caddyfile" <<CADDY
 	persist_config off
 }
 http://127.0.0.1:$P_RESPOND {
+	respond 200
+}
+# Plain Caddy reading the body in a handler, as any verifier must, and
+# verifying nothing: what the module's cost is measured against besides
+# respond, which leaves the body for net/http to discard after the answer.
+http://127.0.0.1:$P_READ {
+	vars body {http.request.body}
 	respond 200
 }
 http://127.0.0.1:$P_RESPOND_MOD {
@@ -96,22 +103,30 @@ on() { # core command... : run pinned when PIN=1
 	shift
 	if ((PIN)); then taskset -c "$core" "$@"; else "$@"; fi
 }
-on 0 "$CADDY" run --config "$OUT/upstream.Caddyfile" >"$OUT/upstream.log" 2>&1 &
-pids+=($!)
-on 1 "$CADDY" run --config "$OUT/bench.Caddyfile" >"$OUT/caddy.log" 2>&1 &
-pids+=($!)
-(cd bench && PIN=$PIN exec taskset -c "$( ((PIN)) && echo 1 || echo 0-$(($(nproc) - 1)))" /usr/bin/python3 -m uvicorn seed_receiver:app --host 127.0.0.1 --port "$P_SEED" \
-	--workers 1 --no-access-log --log-level warning >"../$OUT/seed.log" 2>&1) &
-pids+=($!)
+# spawn core log command... : start a server in the background, pinned when
+# PIN=1; $! is then its own pid (taskset execs it).
+spawn() {
+	local core=$1 log=$2
+	shift 2
+	if ((PIN)); then taskset -c "$core" "$@" >"$log" 2>&1 & else "$@" >"$log" 2>&1 & fi
+	pids+=($!)
+}
+spawn 0 "$OUT/upstream.log" "$CADDY" run --config "$OUT/upstream.Caddyfile"
+spawn 1 "$OUT/caddy.log" "$CADDY" run --config "$OUT/bench.Caddyfile"
+caddy_pid=$!
+spawn 1 "$OUT/seed.log" /usr/bin/python3 -m uvicorn --app-dir bench seed_receiver:app --host 127.0.0.1 --port "$P_SEED" \
+	--workers 1 --no-access-log --log-level warning
+seed_pid=$!
 
 declare -A URL=(
 	[respond]=http://127.0.0.1:$P_RESPOND/webhook/trivialsec
+	[respond+read]=http://127.0.0.1:$P_READ/webhook/trivialsec
 	[respond+module]=http://127.0.0.1:$P_RESPOND_MOD/webhook/trivialsec
 	[proxy]=http://127.0.0.1:$P_PROXY/webhook/trivialsec
 	[proxy+module]=http://127.0.0.1:$P_PROXY_MOD/webhook/trivialsec
 	[seed]=http://127.0.0.1:$P_SEED/webhook/trivialsec
 )
-TARGETS=(respond respond+module proxy proxy+module seed)
+TARGETS=(respond respond+read respond+module proxy proxy+module seed)
 
 # Every target must accept the delivery before anything is measured.
 for name in "${TARGETS[@]}"; do
@@ -124,26 +139,37 @@ for name in "${TARGETS[@]}"; do
 	[[ $code == 200 ]] || { echo "$name answers $code, not 200" >&2; exit 1; }
 done
 
-measure() { # name -> requests per second
-	local out
+# CPU time a process has used, in clock ticks.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+measure() { # name -> requests per second, and the server's CPU per request in µs
+	local out pid=$caddy_pid before
+	[[ $1 == seed ]] && pid=$seed_pid
+	before=$(ticks "$pid")
 	out=$(on 0 wrk -t1 -c"$CONNS" -d"$DURATION" -s bench/post.lua "${URL[$1]}")
 	if ! grep -q '^non2xx 0$' <<<"$out"; then
 		echo "$1: answers other than 2xx:" >&2
 		echo "$out" >&2
 		exit 1
 	fi
-	awk '/^Requests\/sec:/ {print $2}' <<<"$out"
+	awk -v ticks=$(($(ticks "$pid") - before)) -v us="$TICK_US" \
+		'/ requests in / {n = $1} /^Requests\/sec:/ {rps = $2} END {printf "%s %.2f\n", rps, ticks * us / n}' <<<"$out"
 }
 
-results=$OUT/results.tsv
-printf 'round\t%s\n' "$(IFS=$'\t'; echo "${TARGETS[*]}")" >"$results"
+# results.tsv: requests per second; cpu.tsv: the server's CPU µs per request.
+results=$OUT/results.tsv cpu=$OUT/cpu.tsv
+printf 'round\t%s\n' "$(IFS=$'\t'; echo "${TARGETS[*]}")" | tee "$cpu" >"$results"
 for round in $(seq "$ROUNDS"); do
-	row=$round
+	row=$round cpu_row=$round
 	for name in "${TARGETS[@]}"; do
-		row+=$'\t'$(measure "$name")
+		m=$(measure "$name") || exit 1
+		read -r rps us <<<"$m"
+		row+=$'\t'$rps cpu_row+=$'\t'$us
 	done
 	echo "$row" >>"$results"
-	echo "round $round: $(tail -1 "$results")"
+	echo "$cpu_row" >>"$cpu"
+	echo "round $round: $(tail -1 "$results") | CPU µs/request: $(tail -1 "$cpu" | cut -f2-)"
 done
 
 # Memory: what unauthenticated uploads and large valid deliveries cost.
@@ -160,5 +186,5 @@ trap - EXIT
 cat "$OUT/notes.md"
 export BENCH_NOTES_FILE=$OUT/notes.md
 
-/usr/bin/python3 bench/report.py "$results" "$REPORT" \
+/usr/bin/python3 bench/report.py "$results" "$cpu" "$REPORT" \
 	"ROUNDS=$ROUNDS DURATION=$DURATION CONNS=$CONNS BODY_SIZE=$BODY_SIZE PIN=$PIN bench/run.sh" "$BODY_SIZE"
