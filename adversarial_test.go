@@ -17,13 +17,7 @@ import (
 // Each gets its expected status, never a 5xx; what is refused never reaches
 // the upstream, and what passes reaches it byte for byte.
 func TestAdversarialCorpus(t *testing.T) {
-	up := startUpstream(t)
-	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
-	base := startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
-		account %s
-		secret {env.TRIVIALSEC_IT_SECRET}
-	}
-	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	base, up := startDefaultProxy(t)
 	addr := strings.TrimPrefix(base, "http://")
 	now := time.Now()
 

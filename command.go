@@ -7,7 +7,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -91,12 +90,12 @@ which other users could read in the process list.
 				if err != nil {
 					return commandError(c, err)
 				}
-				status, err := d.send(url)
+				code, status, err := d.send(url)
 				if err != nil {
 					return commandError(c, err)
 				}
 				fmt.Fprintln(c.OutOrStdout(), status)
-				if statusCode(status)/100 != 2 {
+				if code/100 != 2 {
 					return commandError(c, fmt.Errorf("the receiver refused the delivery: %s", status))
 				}
 				return nil
@@ -291,22 +290,22 @@ func mint(o mintOptions) (*minted, error) {
 }
 
 // send posts the delivery as the production sender does and returns the
-// response's status line.
-func (m *minted) send(url string) (string, error) {
+// response's status code and status line.
+func (m *minted) send(url string) (code int, status string, err error) {
 	req, err := http.NewRequest(http.MethodPost, url, bytes.NewReader(m.body))
 	if err != nil {
-		return "", fmt.Errorf("bad --url: %v", err)
+		return 0, "", fmt.Errorf("bad --url: %v", err)
 	}
 	req.Header.Set("Authorization", m.authorization)
 	req.Header.Set("User-Agent", "Trivial Security")
 	client := &http.Client{Timeout: 30 * time.Second}
 	resp, err := client.Do(req)
 	if err != nil {
-		return "", fmt.Errorf("cannot reach %s: %v", url, errors.Unwrap(err))
+		return 0, "", fmt.Errorf("cannot reach %s: %v", url, errors.Unwrap(err))
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
-	return resp.Proto + " " + resp.Status, nil
+	return resp.StatusCode, resp.Proto + " " + resp.Status, nil
 }
 
 // pythonISOFormat writes t as Python's datetime.isoformat() writes an aware
@@ -401,14 +400,4 @@ func writePythonString(w *bytes.Buffer, s []byte) {
 		i++
 	}
 	w.WriteByte('"')
-}
-
-// statusCode returns the code in a status line such as "HTTP/1.1 202 Accepted".
-func statusCode(line string) int {
-	fields := strings.Fields(line)
-	if len(fields) < 2 {
-		return 0
-	}
-	n, _ := strconv.Atoi(fields[1])
-	return n
 }

@@ -3,7 +3,6 @@ package trivialsecwebhook
 import (
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -14,6 +13,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/google/uuid"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 )
 
 // These tests run a real Caddy in this process, configured from a
@@ -64,12 +65,25 @@ func (u *upstream) received() []upstreamRequest {
 // freePort finds a loopback port nobody listens on.
 func freePort(t *testing.T) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := testkit.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return port
+}
+
+// startDefaultProxy runs the module with its defaults in front of an
+// upstream that records what it receives.
+func startDefaultProxy(t *testing.T) (base string, up *upstream) {
+	t.Helper()
+	up = startUpstream(t)
+	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
+	base = startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
+		account %s
+		secret {env.TRIVIALSEC_IT_SECRET}
+	}
+	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	return base, up
 }
 
 // startCaddy adapts a Caddyfile site block and runs it, failing the test
@@ -252,13 +266,7 @@ func TestIntegrationReverseProxy(t *testing.T) {
 // TestIntegrationRedeliveryAfterUpstreamFailure: a delivery the upstream
 // failed is not remembered, so it can come again.
 func TestIntegrationRedeliveryAfterUpstreamFailure(t *testing.T) {
-	up := startUpstream(t)
-	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
-	base := startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
-		account %s
-		secret {env.TRIVIALSEC_IT_SECRET}
-	}
-	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	base, up := startDefaultProxy(t)
 	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
 	for i, want := range []int{http.StatusBadGateway, http.StatusAccepted, http.StatusConflict} {
 		req, _ := http.NewRequest(http.MethodPost, base+"/", strings.NewReader(d.body()))

@@ -8,7 +8,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -16,7 +15,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -128,7 +126,6 @@ func freePort(t *testing.T) int {
 
 // server is a running `caddy run`.
 type server struct {
-	cmd    *exec.Cmd
 	log    *bytes.Buffer
 	logMu  *sync.Mutex
 	config string
@@ -149,50 +146,23 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 // It waits until Caddy answers on port, and fails the test if it does not.
 func startServer(t *testing.T, caddyfile string, port int, env []string) *server {
 	t.Helper()
-	dir := t.TempDir()
-	config := filepath.Join(dir, "Caddyfile")
+	config := filepath.Join(t.TempDir(), "Caddyfile")
 	if err := os.WriteFile(config, []byte(caddyfile), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	s := &server{log: new(bytes.Buffer), logMu: new(sync.Mutex), config: config}
-	s.cmd = exec.Command(caddyBin, "run", "--config", config, "--adapter", "caddyfile")
-	s.cmd.Env = append(cleanEnv(), env...)
-	s.cmd.Stdout = lockedWriter{s.logMu, s.log}
-	s.cmd.Stderr = lockedWriter{s.logMu, s.log}
-	if err := s.cmd.Start(); err != nil {
-		t.Fatal(err)
+	caddy, err := testkit.StartCaddy(caddyBin, config, append(cleanEnv(), env...),
+		lockedWriter{s.logMu, s.log}, fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatalf("%v\n%s", err, s.logs())
 	}
-	exited := make(chan struct{})
-	go func() { _ = s.cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
-		_ = s.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(15 * time.Second):
-			_ = s.cmd.Process.Kill()
-			<-exited
-		}
+		caddy.Stop()
 		if t.Failed() {
 			t.Logf("caddy's log:\n%s", s.logs())
 		}
 	})
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second)
-		if err == nil {
-			conn.Close()
-			return s
-		}
-		select {
-		case <-exited:
-			t.Fatalf("caddy exited at startup:\n%s", s.logs())
-		default:
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("caddy did not listen on %d within 30s:\n%s", port, s.logs())
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	return s
 }
 
 func (s *server) logs() string {

@@ -87,17 +87,13 @@ http://127.0.0.1:%d {
 			return err
 		}
 	}
-	caddy := exec.Command(caddyBin, "run", "--config", configs[0])
-	caddy.Env = append(os.Environ(), "TRIVIALSEC_WEBHOOK_SECRET="+secret)
-	caddy.Stdout, caddy.Stderr = io.Discard, io.Discard
-	if err := caddy.Start(); err != nil {
+	caddy, err := testkit.StartCaddy(caddyBin, configs[0], append(os.Environ(), "TRIVIALSEC_WEBHOOK_SECRET="+secret),
+		nil, fmt.Sprintf("127.0.0.1:%d", port))
+	if err != nil {
 		return err
 	}
-	defer func() { _ = caddy.Process.Kill(); _ = caddy.Wait() }()
+	defer caddy.Stop()
 	url := fmt.Sprintf("http://127.0.0.1:%d/webhook/trivialsec", port)
-	if err := testkit.WaitForListener(fmt.Sprintf("127.0.0.1:%d", port), 30*time.Second); err != nil {
-		return err
-	}
 	time.Sleep(3100 * time.Millisecond) // tokens minted now hold nbf = now + 3 s
 
 	for _, reloading := range []bool{false, true} {

@@ -65,16 +65,12 @@ http://127.0.0.1:%d {
 	if err != nil {
 		return err
 	}
-	caddy := exec.Command(caddyBin, "run", "--config", config)
-	caddy.Env = append(os.Environ(), "TRIVIALSEC_WEBHOOK_SECRET="+secret)
-	if err := caddy.Start(); err != nil {
-		return err
-	}
-	defer func() { _ = caddy.Process.Kill(); _ = caddy.Wait() }()
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	if err := testkit.WaitForListener(addr, 30*time.Second); err != nil {
+	caddy, err := testkit.StartCaddy(caddyBin, config, append(os.Environ(), "TRIVIALSEC_WEBHOOK_SECRET="+secret), nil, addr)
+	if err != nil {
 		return err
 	}
+	defer caddy.Stop()
 
 	// A valid 1 MiB delivery, minted by the binary's own sender command.
 	payload := filepath.Join(dir, "payload.json")
@@ -97,7 +93,7 @@ http://127.0.0.1:%d {
 			return fmt.Errorf("warm-up delivery: %d %v", code, err)
 		}
 	}
-	pid := caddy.Process.Pid
+	pid := caddy.Cmd.Process.Pid
 	time.Sleep(500 * time.Millisecond)
 
 	fmt.Printf("caddy pid %d, %s\n", pid, caddyBin)

@@ -1,6 +1,6 @@
-// Package testkit holds what the end-to-end tests and the bench tools share:
-// deliveries minted by code independent of the module's own, and loopback
-// ports.
+// Package testkit holds what the tests and the bench tools share: deliveries
+// minted by code independent of the module's own, loopback ports, and Caddy
+// processes.
 package testkit
 
 import (
@@ -9,7 +9,10 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"os/exec"
+	"syscall"
 	"time"
 )
 
@@ -42,15 +45,56 @@ func FreePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// WaitForListener waits until something accepts connections at addr.
-func WaitForListener(addr string, timeout time.Duration) error {
+// Caddy is a `caddy run` process started by StartCaddy.
+type Caddy struct {
+	Cmd    *exec.Cmd
+	exited chan struct{}
+}
+
+// StartCaddy runs `bin run` on the Caddyfile at config, with env as its whole
+// environment and its output to out (nil discards it), and waits until
+// something accepts connections at addr. It fails if Caddy exits first, or if
+// addr stays closed for 30 s.
+func StartCaddy(bin, config string, env []string, out io.Writer, addr string) (*Caddy, error) {
+	c := &Caddy{Cmd: exec.Command(bin, "run", "--config", config, "--adapter", "caddyfile"), exited: make(chan struct{})}
+	c.Cmd.Env, c.Cmd.Stdout, c.Cmd.Stderr = env, out, out
+	if err := c.Cmd.Start(); err != nil {
+		return nil, err
+	}
+	go func() { _ = c.Cmd.Wait(); close(c.exited) }()
+	if err := waitForListener(addr, 30*time.Second, c.exited); err != nil {
+		c.Stop()
+		return nil, fmt.Errorf("caddy: %w", err)
+	}
+	return c, nil
+}
+
+// Stop asks Caddy to stop, kills it if it is still running 15 s later, and
+// waits for it to exit.
+func (c *Caddy) Stop() {
+	_ = c.Cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-c.exited:
+	case <-time.After(15 * time.Second):
+		_ = c.Cmd.Process.Kill()
+		<-c.exited
+	}
+}
+
+// waitForListener waits until something accepts connections at addr, and
+// gives up early once exited is closed.
+func waitForListener(addr string, timeout time.Duration, exited <-chan struct{}) error {
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 			c.Close()
 			return nil
 		}
-		time.Sleep(50 * time.Millisecond)
+		select {
+		case <-exited:
+			return fmt.Errorf("exited before listening on %s", addr)
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 	return fmt.Errorf("nothing listens on %s after %s", addr, timeout)
 }
