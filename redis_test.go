@@ -146,6 +146,7 @@ func TestIntegrationRedisAcrossReloads(t *testing.T) {
 			if try == 3 {
 				t.Fatal(err)
 			}
+			time.Sleep(time.Duration(try+1) * 100 * time.Millisecond) // past the hand-off
 		}
 	}
 	if status := send(); status != 202 {

@@ -238,10 +238,12 @@ func phase(url string, up *upstream, n, conc, rate int) (result, error) {
 				}
 				status, err := send(client, url, j)
 				// A connection closed before any answer (a reload hands the
-				// listener over): the delivery is sent again, and must then
+				// listener over): the delivery is sent again, a little later
+				// each time so as to leave the hand-off behind, and must then
 				// pass, or be a replay if the first one got through.
-				for try := 0; err != nil && try < 3; try++ {
+				for try := 1; err != nil && try <= 5; try++ {
 					dropped.Add(1)
+					time.Sleep(time.Duration(try) * 100 * time.Millisecond)
 					status, err = send(client, url, j)
 					if j.kind == valid && status == http.StatusConflict {
 						status = http.StatusOK // the first attempt got through
