@@ -1,7 +1,6 @@
 package trivialsecwebhook
 
 import (
-	"fmt"
 	"strconv"
 	"strings"
 
@@ -10,7 +9,6 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
-	"github.com/google/uuid"
 )
 
 func init() {
@@ -42,10 +40,6 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 // account and secret are required; everything else has a default.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // the directive name
-	file, line := d.File(), d.Line()
-	missing := func(what string) error {
-		return fmt.Errorf("trivialsec_webhook: %s, at %s:%d", what, file, line)
-	}
 	if d.NextArg() {
 		return d.Errf("trivialsec_webhook takes its settings in a block, not as arguments: found %q", d.Val())
 	}
@@ -71,8 +65,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.AllArgs(&h.Subject) {
 				return d.ArgErr()
 			}
-			if _, err := uuid.Parse(h.Subject); err != nil {
-				return d.Errf("subject %q is not a UUID: write it as bc6e2cd5-1f59-487f-b05b-49946bd078b2", h.Subject)
+			if _, err := parseSubject(h.Subject); err != nil {
+				return d.WrapErr(err)
 			}
 		case "issuer":
 			if !d.AllArgs(&h.Issuer) {
@@ -109,12 +103,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "events":
 			h.Events = d.RemainingArgs()
 			if len(h.Events) == 0 {
-				return d.Errf("events needs at least one event name: %s", strings.Join(EventNames[:], ", "))
+				return d.Errf("events needs at least one event name: %s", strings.Join(eventNames[:], ", "))
 			}
-			for _, name := range h.Events {
-				if eventIndex([]byte(name)) < 0 {
-					return d.Errf("unknown event name %q: use one of %s", name, strings.Join(EventNames[:], ", "))
-				}
+			if _, err := parseEvents(h.Events); err != nil {
+				return d.WrapErr(err)
 			}
 		case "replay":
 			args := d.RemainingArgs()
@@ -153,11 +145,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return d.Errf("unknown subdirective %q: use account, secret, subject, issuer, endpoint, leeway, max_body, events, replay or strip_authorization", sub)
 		}
 	}
-	switch {
-	case h.Account == "":
-		return missing("account is required: the Trivial Security account name")
-	case len(h.Secret) == 0:
-		return missing("secret is required: the webhook signing secret, as {env.NAME} or {file.PATH}")
+	if err := h.checkRequired(); err != nil {
+		d.Reset() // report it at the directive's own line
+		d.Next()
+		return d.WrapErr(err)
 	}
 	return nil
 }

@@ -21,9 +21,9 @@ import (
 // Security's production sender does, to test a receiver end to end without
 // the SaaS.
 
-// SecretEnv is the environment variable the command reads the signing
+// secretEnv is the environment variable the command reads the signing
 // secret from, unless --secret-file is given.
-const SecretEnv = "TRIVIALSEC_WEBHOOK_SECRET"
+const secretEnv = "TRIVIALSEC_WEBHOOK_SECRET"
 
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
@@ -64,11 +64,11 @@ which other users could read in the process list.
 				f.String("event-id", "", "event ID, a UUID (default: a random one)")
 				f.String("payload", "{}", "the payload, a JSON object, or @FILE to read it from a file")
 				f.String("style", "production", "production or documented")
-				f.String("issuer", DefaultIssuer, "the iss claim")
-				f.String("subject", DefaultSubject, "the sub claim's UUID")
+				f.String("issuer", defaultIssuer, "the iss claim")
+				f.String("subject", defaultSubject, "the sub claim's UUID")
 				f.String("endpoint", "", "the cep claim (default: --url for send, none for sign)")
 				f.Duration("lifetime", 24*time.Hour, "the token's lifetime: exp = iat + lifetime")
-				f.String("secret-file", "", "a file holding the signing secret (default: $"+SecretEnv+")")
+				f.String("secret-file", "", "a file holding the signing secret (default: $"+secretEnv+")")
 				c.SilenceErrors = true
 				c.SilenceUsage = true
 			}
@@ -153,7 +153,7 @@ func deliveryFromFlags(c *cobra.Command, url string) (*minted, error) {
 		return nil, errors.New("--account is required: the Trivial Security account name")
 	}
 	if eventIndex([]byte(o.event)) < 0 {
-		return nil, fmt.Errorf("unknown event %q: use one of %s", o.event, strings.Join(EventNames[:], ", "))
+		return nil, fmt.Errorf("unknown event %q: use one of %s", o.event, strings.Join(eventNames[:], ", "))
 	}
 	if o.style != "production" && o.style != "documented" {
 		return nil, fmt.Errorf("unknown style %q: use production or documented", o.style)
@@ -190,12 +190,12 @@ func readPayload(arg string) ([]byte, error) {
 			return nil, fmt.Errorf("cannot read the payload file: %v", err)
 		}
 		defer f.Close()
-		payload, err = io.ReadAll(io.LimitReader(f, DefaultMaxBody+1))
+		payload, err = io.ReadAll(io.LimitReader(f, defaultMaxBody+1))
 		if err != nil {
 			return nil, fmt.Errorf("cannot read the payload file: %v", err)
 		}
-		if len(payload) > DefaultMaxBody {
-			return nil, fmt.Errorf("the payload file %s is larger than %d bytes", name, DefaultMaxBody)
+		if len(payload) > defaultMaxBody {
+			return nil, fmt.Errorf("the payload file %s is larger than %d bytes", name, defaultMaxBody)
 		}
 	}
 	if _, status := readObject(payload, nil); status != jsonOK {
@@ -215,10 +215,10 @@ func readSecret(file string) ([]byte, error) {
 		}
 		secret = bytes.TrimSuffix(bytes.TrimSuffix(b, []byte("\n")), []byte("\r"))
 	} else {
-		secret = []byte(os.Getenv(SecretEnv))
+		secret = []byte(os.Getenv(secretEnv))
 	}
 	if len(secret) == 0 {
-		return nil, fmt.Errorf("no signing secret: set %s, or give --secret-file FILE", SecretEnv)
+		return nil, fmt.Errorf("no signing secret: set %s, or give --secret-file FILE", secretEnv)
 	}
 	return secret, nil
 }
@@ -244,7 +244,9 @@ func (senderClaims) GetIssuer() (string, error)                   { return "", n
 func (senderClaims) GetSubject() (string, error)                  { return "", nil }
 func (senderClaims) GetAudience() (jwt.ClaimStrings, error)       { return nil, nil }
 
-// mint signs a delivery as SPEC section 1 describes the sender.
+// mint signs a delivery as the production sender (or, with style
+// "documented", the published example) signs it: see the README, Sending
+// test deliveries.
 func mint(o mintOptions) (*minted, error) {
 	audience := "urn:trivialsec:webhook:client_endpoint:" + o.account
 	iat := o.now.Unix()

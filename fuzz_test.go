@@ -11,13 +11,14 @@ import (
 	"unicode/utf8"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/go-json-experiment/json/jsontext"
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/google/uuid"
 )
 
 // Fuzz targets. Each checks, for any input: no panic; a refusal carries a
 // known reason code; and nothing is accepted that an independent check
-// (golang-jwt's own parser, encoding/json) would not accept too.
+// (golang-jwt's own parser, jsontext and encoding/json) would not accept too.
 // Seed corpora: testdata/fuzz/<target>/ and the f.Add calls.
 
 // FuzzVerifyToken: a token is accepted only if golang-jwt, given the same
@@ -36,26 +37,26 @@ func FuzzVerifyToken(f *testing.F) {
 		jwt.WithStrictDecoding(),
 		// A second more than the module's leeway: the module drops the
 		// fraction of nbf and exp as PyJWT does; golang-jwt keeps it.
-		jwt.WithLeeway(DefaultLeeway+time.Second),
+		jwt.WithLeeway(defaultLeeway+time.Second),
 		jwt.WithExpirationRequired(),
 		jwt.WithAudience("urn:trivialsec:webhook:client_endpoint:"+testAccount),
-		jwt.WithIssuer(DefaultIssuer),
+		jwt.WithIssuer(defaultIssuer),
 		jwt.WithTimeFunc(func() time.Time { return testNow }),
 	)
 	f.Fuzz(func(t *testing.T, authorization string) {
-		tok, reason := v.VerifyToken(authorization)
+		tok, reason := v.verifyToken(authorization)
 		checkReason(t, reason)
 		if reason != reasonNone {
 			return
 		}
 		claims := jwt.MapClaims{}
-		if _, err := parser.ParseWithClaims(TokenFrom(authorization), claims, func(*jwt.Token) (any, error) {
+		if _, err := parser.ParseWithClaims(tokenFrom(authorization), claims, func(*jwt.Token) (any, error) {
 			return []byte(testSecret), nil
 		}); err != nil {
 			t.Fatalf("accepted a token golang-jwt refuses: %v", err)
 		}
 		sub, _ := claims["sub"].(string)
-		if id, err := uuid.Parse(sub); err != nil || id.String() != DefaultSubject {
+		if id, err := uuid.Parse(sub); err != nil || id.String() != defaultSubject {
 			t.Fatalf("accepted sub %q", sub)
 		}
 		if _, ok := claims["eid"].(string); !ok {
@@ -77,29 +78,24 @@ func FuzzVerifyBody(f *testing.F) {
 	f.Add(`{"event_id": "` + testEventID + `", "event_name": "report_created", "timestamp": 1795890818, "payload": {"a": [1, {"b": "\ud800"}], "a": 2}}`)
 	f.Add("\ufeff{}")
 	v := testVerifier(f, nil)
-	tok, reason := v.VerifyToken(productionDelivery().authorization())
+	tok, reason := v.verifyToken(productionDelivery().authorization())
 	if reason != reasonNone {
 		f.Fatal(reason)
 	}
 	f.Fuzz(func(t *testing.T, body string) {
-		ev, reason := v.VerifyBody(tok, []byte(body))
+		ev, reason := v.verifyBody(tok, []byte(body))
 		checkReason(t, reason)
 		if reason != reasonNone {
 			return
 		}
-		if !utf8.ValidString(body) || !json.Valid([]byte(body)) {
-			t.Fatal("accepted a body that is not valid UTF-8 JSON")
+		// Lone surrogate escapes pass (see FuzzReadObject); nothing else
+		// jsontext refuses does.
+		keys, err := strictKeys(body, jsontext.AllowInvalidUTF8(true))
+		if err != nil || !utf8.ValidString(body) {
+			t.Fatalf("accepted a body that is not one valid UTF-8 JSON object: %v", err)
 		}
-		keys, err := topLevelKeys(body)
-		if err != nil {
-			t.Fatalf("accepted a body that is not one object: %v", err)
-		}
-		seen := map[string]bool{}
-		for _, k := range keys {
-			if seen[k] {
-				t.Fatalf("accepted a body with key %q twice", k)
-			}
-			seen[k] = true
+		if hasDuplicate(keys) {
+			t.Fatalf("accepted a body with a top-level key twice: %q", keys)
 		}
 		var m map[string]json.RawMessage
 		if err := json.Unmarshal([]byte(body), &m); err != nil {
@@ -121,43 +117,50 @@ func FuzzVerifyBody(f *testing.F) {
 	})
 }
 
-// FuzzReadObject holds the JSON reader against encoding/json both ways.
+// FuzzReadObject holds the JSON reader to jsontext, the strict RFC 8259 /
+// RFC 7493 decoder of Go's JSON v2 work, both ways: what one accepts the
+// other accepts, and a duplicate top-level name is refused by both. The
+// documented exceptions:
+//   - a lone surrogate escape ("\ud800"): RFC 8259 allows it and readObject
+//     lets it through untouched, as the sender's Python writes it; RFC 7493
+//     and jsontext refuse it. Such a text must then be what jsontext accepts
+//     with AllowInvalidUTF8, which lets lone surrogates by and nothing else
+//     that is valid UTF-8, and the duplicate check must agree, but where
+//     jsontext turned two different lone surrogates into U+FFFD;
+//   - nesting past 9,000 levels is not compared: both stop at 10,000,
+//     counted differently.
 func FuzzReadObject(f *testing.F) {
 	for _, text := range jsonTexts {
 		f.Add(text)
 	}
 	f.Add(`{"a":{"b":[1,2,{"c":"\u00e9"}]},"d":"\ud83d\ude00"}`)
 	f.Add(`{"a":1,"\u0061":2}`)
+	f.Add(`{"\ud800":1,"\udbff":2}`)
 	f.Fuzz(func(t *testing.T, text string) {
 		if depth(text) > maxJSONDepth-1000 {
-			return // encoding/json stops at 10,000 levels, readObject at 10,001
-		}
-		_, status := readObject([]byte(text), nil)
-		keys, err := topLevelKeys(text)
-		valid := utf8.ValidString(text) && json.Valid([]byte(text)) && err == nil
-		duplicate := false
-		seen := map[string]bool{}
-		for _, k := range keys {
-			duplicate = duplicate || seen[k]
-			seen[k] = true
-		}
-		var want jsonStatus
-		switch {
-		case !valid:
-			want = jsonMalformed
-		case duplicate:
-			want = jsonDuplicateKey
-		}
-		// encoding/json turns lone surrogates into U+FFFD, so two keys
-		// that differ only there look alike to it and not to readObject.
-		if want == jsonDuplicateKey && status == jsonOK && slices.ContainsFunc(keys, func(k string) bool {
-			return strings.ContainsRune(k, utf8.RuneError)
-		}) {
 			return
 		}
-		if status != want {
-			t.Fatalf("readObject says %d, encoding/json says %d", status, want)
+		_, status := readObject([]byte(text), nil)
+		keys, err := strictKeys(text)
+		want := jsonOK
+		switch {
+		case err != nil:
+			want = jsonMalformed
+		case hasDuplicate(keys):
+			want = jsonDuplicateKey
 		}
+		if status == want {
+			return
+		}
+		if want == jsonMalformed && status != jsonMalformed && utf8.ValidString(text) {
+			if keys, err := strictKeys(text, jsontext.AllowInvalidUTF8(true)); err == nil {
+				mangled := slices.ContainsFunc(keys, func(k string) bool { return strings.ContainsRune(k, utf8.RuneError) })
+				if (status == jsonDuplicateKey) == hasDuplicate(keys) || (status == jsonOK && mangled) {
+					return // a lone surrogate escape
+				}
+			}
+		}
+		t.Fatalf("readObject says %d, jsontext says %d (%v)", status, want, err)
 	})
 }
 
@@ -203,39 +206,55 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 	})
 }
 
-func checkReason(t *testing.T, r Reason) {
+func checkReason(t *testing.T, r reasonCode) {
 	t.Helper()
 	if r >= reasonCount || (r != reasonNone && r.String() == "") {
 		t.Fatalf("unknown reason %d", r)
 	}
 }
 
-// topLevelKeys returns the keys of the JSON object text, in order, as
-// encoding/json reads them.
-func topLevelKeys(text string) ([]string, error) {
-	dec := json.NewDecoder(strings.NewReader(text))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+// strictKeys returns the names of the JSON object text, in order, as
+// jsontext reads them: one object, valid UTF-8, no lone surrogate escape
+// (unless opts allow it), nothing after it. Duplicate names are the
+// caller's to find: readObject refuses them only at the top level.
+func strictKeys(text string, opts ...jsontext.Options) ([]string, error) {
+	dec := jsontext.NewDecoder(strings.NewReader(text), append(opts, jsontext.AllowDuplicateNames(true))...)
+	tok, err := dec.ReadToken()
+	if err != nil {
+		return nil, err
+	}
+	if tok.Kind() != '{' {
 		return nil, errors.New("not an object")
 	}
-	var keys []string
-	for dec.More() {
-		tok, err := dec.Token()
+	keys := []string{}
+	for dec.PeekKind() != '}' {
+		name, err := dec.ReadToken()
 		if err != nil {
 			return nil, err
 		}
-		keys = append(keys, tok.(string))
-		var skip json.RawMessage
-		if err := dec.Decode(&skip); err != nil {
+		keys = append(keys, name.String())
+		if err := dec.SkipValue(); err != nil {
 			return nil, err
 		}
 	}
-	if _, err := dec.Token(); err != nil {
+	if _, err := dec.ReadToken(); err != nil {
 		return nil, err
 	}
-	if _, err := dec.Token(); err != io.EOF {
+	if _, err := dec.ReadToken(); err != io.EOF {
 		return nil, errors.New("data after the object")
 	}
 	return keys, nil
+}
+
+func hasDuplicate(keys []string) bool {
+	seen := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		if seen[k] {
+			return true
+		}
+		seen[k] = true
+	}
+	return false
 }
 
 // depth is the deepest nesting of arrays and objects in valid JSON text.

@@ -136,10 +136,9 @@ func testVerifier(t testing.TB, change func(*verifierConfig)) *verifier {
 	c := verifierConfig{
 		keys:    [][]byte{[]byte(testSecret)},
 		account: testAccount,
-		issuer:  DefaultIssuer,
-		subject: uuid.MustParse(DefaultSubject),
-		leeway:  DefaultLeeway,
-		maxBody: DefaultMaxBody,
+		issuer:  defaultIssuer,
+		subject: uuid.MustParse(defaultSubject),
+		leeway:  defaultLeeway,
 		events:  allEvents,
 		now:     func() time.Time { return testNow },
 	}

@@ -1,10 +1,14 @@
 package trivialsecwebhook
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"github.com/go-json-experiment/json/jsontext"
 )
 
 // jsonTexts are values to hold against encoding/json, which follows
@@ -189,5 +193,57 @@ func TestScanNestedAcrossTheInlineStack(t *testing.T) {
 		if json.Valid([]byte(good)) != true || json.Valid([]byte(bad)) != false {
 			t.Fatalf("depth %d: encoding/json disagrees with the test", depth)
 		}
+	}
+}
+
+// BenchmarkReadObject times the JSON reader on delivery bodies beside
+// jsontext doing the same work: check the text and hand back the top-level
+// members as raw values (the Decoder), or only check it (Value.IsValid).
+func BenchmarkReadObject(b *testing.B) {
+	for _, size := range []int{1 << 10, 1 << 20} {
+		body := []byte(benchDelivery(size).body())
+		b.Run(fmt.Sprintf("readObject/body=%dKiB", size>>10), func(b *testing.B) {
+			var buf [8]member
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, status := readObject(body, buf[:0]); status != jsonOK {
+					b.Fatal(status)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("jsontext.Decoder/body=%dKiB", size>>10), func(b *testing.B) {
+			var r bytes.Reader
+			dec := jsontext.NewDecoder(&r)
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			for b.Loop() {
+				r.Reset(body)
+				dec.Reset(&r)
+				if _, err := dec.ReadToken(); err != nil {
+					b.Fatal(err)
+				}
+				for dec.PeekKind() != '}' {
+					if _, err := dec.ReadToken(); err != nil {
+						b.Fatal(err)
+					}
+					if _, err := dec.ReadValue(); err != nil {
+						b.Fatal(err)
+					}
+				}
+				if _, err := dec.ReadToken(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run(fmt.Sprintf("jsontext.Value.IsValid/body=%dKiB", size>>10), func(b *testing.B) {
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			for b.Loop() {
+				if !jsontext.Value(body).IsValid() {
+					b.Fatal("invalid")
+				}
+			}
+		})
 	}
 }

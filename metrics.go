@@ -27,14 +27,14 @@ var (
 	// hot path, and every series present from the start.
 	acceptedCounter = requestsTotal.WithLabelValues("accepted", "none")
 	refusedCounters [reasonCount]prometheus.Counter
-	eventCounters   [len(EventNames)]prometheus.Counter
+	eventCounters   [len(eventNames)]prometheus.Counter
 )
 
 func init() {
-	for r := ReasonMethodNotAllowed; r < reasonCount; r++ {
+	for r := reasonMethodNotAllowed; r < reasonCount; r++ {
 		refusedCounters[r] = requestsTotal.WithLabelValues("refused", r.String())
 	}
-	for i, name := range EventNames {
+	for i, name := range eventNames {
 		eventCounters[i] = eventsTotal.WithLabelValues(name)
 	}
 }

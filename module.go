@@ -28,10 +28,10 @@ func init() {
 
 // Defaults of the configuration.
 const (
-	DefaultSubject = "bc6e2cd5-1f59-487f-b05b-49946bd078b2"
-	DefaultIssuer  = "https://www.trivialsec.com"
-	DefaultLeeway  = 3 * time.Second
-	DefaultMaxBody = 10 << 20
+	defaultSubject = "bc6e2cd5-1f59-487f-b05b-49946bd078b2"
+	defaultIssuer  = "https://www.trivialsec.com"
+	defaultLeeway  = 3 * time.Second
+	defaultMaxBody = 10 << 20
 )
 
 // Handler verifies each webhook delivery from Trivial Security: its signed
@@ -131,17 +131,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.now = time.Now
 	}
 	if h.Subject == "" {
-		h.Subject = DefaultSubject
+		h.Subject = defaultSubject
 	}
 	if h.Issuer == "" {
-		h.Issuer = DefaultIssuer
+		h.Issuer = defaultIssuer
 	}
 	if h.Leeway == nil {
-		d := caddy.Duration(DefaultLeeway)
+		d := caddy.Duration(defaultLeeway)
 		h.Leeway = &d
 	}
 	if h.MaxBody == 0 {
-		h.MaxBody = DefaultMaxBody
+		h.MaxBody = defaultMaxBody
 	}
 	if h.Replay == nil {
 		h.Replay = new(Replay)
@@ -150,23 +150,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.Replay.Store = "memory"
 	}
 	if h.Replay.MaxEntries == 0 {
-		h.Replay.MaxEntries = DefaultReplayMaxEntries
+		h.Replay.MaxEntries = defaultReplayMaxEntries
 	}
 
-	subject, err := uuid.Parse(h.Subject)
+	subject, err := parseSubject(h.Subject)
 	if err != nil {
-		return fmt.Errorf("subject %q is not a UUID: write it as bc6e2cd5-1f59-487f-b05b-49946bd078b2", h.Subject)
+		return err
 	}
-	events := allEvents
-	if len(h.Events) > 0 {
-		events = 0
-		for _, name := range h.Events {
-			i := eventIndex([]byte(name))
-			if i < 0 {
-				return fmt.Errorf("events: unknown event name %q: use one of %s", name, strings.Join(EventNames[:], ", "))
-			}
-			events |= 1 << i
-		}
+	events, err := parseEvents(h.Events)
+	if err != nil {
+		return err
 	}
 	keys, err := h.resolveSecrets()
 	if err != nil {
@@ -180,7 +173,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		subject:  subject,
 		endpoint: h.Endpoint,
 		leeway:   time.Duration(*h.Leeway),
-		maxBody:  h.MaxBody,
 		events:   events,
 		now:      h.now,
 	})
@@ -199,12 +191,11 @@ func (h *Handler) provisionStore(ctx caddy.Context) error {
 		h.logger.Warn("replay protection is off: a captured delivery can be replayed until its token expires")
 		return nil
 	case "memory":
-		h.storeKey = memoryStoreKey(h.Account)
-		store, err := loadMemoryStore(h.Account, h.Replay.MaxEntries)
+		store, key, err := loadMemoryStore(h.Account, h.Replay.MaxEntries)
 		if err != nil {
 			return err
 		}
-		h.store = store
+		h.store, h.storeKey = store, key
 		return nil
 	case "redis":
 		if h.Replay.URL == "" {
@@ -216,19 +207,18 @@ func (h *Handler) provisionStore(ctx caddy.Context) error {
 		}
 		prefix := h.Replay.KeyPrefix
 		if prefix == "" {
-			prefix = DefaultRedisKeyPrefix
+			prefix = defaultRedisKeyPrefix
 		}
-		h.storeKey = redisStoreKey(rawURL, prefix)
-		store, err := loadRedisStore(rawURL, prefix)
+		store, key, err := loadRedisStore(rawURL, prefix)
 		if err != nil {
 			return err
 		}
-		h.store = store
+		h.store, h.storeKey = store, key
 		if err := store.ping(ctx); err != nil {
 			// Not fatal: Caddy serves its other sites, and deliveries get
 			// 503 until Redis answers.
 			h.logger.Warn("replay store redis does not answer: deliveries are refused with 503 until it does",
-				zap.String("error", err.Error()))
+				zap.Error(err))
 		}
 		return nil
 	default:
@@ -294,11 +284,10 @@ func resolvePlaceholder(placeholder string) (string, error) {
 
 // Validate checks the configuration.
 func (h *Handler) Validate() error {
+	if err := h.checkRequired(); err != nil {
+		return err
+	}
 	switch {
-	case h.Account == "":
-		return errors.New("account is required: the Trivial Security account name")
-	case len(h.Secret) == 0:
-		return errors.New("secret is required: the webhook signing secret, as {env.NAME} or {file.PATH}")
 	case *h.Leeway < 0:
 		return errors.New("leeway must not be negative")
 	case h.MaxBody < 0:
@@ -307,6 +296,45 @@ func (h *Handler) Validate() error {
 		return errors.New("replay max_entries must not be negative")
 	}
 	return nil
+}
+
+// checkRequired reports a missing account or secret. The Caddyfile and
+// Validate both call it.
+func (h *Handler) checkRequired() error {
+	switch {
+	case h.Account == "":
+		return errors.New("account is required: the Trivial Security account name")
+	case len(h.Secret) == 0:
+		return errors.New("secret is required: the webhook signing secret, as {env.NAME} or {file.PATH}")
+	}
+	return nil
+}
+
+// parseSubject reads the subject setting, a UUID in any textual form. The
+// Caddyfile and Provision both call it.
+func parseSubject(s string) (uuid.UUID, error) {
+	id, err := uuid.Parse(s)
+	if err != nil {
+		return uuid.UUID{}, fmt.Errorf("subject %q is not a UUID: write it as %s", s, defaultSubject)
+	}
+	return id, nil
+}
+
+// parseEvents reads the events allow-list; none means every event. The
+// Caddyfile and Provision both call it.
+func parseEvents(names []string) (eventSet, error) {
+	if len(names) == 0 {
+		return allEvents, nil
+	}
+	var set eventSet
+	for _, name := range names {
+		i := eventIndex([]byte(name))
+		if i < 0 {
+			return 0, fmt.Errorf("unknown event name %q: use one of %s", name, strings.Join(eventNames[:], ", "))
+		}
+		set |= 1 << i
+	}
+	return set, nil
 }
 
 // Cleanup lets go of the replay store; it lives on while a newer config
@@ -325,26 +353,26 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return h.refuse(r, repl, ReasonMethodNotAllowed, nil, "")
+		return h.refuse(r, repl, reasonMethodNotAllowed, nil, "")
 	}
 	authorization := r.Header["Authorization"]
 	if len(authorization) == 0 {
-		return h.refuse(r, repl, ReasonMissingToken, nil, "")
+		return h.refuse(r, repl, reasonMissingToken, nil, "")
 	}
 	if len(authorization) > 1 {
-		return h.refuse(r, repl, ReasonMalformedToken, nil, "")
+		return h.refuse(r, repl, reasonMalformedToken, nil, "")
 	}
-	tok, reason := h.verifier.VerifyToken(authorization[0])
+	tok, reason := h.verifier.verifyToken(authorization[0])
 	if reason != reasonNone {
 		return h.refuse(r, repl, reason, &tok, "")
 	}
 	// From here on the token is genuine: every refusal is a WARN.
 	contentType := r.Header["Content-Type"]
 	if len(contentType) > 1 {
-		return h.refuse(r, repl, ReasonUnsupportedMediaType, &tok, "")
+		return h.refuse(r, repl, reasonUnsupportedMediaType, &tok, "")
 	}
 	if len(contentType) == 1 {
-		if reason := CheckContentType(contentType[0]); reason != reasonNone {
+		if reason := checkContentType(contentType[0]); reason != reasonNone {
 			return h.refuse(r, repl, reason, &tok, "")
 		}
 	}
@@ -352,7 +380,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if reason != reasonNone {
 		return h.refuse(r, repl, reason, &tok, "")
 	}
-	ev, reason := h.verifier.VerifyBody(tok, body)
+	ev, reason := h.verifier.verifyBody(tok, body)
 	if reason != reasonNone {
 		return h.refuse(r, repl, reason, &tok, ev.Name)
 	}
@@ -367,13 +395,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		case err != nil:
 			// Fail closed: never forward a delivery that was not checked.
 			if c := h.logger.Check(zapcore.WarnLevel, "replay store unavailable: refusing the delivery"); c != nil {
-				c.Write(zap.String("event_id", ev.ID.String()), zap.String("error", err.Error()))
+				c.Write(zap.String("event_id", ev.ID.String()), zap.Error(err))
 			}
-			return h.refuse(r, repl, ReasonReplayStoreDown, &tok, ev.Name)
+			return h.refuse(r, repl, reasonReplayStoreDown, &tok, ev.Name)
 		case result == replayDuplicate:
-			return h.refuse(r, repl, ReasonReplayed, &tok, ev.Name)
+			return h.refuse(r, repl, reasonReplayed, &tok, ev.Name)
 		case result == replayFull:
-			return h.refuse(r, repl, ReasonReplayStoreFull, &tok, ev.Name)
+			return h.refuse(r, repl, reasonReplayStoreFull, &tok, ev.Name)
 		}
 	}
 
@@ -411,7 +439,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		if err := h.store.release(r.Context(), ev.ID, reserved); err != nil {
 			if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the event ID could not be released: a redelivery is refused until the token expires"); c != nil {
-				c.Write(zap.String("event_id", ev.ID.String()), zap.String("error", err.Error()))
+				c.Write(zap.String("event_id", ev.ID.String()), zap.Error(err))
 			}
 			return
 		}
@@ -426,7 +454,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 // placeholder gives the {http.trivialsec_webhook.*} placeholders of an
 // accepted event. Values are made only when a later handler asks for them.
-func (ev *Event) placeholder(key string) (any, bool) {
+func (ev *event) placeholder(key string) (any, bool) {
 	name, ok := strings.CutPrefix(key, "http.trivialsec_webhook.")
 	if !ok {
 		return nil, false
@@ -439,11 +467,11 @@ func (ev *Event) placeholder(key string) (any, bool) {
 	case "timestamp":
 		return ev.Timestamp.UTC().Format(time.RFC3339Nano), true
 	case "issued_at":
-		return ev.Token.IssuedAt.UTC().Format(time.RFC3339), true
+		return ev.token.IssuedAt.UTC().Format(time.RFC3339), true
 	case "expires_at":
-		return ev.Token.ExpiresAt.UTC().Format(time.RFC3339), true
+		return ev.token.ExpiresAt.UTC().Format(time.RFC3339), true
 	case "endpoint":
-		return ev.Token.Endpoint, true
+		return ev.token.Endpoint, true
 	}
 	return nil, false
 }
@@ -453,7 +481,7 @@ func (ev *Event) placeholder(key string) (any, bool) {
 // read.
 type accepted struct {
 	body bodyReader
-	ev   Event
+	ev   event
 }
 
 // bodyReader hands the verified body to the next handler.
@@ -464,11 +492,11 @@ func (*bodyReader) Close() error { return nil }
 // refuse answers a refusal through Caddy's error handling, and logs it:
 // at DEBUG before the signature verified (internet noise), at WARN after
 // (a lost event, or an attack with a signed token).
-func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason Reason, tok *Token, eventName string) error {
+func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason reasonCode, tok *verifiedToken, eventName string) error {
 	repl.Set("http.trivialsec_webhook.reason", reason.String())
 	refusedCounters[reason].Inc()
 	level := zapcore.DebugLevel
-	if reason.Authenticated() {
+	if reason.authenticated() {
 		level = zapcore.WarnLevel
 	}
 	if c := h.logger.Check(level, "refused delivery"); c != nil {
@@ -488,25 +516,26 @@ func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason Reason, t
 		}
 		c.Write(fields...)
 	}
-	return caddyhttp.Error(reason.Status(), reason)
+	return caddyhttp.Error(reason.status(), reason)
 }
 
 // firstBodyBuffer is what readBody allocates before any byte arrives. The
-// buffer then grows with the bytes read, never ahead of them: a
-// Content-Length alone, which anyone holding one captured token can send,
-// must not make the module allocate max_body.
+// buffer then grows only when full, by at most what it holds (and never past
+// the Content-Length or max_body), so it stays within about twice the bytes
+// that arrived: a Content-Length alone, which anyone holding one captured
+// token can send, must not make the module allocate max_body.
 const firstBodyBuffer = 64 << 10
 
 // readBody reads the body, at most limit bytes. It runs only once the token
 // has verified, so an unauthenticated request makes the module buffer
 // nothing. A body of known length up to 64 KiB is read into one buffer of
 // its size.
-func readBody(r *http.Request, limit int64) ([]byte, Reason) {
+func readBody(r *http.Request, limit int64) ([]byte, reasonCode) {
 	if r.Body == nil {
 		return nil, reasonNone
 	}
 	if r.ContentLength > limit {
-		return nil, ReasonBodyTooLarge
+		return nil, reasonBodyTooLarge
 	}
 	// Room for one byte more than the body, so that its end is seen
 	// without growing the buffer.
@@ -522,7 +551,7 @@ func readBody(r *http.Request, limit int64) ([]byte, Reason) {
 		n, err := r.Body.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]
 		if int64(len(buf)) > limit {
-			return nil, ReasonBodyTooLarge
+			return nil, reasonBodyTooLarge
 		}
 		// A body framed by Content-Length ends there (net/http holds it
 		// to that); no further read, each of which costs Caddy a deadline.
@@ -534,9 +563,9 @@ func readBody(r *http.Request, limit int64) ([]byte, Reason) {
 			var handlerErr caddyhttp.HandlerError
 			if errors.As(err, &maxBytes) ||
 				(errors.As(err, &handlerErr) && handlerErr.StatusCode == http.StatusRequestEntityTooLarge) {
-				return nil, ReasonBodyTooLarge
+				return nil, reasonBodyTooLarge
 			}
-			return nil, ReasonBodyReadFailed
+			return nil, reasonBodyReadFailed
 		}
 	}
 }

@@ -234,6 +234,12 @@ func TestServeHTTPRefuses(t *testing.T) {
 			r.Body = failingBody{t}
 			return r
 		}, nil, 403, "expired", zapcore.WarnLevel},
+		{"signed_claims_malformed_is_a_warning", func(t *testing.T, d *delivery) *http.Request {
+			r := deliveryRequest(d)
+			r.Header.Set("Authorization", signToken(mustJSON(d.header), `{"eid": "urn:uuid:`+testEventID+`", "eid": 1}`, d.key))
+			r.Body = failingBody{t}
+			return r
+		}, nil, 403, "malformed_claim", zapcore.WarnLevel},
 		{"text_plain_body_unread", func(t *testing.T, d *delivery) *http.Request {
 			r := deliveryRequest(d)
 			r.Header.Set("Content-Type", "text/plain")
@@ -318,7 +324,7 @@ func TestServeHTTPRefuses(t *testing.T) {
 					t.Errorf("log field %s holds the secret or the token", f.Key)
 				}
 			}
-			if tc.wantLevel == zapcore.WarnLevel && tc.wantReason != "unsupported_media_type" &&
+			if tc.wantLevel == zapcore.WarnLevel && tc.wantReason != "malformed_claim" &&
 				e.ContextMap()["event_id"] == nil {
 				t.Errorf("a refusal after the signature verified does not name the event: %v", e.ContextMap())
 			}
@@ -579,7 +585,7 @@ func TestReadBody(t *testing.T) {
 	}
 	r := httptest.NewRequest(http.MethodPost, "/", strings.NewReader(strings.Repeat("x", limit+1)))
 	r.ContentLength = -1
-	if _, reason := readBody(r, limit); reason != ReasonBodyTooLarge {
+	if _, reason := readBody(r, limit); reason != reasonBodyTooLarge {
 		t.Errorf("one byte over the limit, no length: %q", reason)
 	}
 }
@@ -592,7 +598,7 @@ func TestReadBodyAllocatesWithTheData(t *testing.T) {
 	r.ContentLength = 10 << 20
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	if _, reason := readBody(r, DefaultMaxBody); reason != ReasonBodyReadFailed {
+	if _, reason := readBody(r, defaultMaxBody); reason != reasonBodyReadFailed {
 		t.Fatalf("reason %q", reason)
 	}
 	runtime.ReadMemStats(&after)

@@ -2,125 +2,126 @@ package trivialsecwebhook
 
 import "net/http"
 
-// Reason is why a delivery was refused: a short, stable code for logs, the
+// reasonCode is why a delivery was refused: a short, stable code for logs, the
 // {http.trivialsec_webhook.reason} placeholder and metrics, and the HTTP
-// status that answers it. The zero Reason means the delivery passed.
-type Reason uint8
+// status that answers it. The zero reasonCode means the delivery passed.
+type reasonCode uint8
 
 // The reasons, in the order of the checks that give them.
 const (
-	reasonNone Reason = iota
+	reasonNone reasonCode = iota
 
-	ReasonMethodNotAllowed // 1: not a POST
+	reasonMethodNotAllowed // 1: not a POST
 
-	ReasonMissingToken   // 2: no Authorization header, or an empty one
-	ReasonMalformedToken // 3: not three base64url parts, bad JSON, too long, or two Authorization headers
-	ReasonBadAlgorithm   // 3: header alg is not exactly HS256
-	ReasonBadSignature   // 3: no configured secret verifies the signature
-	ReasonMissingClaim   // 3: one of iat nbf exp aud iss sub eid is absent
-	ReasonMalformedClaim // 3: a claim of the wrong JSON type, or a time out of range
-	ReasonExpired        // 3: exp + leeway has passed
-	ReasonNotYetValid    // 3: nbf - leeway has not come yet
-	ReasonBadAudience    // 3: aud does not hold the account's audience
-	ReasonBadIssuer      // 3: iss is not the configured issuer
-	ReasonBadSubject     // 3: sub is not the configured subject UUID
+	reasonMissingToken   // 2: no Authorization header, or an empty one
+	reasonMalformedToken // 3: not three base64url parts, bad JSON, too long, or two Authorization headers
+	reasonBadAlgorithm   // 3: header alg is not exactly HS256
+	reasonBadSignature   // 3: no configured secret verifies the signature
+	reasonMissingClaim   // 3: one of iat nbf exp aud iss sub eid is absent
+	reasonMalformedClaim // 3: signed claims that are not one JSON object without duplicate names, a claim of the wrong JSON type, or a time out of range
+	reasonExpired        // 3: exp + leeway has passed
+	reasonNotYetValid    // 3: nbf - leeway has not come yet
+	reasonBadAudience    // 3: aud does not hold the account's audience
+	reasonBadIssuer      // 3: iss is not the configured issuer
+	reasonBadSubject     // 3: sub is not the configured subject UUID
 
-	ReasonUnsupportedMediaType // 5: Content-Type is neither absent nor JSON
-	ReasonBodyTooLarge         // 6: the body is larger than max_body
-	ReasonBodyReadFailed       // 6: the client stopped sending the body
-	ReasonMalformedBody        // 7: not one well-formed JSON object
-	ReasonDuplicateKey         // 7: a top-level key appears twice
+	reasonUnsupportedMediaType // 5: Content-Type is neither absent nor JSON
+	reasonBodyTooLarge         // 6: the body is larger than max_body
+	reasonBodyReadFailed       // 6: the client stopped sending the body
+	reasonMalformedBody        // 7: not one well-formed JSON object
+	reasonDuplicateKey         // 7: a top-level key appears twice
 
-	ReasonMissingField     // 8: event_id, event_name, timestamp or payload is absent
-	ReasonInvalidEventID   // 8: event_id is not a UUID
-	ReasonInvalidEventName // 8: event_name is not one of the 15 names
-	ReasonInvalidTimestamp // 8: timestamp is neither a date-time nor Unix seconds
-	ReasonInvalidPayload   // 8: payload is not a JSON object
-	ReasonEIDMismatch      // 9: eid is not urn:uuid:<event_id>
-	ReasonEVNMismatch      // 9: evn differs from event_name
-	ReasonEndpointMismatch // 9: cep differs from the configured endpoint
-	ReasonEventNotAllowed  // 10: event_name is not in the events allow-list
-	ReasonReplayed         // 11: this eid was accepted before
-	ReasonReplayStoreFull  // 11: the memory replay store is at its cap
-	ReasonReplayStoreDown  // 11: the Redis replay store did not answer
+	reasonMissingField     // 8: event_id, event_name, timestamp or payload is absent
+	reasonInvalidEventID   // 8: event_id is not a UUID
+	reasonInvalidEventName // 8: event_name is not one of the 15 names
+	reasonInvalidTimestamp // 8: timestamp is neither a date-time nor Unix seconds
+	reasonInvalidPayload   // 8: payload is not a JSON object
+	reasonEIDMismatch      // 9: eid is not urn:uuid:<event_id>
+	reasonEVNMismatch      // 9: evn differs from event_name
+	reasonEndpointMismatch // 9: cep differs from the configured endpoint
+	reasonEventNotAllowed  // 10: event_name is not in the events allow-list
+	reasonReplayed         // 11: this eid was accepted before
+	reasonReplayStoreFull  // 11: the memory replay store is at its cap
+	reasonReplayStoreDown  // 11: the Redis replay store did not answer
 	reasonCount
 )
 
 var reasonCodes = [reasonCount]string{
 	reasonNone:                 "",
-	ReasonMethodNotAllowed:     "method_not_allowed",
-	ReasonMissingToken:         "missing_token",
-	ReasonMalformedToken:       "malformed_token",
-	ReasonBadAlgorithm:         "bad_algorithm",
-	ReasonBadSignature:         "bad_signature",
-	ReasonMissingClaim:         "missing_claim",
-	ReasonMalformedClaim:       "malformed_claim",
-	ReasonExpired:              "expired",
-	ReasonNotYetValid:          "not_yet_valid",
-	ReasonBadAudience:          "bad_audience",
-	ReasonBadIssuer:            "bad_issuer",
-	ReasonBadSubject:           "bad_subject",
-	ReasonUnsupportedMediaType: "unsupported_media_type",
-	ReasonBodyTooLarge:         "body_too_large",
-	ReasonBodyReadFailed:       "body_read_failed",
-	ReasonMalformedBody:        "malformed_body",
-	ReasonDuplicateKey:         "duplicate_key",
-	ReasonMissingField:         "missing_field",
-	ReasonInvalidEventID:       "invalid_event_id",
-	ReasonInvalidEventName:     "invalid_event_name",
-	ReasonInvalidTimestamp:     "invalid_timestamp",
-	ReasonInvalidPayload:       "invalid_payload",
-	ReasonEIDMismatch:          "eid_mismatch",
-	ReasonEVNMismatch:          "evn_mismatch",
-	ReasonEndpointMismatch:     "endpoint_mismatch",
-	ReasonEventNotAllowed:      "event_not_allowed",
-	ReasonReplayed:             "replayed",
-	ReasonReplayStoreFull:      "replay_store_full",
-	ReasonReplayStoreDown:      "replay_store_unavailable",
+	reasonMethodNotAllowed:     "method_not_allowed",
+	reasonMissingToken:         "missing_token",
+	reasonMalformedToken:       "malformed_token",
+	reasonBadAlgorithm:         "bad_algorithm",
+	reasonBadSignature:         "bad_signature",
+	reasonMissingClaim:         "missing_claim",
+	reasonMalformedClaim:       "malformed_claim",
+	reasonExpired:              "expired",
+	reasonNotYetValid:          "not_yet_valid",
+	reasonBadAudience:          "bad_audience",
+	reasonBadIssuer:            "bad_issuer",
+	reasonBadSubject:           "bad_subject",
+	reasonUnsupportedMediaType: "unsupported_media_type",
+	reasonBodyTooLarge:         "body_too_large",
+	reasonBodyReadFailed:       "body_read_failed",
+	reasonMalformedBody:        "malformed_body",
+	reasonDuplicateKey:         "duplicate_key",
+	reasonMissingField:         "missing_field",
+	reasonInvalidEventID:       "invalid_event_id",
+	reasonInvalidEventName:     "invalid_event_name",
+	reasonInvalidTimestamp:     "invalid_timestamp",
+	reasonInvalidPayload:       "invalid_payload",
+	reasonEIDMismatch:          "eid_mismatch",
+	reasonEVNMismatch:          "evn_mismatch",
+	reasonEndpointMismatch:     "endpoint_mismatch",
+	reasonEventNotAllowed:      "event_not_allowed",
+	reasonReplayed:             "replayed",
+	reasonReplayStoreFull:      "replay_store_full",
+	reasonReplayStoreDown:      "replay_store_unavailable",
 }
 
 // String returns the reason's stable code, such as "bad_signature".
-func (r Reason) String() string {
+func (r reasonCode) String() string {
 	if r >= reasonCount {
 		return "unknown"
 	}
 	return reasonCodes[r]
 }
 
-// Status is the HTTP status that answers a refusal for this reason.
-func (r Reason) Status() int {
+// status is the HTTP status that answers a refusal for this reason.
+func (r reasonCode) status() int {
 	switch {
-	case r == ReasonMethodNotAllowed:
+	case r == reasonMethodNotAllowed:
 		return http.StatusMethodNotAllowed
-	case r <= ReasonBadSubject:
+	case r <= reasonBadSubject:
 		return http.StatusForbidden
-	case r == ReasonUnsupportedMediaType:
+	case r == reasonUnsupportedMediaType:
 		return http.StatusUnsupportedMediaType
-	case r == ReasonBodyTooLarge:
+	case r == reasonBodyTooLarge:
 		return http.StatusRequestEntityTooLarge
-	case r <= ReasonDuplicateKey:
+	case r <= reasonDuplicateKey:
 		return http.StatusBadRequest
-	case r <= ReasonInvalidPayload:
+	case r <= reasonInvalidPayload:
 		return http.StatusUnprocessableEntity
-	case r <= ReasonEventNotAllowed:
+	case r <= reasonEventNotAllowed:
 		return http.StatusForbidden
-	case r == ReasonReplayed:
+	case r == reasonReplayed:
 		return http.StatusConflict
 	default:
 		return http.StatusServiceUnavailable
 	}
 }
 
-// Authenticated reports whether a refusal for this reason comes after the
+// authenticated reports whether a refusal for this reason comes after the
 // token's signature verified: such a delivery is a lost event or an attack
 // by someone holding a signed token, and is logged at WARN. Refusals before
 // that are internet noise, logged at DEBUG.
-func (r Reason) Authenticated() bool {
-	return r > ReasonBadSignature
+func (r reasonCode) authenticated() bool {
+	return r > reasonBadSignature
 }
 
-// Error makes a Reason usable as the error inside caddyhttp.Error. Its text
-// is the code alone: never a token, a secret or a value from the request.
-func (r Reason) Error() string {
+// Error makes a reasonCode usable as the error inside caddyhttp.Error:
+// "trivialsec_webhook: refused: " and the code, never a token, a secret or a
+// value from the request.
+func (r reasonCode) Error() string {
 	return "trivialsec_webhook: refused: " + r.String()
 }

@@ -12,7 +12,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
-	"go.uber.org/zap/zapcore"
 )
 
 // The Redis replay store is shared by every Caddy instance behind a load
@@ -22,9 +21,9 @@ import (
 // redisTimeout bounds every Redis call, dial included.
 const redisTimeout = time.Second
 
-// DefaultRedisKeyPrefix starts every key the store writes; the event ID
+// defaultRedisKeyPrefix starts every key the store writes; the event ID
 // follows.
-const DefaultRedisKeyPrefix = "trivialsec_webhook:replay:"
+const defaultRedisKeyPrefix = "trivialsec_webhook:replay:"
 
 // releaseScript deletes the key only if it still holds our reservation's
 // token: a reservation that expired and was taken by another delivery is
@@ -34,23 +33,6 @@ if redis.call("GET", KEYS[1]) == ARGV[1] then
 	return redis.call("DEL", KEYS[1])
 end
 return 0`)
-
-func init() {
-	// go-redis logs to stderr by itself; send its lines to Caddy's log at
-	// DEBUG instead. What matters (Redis unreachable) is logged at WARN by
-	// the handler, with the event it concerns.
-	redis.SetLogger(redisLogger{})
-}
-
-type redisLogger struct{}
-
-func (redisLogger) Printf(_ context.Context, format string, v ...any) {
-	// Nothing is made unless DEBUG is on: with Redis down, go-redis logs
-	// every failed dial.
-	if log := caddy.Log(); log.Core().Enabled(zapcore.DebugLevel) {
-		log.Named("http.handlers.trivialsec_webhook.redis").Debug(fmt.Sprintf(format, v...))
-	}
-}
 
 type redisStore struct {
 	client *redis.Client
@@ -113,14 +95,15 @@ func (s *redisStore) ping(ctx context.Context) error {
 // Destruct closes the client with the last config using it.
 func (s *redisStore) Destruct() error { return s.client.Close() }
 
-func redisStoreKey(rawURL, prefix string) string { return "redis:" + prefix + "|" + rawURL }
-
-func loadRedisStore(rawURL, prefix string) (*redisStore, error) {
-	v, _, err := replayStores.LoadOrNew(redisStoreKey(rawURL, prefix), func() (caddy.Destructor, error) {
+// loadRedisStore takes the client for this URL and prefix over from an
+// earlier config, or makes it, and returns it with its key in replayStores.
+func loadRedisStore(rawURL, prefix string) (*redisStore, string, error) {
+	key := "redis:" + prefix + "|" + rawURL
+	v, _, err := replayStores.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return newRedisStore(rawURL, prefix)
 	})
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
-	return v.(*redisStore), nil
+	return v.(*redisStore), key, nil
 }

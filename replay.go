@@ -13,14 +13,14 @@ import (
 // A token binds only event_id, not the payload, and lives a day: a captured
 // delivery could be replayed, or replayed with another payload, until it
 // expires. The replay store remembers each accepted event ID until its
-// token's exp + leeway, and refuses it meanwhile (SPEC section 4).
+// token's exp + leeway, and refuses it meanwhile (README: Replay protection).
 
-// DefaultReplayMaxEntries caps the memory replay store. An entry costs 65 to
-// 85 bytes of heap, map and expiry heap together (BenchmarkMemoryStoreFootprint:
-// 64 at 100,000 entries, 84 at 1,000,000), so a full store takes about 85 MB.
+// defaultReplayMaxEntries caps the memory replay store. An entry costs 64 to
+// 84 bytes of heap, map and expiry heap together (BenchmarkMemoryStoreFootprint:
+// 64 at 100,000 entries, 84 at 1,000,000), so a full store takes about 84 MB.
 // Only deliveries that passed every check take an entry, so an attacker
 // without a secret cannot fill it.
-const DefaultReplayMaxEntries = 1_000_000
+const defaultReplayMaxEntries = 1_000_000
 
 // replayStore is where accepted event IDs are kept: memory (one process) or
 // Redis (every instance behind a load balancer).
@@ -73,8 +73,8 @@ func (s *memoryStore) reserve(_ context.Context, id uuid.UUID, expires, now time
 		return r, replayDuplicate, nil
 	}
 	if exp <= cutoff {
-		// Only reachable with a leeway of zero and a clock that moved
-		// between the checks: nothing to remember.
+		// The token expired (exp + leeway passed) between the token check
+		// and now, as the clock moved on: nothing to remember.
 		return r, replayReserved, nil
 	}
 	if len(s.entries) >= s.maxEntries {
@@ -123,12 +123,6 @@ func (s *memoryStore) setMaxEntries(n int) {
 	s.mu.Unlock()
 }
 
-func (s *memoryStore) len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.entries)
-}
-
 // Destruct lets the usage pool drop the store with the last config using it.
 func (s *memoryStore) Destruct() error { return nil }
 
@@ -152,22 +146,23 @@ func (h *expiryHeap) Pop() any {
 
 // replayStores keeps each store across config reloads: the new config takes
 // the store over from the old one, so that a reload forgets no accepted
-// delivery and opens no new Redis connections. Keys: memoryStoreKey and
-// redisStoreKey.
+// delivery and opens no new Redis connections. The loaders, loadMemoryStore
+// and loadRedisStore, make the keys.
 var replayStores = caddy.NewUsagePool()
 
-func memoryStoreKey(account string) string { return "memory:" + account }
-
-func loadMemoryStore(account string, maxEntries int) (*memoryStore, error) {
-	v, loaded, err := replayStores.LoadOrNew(memoryStoreKey(account), func() (caddy.Destructor, error) {
+// loadMemoryStore takes the account's memory store over from an earlier
+// config, or makes it, and returns it with its key in replayStores.
+func loadMemoryStore(account string, maxEntries int) (*memoryStore, string, error) {
+	key := "memory:" + account
+	v, loaded, err := replayStores.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return newMemoryStore(maxEntries), nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	s := v.(*memoryStore)
 	if loaded {
 		s.setMaxEntries(maxEntries)
 	}
-	return s, nil
+	return s, key, nil
 }

@@ -34,8 +34,8 @@ func TestMemoryStore(t *testing.T) {
 		if got := s.try(a, exp.Add(time.Hour), exp); got != replayReserved {
 			t.Fatalf("at expiry: %d", got)
 		}
-		if s.len() != 1 {
-			t.Fatalf("len %d after expiry and new reservation", s.len())
+		if len(s.entries) != 1 {
+			t.Fatalf("len %d after expiry and new reservation", len(s.entries))
 		}
 	})
 	t.Run("full_refuses_until_expiry", func(t *testing.T) {
@@ -71,13 +71,13 @@ func TestMemoryStore(t *testing.T) {
 			s.releaseAt(a, exp)
 		}
 		if n := len(s.expiries); n > 1024+2 {
-			t.Fatalf("heap holds %d elements for %d entries", n, s.len())
+			t.Fatalf("heap holds %d elements for %d entries", n, len(s.entries))
 		}
 	})
 	t.Run("reserved_in_past_is_not_kept", func(t *testing.T) {
 		s := newMemoryStore(10)
-		if got := s.try(a, now, now); got != replayReserved || s.len() != 0 {
-			t.Fatalf("got %d, len %d", got, s.len())
+		if got := s.try(a, now, now); got != replayReserved || len(s.entries) != 0 {
+			t.Fatalf("got %d, len %d", got, len(s.entries))
 		}
 	})
 }
@@ -117,16 +117,19 @@ func exactlyOneWins(t *testing.T, n int, reserve func() bool) {
 // TestMemoryStoreSurvivesReload: a new config takes the store over from
 // the old one before the old one is cleaned up.
 func TestMemoryStoreSurvivesReload(t *testing.T) {
-	old, err := loadMemoryStore("reload-test", 10)
+	old, key, err := loadMemoryStore("reload-test", 10)
 	if err != nil {
 		t.Fatal(err)
 	}
 	old.try(uuid.Nil, testNow.Add(time.Hour), testNow)
-	next, err := loadMemoryStore("reload-test", 20)
+	next, nextKey, err := loadMemoryStore("reload-test", 20)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := replayStores.Delete(memoryStoreKey("reload-test")); err != nil { // the old config's Cleanup
+	if nextKey != key {
+		t.Fatalf("keys %q and %q for one account", key, nextKey)
+	}
+	if _, err := replayStores.Delete(key); err != nil { // the old config's Cleanup
 		t.Fatal(err)
 	}
 	if next != old || next.try(uuid.Nil, testNow.Add(time.Hour), testNow) != replayDuplicate {
@@ -135,13 +138,13 @@ func TestMemoryStoreSurvivesReload(t *testing.T) {
 	if next.maxEntries != 20 {
 		t.Fatalf("max entries %d, want the new config's 20", next.maxEntries)
 	}
-	if deleted, _ := replayStores.Delete(memoryStoreKey("reload-test")); !deleted {
+	if deleted, _ := replayStores.Delete(key); !deleted {
 		t.Fatal("the store outlived its last config")
 	}
 }
 
 func BenchmarkMemoryStoreParallel(b *testing.B) {
-	s := newMemoryStore(DefaultReplayMaxEntries)
+	s := newMemoryStore(defaultReplayMaxEntries)
 	now := time.Now()
 	exp := now.Add(time.Hour)
 	b.RunParallel(func(pb *testing.PB) {

@@ -18,11 +18,11 @@ import (
 )
 
 // This file is verification as a pure function: an Authorization value, a
-// Content-Type and a body in, a verified event or a Reason out. It knows
+// Content-Type and a body in, a verified event or a reasonCode out. It knows
 // nothing of HTTP servers or Caddy; module.go wires it in.
 
-// EventNames are the 15 event names the sender uses, in its own order.
-var EventNames = [...]string{
+// eventNames are the 15 event names the sender uses, in its own order.
+var eventNames = [...]string{
 	"hosted_monitoring",
 	"hosted_scanner",
 	"self_hosted_uploads",
@@ -40,9 +40,9 @@ var EventNames = [...]string{
 	"member_activity",
 }
 
-// eventIndex returns the position of name in EventNames, or -1.
+// eventIndex returns the position of name in eventNames, or -1.
 func eventIndex(name []byte) int {
-	for i, n := range EventNames {
+	for i, n := range eventNames {
 		if string(name) == n {
 			return i
 		}
@@ -50,10 +50,10 @@ func eventIndex(name []byte) int {
 	return -1
 }
 
-// eventSet is a set of event names as bits of their EventNames index.
+// eventSet is a set of event names as bits of their eventNames index.
 type eventSet uint16
 
-const allEvents eventSet = 1<<len(EventNames) - 1
+const allEvents eventSet = 1<<len(eventNames) - 1
 
 // maxTokenLength bounds the token before anything is decoded. A production
 // token is about 600 bytes; 8 KiB leaves room for long account names and
@@ -74,7 +74,6 @@ type verifierConfig struct {
 	subject  uuid.UUID // sub must parse to it
 	endpoint string    // when set, cep (if present) must equal it
 	leeway   time.Duration
-	maxBody  int64
 	events   eventSet         // event names accepted
 	now      func() time.Time // the clock
 }
@@ -101,17 +100,16 @@ func newVerifier(c verifierConfig) *verifier {
 	return v
 }
 
-// Token is what a verified token says.
-type Token struct {
+// verifiedToken is what a token whose signature verified says.
+type verifiedToken struct {
 	EventID   uuid.UUID // the eid claim's UUID, when eid is urn:uuid:<uuid>
-	EventName string    // the evn claim when it is one of EventNames
+	EventName string    // the evn claim when it is one of eventNames
 	Endpoint  string    // the cep claim; empty when absent
 	IssuedAt  time.Time
-	NotBefore time.Time
 	ExpiresAt time.Time
 
 	eidValid bool // eid is urn:uuid: and a hyphenated UUID
-	evn      int  // evnAbsent, evnUnknown, or the evn claim's index in EventNames
+	evn      int  // evnAbsent, evnUnknown, or the evn claim's index in eventNames
 }
 
 const (
@@ -119,35 +117,19 @@ const (
 	evnUnknown = -2
 )
 
-// Event is a verified delivery.
-type Event struct {
+// event is a verified delivery.
+type event struct {
 	ID        uuid.UUID
-	Name      string // one of EventNames
+	Name      string // one of eventNames
 	Timestamp time.Time
-	Token     Token
-	nameIndex int // Name's index in EventNames
+	token     verifiedToken
+	nameIndex int // Name's index in eventNames
 }
 
-// Verify runs checks 2 to 10 of SPEC section 2 on one delivery: the pure form
-// of what ServeHTTP does around reading the body.
-func (v *verifier) Verify(authorization, contentType string, body []byte) (Event, Reason) {
-	tok, reason := v.VerifyToken(authorization)
-	if reason != reasonNone {
-		return Event{}, reason
-	}
-	if reason := CheckContentType(contentType); reason != reasonNone {
-		return Event{}, reason
-	}
-	if int64(len(body)) > v.maxBody {
-		return Event{}, ReasonBodyTooLarge
-	}
-	return v.VerifyBody(tok, body)
-}
-
-// TokenFrom returns the token in an Authorization value: the documented
+// tokenFrom returns the token in an Authorization value: the documented
 // "Bearer <jwt>" (scheme in any case) or the production sender's bare
 // "<jwt>", blanks trimmed around it.
-func TokenFrom(authorization string) string {
+func tokenFrom(authorization string) string {
 	s := strings.Trim(authorization, " \t")
 	if len(s) >= 6 && strings.EqualFold(s[:6], "bearer") && (len(s) == 6 || s[6] == ' ' || s[6] == '\t') {
 		s = strings.TrimLeft(s[6:], " \t")
@@ -156,7 +138,9 @@ func TokenFrom(authorization string) string {
 }
 
 // tokenScratch is the memory one token check decodes into. It is pooled, so
-// that checking a token allocates nothing; nothing in it outlives the check.
+// that decoding a token allocates nothing; nothing in it outlives the check.
+// (A check allocates once, for a token with a cep claim: the claim's string,
+// which the endpoint placeholder hands on.)
 type tokenScratch struct {
 	raw, header, payload, sig, mac []byte
 	members                        [16]member
@@ -173,14 +157,14 @@ var tokenScratchPool = sync.Pool{New: func() any {
 	}
 }}
 
-// VerifyToken runs check 3: the JWT, its signature and its claims.
-func (v *verifier) VerifyToken(authorization string) (Token, Reason) {
-	token := TokenFrom(authorization)
+// verifyToken runs check 3: the JWT, its signature and its claims.
+func (v *verifier) verifyToken(authorization string) (verifiedToken, reasonCode) {
+	token := tokenFrom(authorization)
 	if token == "" {
-		return Token{}, ReasonMissingToken
+		return verifiedToken{}, reasonMissingToken
 	}
 	if len(token) > maxTokenLength {
-		return Token{}, ReasonMalformedToken
+		return verifiedToken{}, reasonMalformedToken
 	}
 	s := tokenScratchPool.Get().(*tokenScratch)
 	defer tokenScratchPool.Put(s)
@@ -189,17 +173,17 @@ func (v *verifier) VerifyToken(authorization string) (Token, Reason) {
 	dot1 := bytes.IndexByte(raw, '.')
 	dot2 := bytes.LastIndexByte(raw, '.')
 	if dot1 < 0 || dot1 == dot2 || bytes.IndexByte(raw[dot1+1:dot2], '.') >= 0 {
-		return Token{}, ReasonMalformedToken
+		return verifiedToken{}, reasonMalformedToken
 	}
 
 	// The algorithm is pinned: the header may only confirm it.
 	var err error
 	if s.header, err = b64.AppendDecode(s.header[:0], raw[:dot1]); err != nil {
-		return Token{}, ReasonMalformedToken
+		return verifiedToken{}, reasonMalformedToken
 	}
 	members, status := readObject(s.header, s.members[:0])
 	if status != jsonOK {
-		return Token{}, ReasonMalformedToken
+		return verifiedToken{}, reasonMalformedToken
 	}
 	var alg []byte
 	for _, m := range members {
@@ -208,32 +192,34 @@ func (v *verifier) VerifyToken(authorization string) (Token, Reason) {
 		}
 	}
 	if string(alg) != jwt.SigningMethodHS256.Alg() {
-		return Token{}, ReasonBadAlgorithm
+		return verifiedToken{}, reasonBadAlgorithm
 	}
 
+	// The token's shape is checked whole before its signature: from there
+	// on, every refusal is of something the signer wrote.
+	if s.payload, err = b64.AppendDecode(s.payload[:0], raw[dot1+1:dot2]); err != nil {
+		return verifiedToken{}, reasonMalformedToken
+	}
 	if s.sig, err = b64.AppendDecode(s.sig[:0], raw[dot2+1:]); err != nil {
-		return Token{}, ReasonMalformedToken
+		return verifiedToken{}, reasonMalformedToken
 	}
 	if !v.signatureValid(s, raw[:dot2]) {
-		return Token{}, ReasonBadSignature
+		return verifiedToken{}, reasonBadSignature
 	}
 
-	if s.payload, err = b64.AppendDecode(s.payload[:0], raw[dot1+1:dot2]); err != nil {
-		return Token{}, ReasonMalformedToken
-	}
 	c := &s.c
 	*c = claims{}
 	reason := c.read(s.payload, s.members[:0])
 	// The signature verified: what the claims say is the sender's word, and
 	// names the event in the log even when a check below refuses it.
-	tok := Token{IssuedAt: c.iat, NotBefore: c.nbf, ExpiresAt: c.exp, evn: evnAbsent}
+	tok := verifiedToken{IssuedAt: c.iat, ExpiresAt: c.exp, evn: evnAbsent}
 	tok.EventID, tok.eidValid = eidUUID(c.eid)
 	if c.evn != nil {
 		tok.evn = eventIndex(c.evn)
 		if tok.evn < 0 {
 			tok.evn = evnUnknown
 		} else {
-			tok.EventName = EventNames[tok.evn]
+			tok.EventName = eventNames[tok.evn]
 		}
 	}
 	if len(c.cep) > 0 {
@@ -246,13 +232,13 @@ func (v *verifier) VerifyToken(authorization string) (Token, Reason) {
 		return tok, reason
 	}
 	if !audienceHolds(c.aud, v.audience) {
-		return tok, ReasonBadAudience
+		return tok, reasonBadAudience
 	}
 	if string(c.iss) != v.issuer {
-		return tok, ReasonBadIssuer
+		return tok, reasonBadIssuer
 	}
 	if sub, ok := parseUUID(c.sub); !ok || sub != v.subject {
-		return tok, ReasonBadSubject
+		return tok, reasonBadSubject
 	}
 	return tok, reasonNone
 }
@@ -280,12 +266,12 @@ func (v *verifier) signatureValid(s *tokenScratch, input []byte) bool {
 // is before nbf - leeway, expiry reported first. Two comparisons in place of
 // the Validator spare 180 ns and an allocation per token;
 // TestCheckTimesMatchesGolangJWT holds them to the Validator at the edges.
-func checkTimes(now, exp, nbf time.Time, leeway time.Duration) Reason {
+func checkTimes(now, exp, nbf time.Time, leeway time.Duration) reasonCode {
 	if !now.Before(exp.Add(leeway)) {
-		return ReasonExpired
+		return reasonExpired
 	}
 	if now.Before(nbf.Add(-leeway)) {
-		return ReasonNotYetValid
+		return reasonNotYetValid
 	}
 	return reasonNone
 }
@@ -298,11 +284,14 @@ type claims struct {
 	eid, evn, cep []byte // evn and cep: nil when absent
 }
 
-// read fills c from the claims JSON, checking presence and types.
-func (c *claims) read(payload []byte, scratch []member) Reason {
+// read fills c from the claims JSON, checking presence and types. It runs
+// once the signature verified, so its refusals are the signer's doing:
+// claims that are not one JSON object without duplicate names are
+// malformed_claim, as a claim of the wrong type is.
+func (c *claims) read(payload []byte, scratch []member) reasonCode {
 	members, status := readObject(payload, scratch)
 	if status != jsonOK {
-		return ReasonMalformedToken
+		return reasonMalformedClaim
 	}
 	const (
 		hasIat = 1 << iota
@@ -347,11 +336,11 @@ func (c *claims) read(payload []byte, scratch []member) Reason {
 			ok = true
 		}
 		if !ok {
-			return ReasonMalformedClaim
+			return reasonMalformedClaim
 		}
 	}
 	if has != required {
-		return ReasonMissingClaim
+		return reasonMissingClaim
 	}
 	return reasonNone
 }
@@ -427,33 +416,33 @@ func eachAudience(value []byte, fn func(s []byte, isString bool) bool) {
 	}
 }
 
-// CheckContentType runs check 5: no Content-Type, or a JSON one
+// checkContentType runs check 5: no Content-Type, or a JSON one
 // (application/json or application/*+json, parameters allowed).
-func CheckContentType(contentType string) Reason {
+func checkContentType(contentType string) reasonCode {
 	if contentType == "" {
 		return reasonNone
 	}
 	mediaType, _, err := mime.ParseMediaType(contentType)
 	if err != nil {
-		return ReasonUnsupportedMediaType
+		return reasonUnsupportedMediaType
 	}
 	if mediaType == "application/json" ||
 		(strings.HasPrefix(mediaType, "application/") && strings.HasSuffix(mediaType, "+json") && len(mediaType) > len("application/+json")) {
 		return reasonNone
 	}
-	return ReasonUnsupportedMediaType
+	return reasonUnsupportedMediaType
 }
 
-// VerifyBody runs checks 7 to 10 on a body already bounded by max_body,
+// verifyBody runs checks 7 to 10 on a body already bounded by max_body,
 // against the token that came with it.
-func (v *verifier) VerifyBody(tok Token, body []byte) (Event, Reason) {
+func (v *verifier) verifyBody(tok verifiedToken, body []byte) (event, reasonCode) {
 	var buf [8]member
 	members, status := readObject(body, buf[:0])
 	switch status {
 	case jsonMalformed:
-		return Event{}, ReasonMalformedBody
+		return event{}, reasonMalformedBody
 	case jsonDuplicateKey:
-		return Event{}, ReasonDuplicateKey
+		return event{}, reasonDuplicateKey
 	}
 
 	var id, name, timestamp, payload []byte
@@ -470,16 +459,16 @@ func (v *verifier) VerifyBody(tok Token, body []byte) (Event, Reason) {
 		}
 	}
 	if id == nil || name == nil || timestamp == nil || payload == nil {
-		return Event{}, ReasonMissingField
+		return event{}, reasonMissingField
 	}
-	var ev Event
+	var ev event
 	s, ok := jsonString(id)
 	if !ok {
-		return Event{}, ReasonInvalidEventID
+		return event{}, reasonInvalidEventID
 	}
 	ev.ID, ok = parseUUID(s)
 	if !ok {
-		return Event{}, ReasonInvalidEventID
+		return event{}, reasonInvalidEventID
 	}
 	s, ok = jsonString(name)
 	index := -1
@@ -487,30 +476,30 @@ func (v *verifier) VerifyBody(tok Token, body []byte) (Event, Reason) {
 		index = eventIndex(s)
 	}
 	if index < 0 {
-		return Event{}, ReasonInvalidEventName
+		return event{}, reasonInvalidEventName
 	}
-	ev.Name, ev.nameIndex = EventNames[index], index
+	ev.Name, ev.nameIndex = eventNames[index], index
 	ev.Timestamp, ok = parseTimestamp(timestamp)
 	if !ok {
-		return Event{}, ReasonInvalidTimestamp
+		return event{}, reasonInvalidTimestamp
 	}
 	if payload[0] != '{' {
-		return Event{}, ReasonInvalidPayload
+		return event{}, reasonInvalidPayload
 	}
 
 	if !tok.eidValid || tok.EventID != ev.ID {
-		return Event{}, ReasonEIDMismatch
+		return event{}, reasonEIDMismatch
 	}
 	if tok.evn != evnAbsent && tok.evn != index {
-		return Event{}, ReasonEVNMismatch
+		return event{}, reasonEVNMismatch
 	}
 	if v.endpoint != "" && tok.Endpoint != "" && tok.Endpoint != v.endpoint {
-		return Event{}, ReasonEndpointMismatch
+		return event{}, reasonEndpointMismatch
 	}
 	if v.events&(1<<index) == 0 {
-		return Event{}, ReasonEventNotAllowed
+		return event{}, reasonEventNotAllowed
 	}
-	ev.Token = tok
+	ev.token = tok
 	return ev, reasonNone
 }
 

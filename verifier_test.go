@@ -5,44 +5,49 @@ import (
 	"crypto/sha512"
 	"encoding/base64"
 	"errors"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/google/uuid"
+	"go.uber.org/zap"
 )
 
 // verifyCase is one row of the check table, run in both sender styles.
 type verifyCase struct {
 	name        string
-	edit        func(d *delivery)            // change the delivery before it is built
-	config      func(c *verifierConfig)      // change the verifier
-	auth        func(d *delivery) string     // replace the Authorization value
-	body        func(d *delivery) string     // replace the body
-	contentType string                       // Content-Type sent; none by default
-	want        Reason                       // reasonNone: accepted
-	check       func(t *testing.T, ev Event) // more about an accepted event
+	edit        func(d *delivery)                        // change the delivery before it is built
+	config      func(c *verifierConfig)                  // change the verifier
+	auth        func(d *delivery) string                 // replace the Authorization value
+	body        func(d *delivery) string                 // replace the body
+	contentType string                                   // Content-Type sent; none by default
+	maxBody     int64                                    // max_body; the default when 0
+	want        reasonCode                               // reasonNone: accepted
+	check       func(t *testing.T, repl *caddy.Replacer) // more about an accepted event
 }
 
 func TestVerify(t *testing.T) {
 	now := testNow.Unix()
-	leeway := int64(DefaultLeeway / time.Second)
+	leeway := int64(defaultLeeway / time.Second)
 	cases := []verifyCase{
 		{name: "accepted"},
 
 		// Check 2: a token is present.
-		{name: "no_authorization", auth: func(*delivery) string { return "" }, want: ReasonMissingToken},
-		{name: "blank_authorization", auth: func(*delivery) string { return " \t " }, want: ReasonMissingToken},
-		{name: "bearer_without_token", auth: func(*delivery) string { return "Bearer " }, want: ReasonMissingToken},
+		{name: "no_authorization", auth: func(*delivery) string { return "" }, want: reasonMissingToken},
+		{name: "blank_authorization", auth: func(*delivery) string { return " \t " }, want: reasonMissingToken},
+		{name: "bearer_without_token", auth: func(*delivery) string { return "Bearer " }, want: reasonMissingToken},
 		{name: "bearer_lowercase", auth: func(d *delivery) string { return "bearer " + d.token() }},
 		{name: "bearer_uppercase_extra_blanks", auth: func(d *delivery) string { return "  BEARER   " + d.token() + " \t" }},
 		{name: "bare_token_with_blanks", auth: func(d *delivery) string { return "\t " + d.token() + "  " }},
-		{name: "basic_scheme", auth: func(*delivery) string { return "Basic dXNlcjpwYXNz" }, want: ReasonMalformedToken},
+		{name: "basic_scheme", auth: func(*delivery) string { return "Basic dXNlcjpwYXNz" }, want: reasonMalformedToken},
 
 		// Check 3: the JWT's shape.
-		{name: "two_parts", auth: func(d *delivery) string { return d.token()[:strings.LastIndexByte(d.token(), '.')] }, want: ReasonMalformedToken},
-		{name: "four_parts", auth: func(d *delivery) string { return d.token() + ".e30" }, want: ReasonMalformedToken},
+		{name: "two_parts", auth: func(d *delivery) string { return d.token()[:strings.LastIndexByte(d.token(), '.')] }, want: reasonMalformedToken},
+		{name: "four_parts", auth: func(d *delivery) string { return d.token() + ".e30" }, want: reasonMalformedToken},
 		{name: "base64_padding_in_claims", auth: func(d *delivery) string {
 			raw := mustJSON(d.claims)
 			for len(raw)%3 == 0 { // a length that base64 pads
@@ -50,14 +55,14 @@ func TestVerify(t *testing.T) {
 			}
 			claims := base64.URLEncoding.EncodeToString([]byte(raw))
 			return signParts(rawURL.EncodeToString([]byte(mustJSON(d.header))), claims, d.key)
-		}, want: ReasonMalformedToken},
-		{name: "base64_padding_in_signature", auth: func(d *delivery) string { return d.token() + "=" }, want: ReasonMalformedToken},
+		}, want: reasonMalformedToken},
+		{name: "base64_padding_in_signature", auth: func(d *delivery) string { return d.token() + "=" }, want: reasonMalformedToken},
 		{name: "base64_nonzero_trailing_bits", auth: func(d *delivery) string {
 			// 32 bytes take 43 characters; the last one has 2 bits to spare.
 			tok := d.token()
 			last := strings.IndexByte(base64url, tok[len(tok)-1])
 			return tok[:len(tok)-1] + string(base64url[last^1])
-		}, want: ReasonMalformedToken},
+		}, want: reasonMalformedToken},
 		{name: "base64_standard_alphabet_in_claims", auth: func(d *delivery) string {
 			claims := base64.RawStdEncoding.EncodeToString([]byte(mustJSON(d.claims) + strings.Repeat(" ", 3)))
 			for !strings.ContainsAny(claims, "+/") {
@@ -65,138 +70,139 @@ func TestVerify(t *testing.T) {
 				claims = base64.RawStdEncoding.EncodeToString([]byte(mustJSON(d.claims)))
 			}
 			return signParts(rawURL.EncodeToString([]byte(mustJSON(d.header))), claims, d.key)
-		}, edit: func(d *delivery) { d.claims["x"] = "\xff?>" }, want: ReasonMalformedToken},
-		{name: "base64_standard_alphabet", auth: func(d *delivery) string { return swapPart(d.token(), 2, "ab+/"+strings.Repeat("A", 39)) }, want: ReasonMalformedToken},
-		{name: "space_inside_token", auth: func(d *delivery) string { tok := d.token(); return tok[:10] + " " + tok[10:] }, want: ReasonMalformedToken},
-		{name: "token_too_long", edit: func(d *delivery) { d.claims["pad"] = strings.Repeat("x", maxTokenLength) }, want: ReasonMalformedToken},
-		{name: "header_not_json", auth: func(d *delivery) string { return swapPart(d.token(), 0, rawURL.EncodeToString([]byte("alg=HS256"))) }, want: ReasonMalformedToken},
-		{name: "signature_too_short", auth: func(d *delivery) string { return swapPart(d.token(), 2, rawURL.EncodeToString(make([]byte, 31))) }, want: ReasonBadSignature},
-		{name: "signature_empty", auth: func(d *delivery) string { tok := d.token(); return tok[:strings.LastIndexByte(tok, '.')+1] }, want: ReasonBadSignature},
+		}, edit: func(d *delivery) { d.claims["x"] = "\xff?>" }, want: reasonMalformedToken},
+		{name: "base64_standard_alphabet", auth: func(d *delivery) string { return swapPart(d.token(), 2, "ab+/"+strings.Repeat("A", 39)) }, want: reasonMalformedToken},
+		{name: "space_inside_token", auth: func(d *delivery) string { tok := d.token(); return tok[:10] + " " + tok[10:] }, want: reasonMalformedToken},
+		{name: "token_too_long", edit: func(d *delivery) { d.claims["pad"] = strings.Repeat("x", maxTokenLength) }, want: reasonMalformedToken},
+		{name: "header_not_json", auth: func(d *delivery) string { return swapPart(d.token(), 0, rawURL.EncodeToString([]byte("alg=HS256"))) }, want: reasonMalformedToken},
+		{name: "signature_too_short", auth: func(d *delivery) string { return swapPart(d.token(), 2, rawURL.EncodeToString(make([]byte, 31))) }, want: reasonBadSignature},
+		{name: "signature_empty", auth: func(d *delivery) string { tok := d.token(); return tok[:strings.LastIndexByte(tok, '.')+1] }, want: reasonBadSignature},
 
 		// Check 3: the algorithm is pinned.
 		{name: "alg_none_unsigned", auth: func(d *delivery) string {
 			return rawURL.EncodeToString([]byte(`{"alg":"none","typ":"JWT"}`)) + "." + rawURL.EncodeToString([]byte(mustJSON(d.claims))) + "."
-		}, want: ReasonBadAlgorithm},
-		{name: "alg_none_with_hmac", edit: func(d *delivery) { d.header["alg"] = "none" }, want: ReasonBadAlgorithm},
-		{name: "alg_hs384", auth: func(d *delivery) string { return signOther(d, "HS384") }, want: ReasonBadAlgorithm},
-		{name: "alg_hs512", auth: func(d *delivery) string { return signOther(d, "HS512") }, want: ReasonBadAlgorithm},
-		{name: "alg_rs256_header_over_hmac", edit: func(d *delivery) { d.header["alg"] = "RS256" }, want: ReasonBadAlgorithm},
-		{name: "alg_lowercase", edit: func(d *delivery) { d.header["alg"] = "hs256" }, want: ReasonBadAlgorithm},
-		{name: "alg_missing", edit: func(d *delivery) { delete(d.header, "alg") }, want: ReasonBadAlgorithm},
-		{name: "alg_not_string", edit: func(d *delivery) { d.header["alg"] = 256 }, want: ReasonBadAlgorithm},
+		}, want: reasonBadAlgorithm},
+		{name: "alg_none_with_hmac", edit: func(d *delivery) { d.header["alg"] = "none" }, want: reasonBadAlgorithm},
+		{name: "alg_hs384", auth: func(d *delivery) string { return signOther(d, "HS384") }, want: reasonBadAlgorithm},
+		{name: "alg_hs512", auth: func(d *delivery) string { return signOther(d, "HS512") }, want: reasonBadAlgorithm},
+		{name: "alg_rs256_header_over_hmac", edit: func(d *delivery) { d.header["alg"] = "RS256" }, want: reasonBadAlgorithm},
+		{name: "alg_lowercase", edit: func(d *delivery) { d.header["alg"] = "hs256" }, want: reasonBadAlgorithm},
+		{name: "alg_missing", edit: func(d *delivery) { delete(d.header, "alg") }, want: reasonBadAlgorithm},
+		{name: "alg_not_string", edit: func(d *delivery) { d.header["alg"] = 256 }, want: reasonBadAlgorithm},
 		{name: "alg_duplicate_key", auth: func(d *delivery) string {
 			return signToken(`{"alg":"HS256","alg":"none"}`, mustJSON(d.claims), d.key)
-		}, want: ReasonMalformedToken},
+		}, want: reasonMalformedToken},
 
 		// Check 3: the signature.
-		{name: "wrong_secret", edit: func(d *delivery) { d.key = "another-secret" }, want: ReasonBadSignature},
+		{name: "wrong_secret", edit: func(d *delivery) { d.key = "another-secret" }, want: reasonBadSignature},
 		{name: "second_secret_of_rotation", edit: func(d *delivery) { d.key = "the-new-secret" },
 			config: func(c *verifierConfig) { c.keys = append(c.keys, []byte("the-new-secret")) }},
 		{name: "claims_swapped_under_old_signature", auth: func(d *delivery) string {
 			tok := d.token()
 			d.claims["eid"] = "urn:uuid:" + uuid.NewString()
 			return swapPart(tok, 1, rawURL.EncodeToString([]byte(mustJSON(d.claims))))
-		}, want: ReasonBadSignature},
+		}, want: reasonBadSignature},
 		{name: "header_swapped_under_old_signature", auth: func(d *delivery) string {
 			return swapPart(d.token(), 0, rawURL.EncodeToString([]byte(`{"typ":"JWT","alg":"HS256"}`)))
-		}, want: ReasonBadSignature},
+		}, want: reasonBadSignature},
 
 		// Check 3: required claims present.
-		{name: "missing_iat", edit: func(d *delivery) { delete(d.claims, "iat") }, want: ReasonMissingClaim},
-		{name: "missing_nbf", edit: func(d *delivery) { delete(d.claims, "nbf") }, want: ReasonMissingClaim},
-		{name: "missing_exp", edit: func(d *delivery) { delete(d.claims, "exp") }, want: ReasonMissingClaim},
-		{name: "missing_aud", edit: func(d *delivery) { delete(d.claims, "aud") }, want: ReasonMissingClaim},
-		{name: "missing_iss", edit: func(d *delivery) { delete(d.claims, "iss") }, want: ReasonMissingClaim},
-		{name: "missing_sub", edit: func(d *delivery) { delete(d.claims, "sub") }, want: ReasonMissingClaim},
-		{name: "missing_eid", edit: func(d *delivery) { delete(d.claims, "eid") }, want: ReasonMissingClaim},
+		{name: "missing_iat", edit: func(d *delivery) { delete(d.claims, "iat") }, want: reasonMissingClaim},
+		{name: "missing_nbf", edit: func(d *delivery) { delete(d.claims, "nbf") }, want: reasonMissingClaim},
+		{name: "missing_exp", edit: func(d *delivery) { delete(d.claims, "exp") }, want: reasonMissingClaim},
+		{name: "missing_aud", edit: func(d *delivery) { delete(d.claims, "aud") }, want: reasonMissingClaim},
+		{name: "missing_iss", edit: func(d *delivery) { delete(d.claims, "iss") }, want: reasonMissingClaim},
+		{name: "missing_sub", edit: func(d *delivery) { delete(d.claims, "sub") }, want: reasonMissingClaim},
+		{name: "missing_eid", edit: func(d *delivery) { delete(d.claims, "eid") }, want: reasonMissingClaim},
 
 		// Check 3: claim types.
-		{name: "iat_string", edit: func(d *delivery) { d.claims["iat"] = "1764354818" }, want: ReasonMalformedClaim},
-		{name: "nbf_bool", edit: func(d *delivery) { d.claims["nbf"] = true }, want: ReasonMalformedClaim},
-		{name: "exp_null", edit: func(d *delivery) { d.claims["exp"] = nil }, want: ReasonMalformedClaim},
-		{name: "exp_huge", edit: func(d *delivery) { d.claims["exp"] = 1e300 }, want: ReasonMalformedClaim},
+		{name: "iat_string", edit: func(d *delivery) { d.claims["iat"] = "1764354818" }, want: reasonMalformedClaim},
+		{name: "nbf_bool", edit: func(d *delivery) { d.claims["nbf"] = true }, want: reasonMalformedClaim},
+		{name: "exp_null", edit: func(d *delivery) { d.claims["exp"] = nil }, want: reasonMalformedClaim},
+		{name: "exp_huge", edit: func(d *delivery) { d.claims["exp"] = 1e300 }, want: reasonMalformedClaim},
 		{name: "exp_fraction", edit: func(d *delivery) { d.claims["exp"] = float64(now) + 3600.75 }},
-		{name: "aud_number", edit: func(d *delivery) { d.claims["aud"] = 7 }, want: ReasonMalformedClaim},
-		{name: "aud_array_of_number", edit: func(d *delivery) { d.claims["aud"] = []any{1} }, want: ReasonMalformedClaim},
-		{name: "iss_number", edit: func(d *delivery) { d.claims["iss"] = 1 }, want: ReasonMalformedClaim},
-		{name: "sub_array", edit: func(d *delivery) { d.claims["sub"] = []string{DefaultSubject} }, want: ReasonMalformedClaim},
-		{name: "eid_number", edit: func(d *delivery) { d.claims["eid"] = 5 }, want: ReasonMalformedClaim},
-		{name: "evn_number", edit: func(d *delivery) { d.claims["evn"] = 5 }, want: ReasonMalformedClaim},
-		{name: "cep_null", edit: func(d *delivery) { d.claims["cep"] = nil }, want: ReasonMalformedClaim},
+		{name: "aud_number", edit: func(d *delivery) { d.claims["aud"] = 7 }, want: reasonMalformedClaim},
+		{name: "aud_array_of_number", edit: func(d *delivery) { d.claims["aud"] = []any{1} }, want: reasonMalformedClaim},
+		{name: "iss_number", edit: func(d *delivery) { d.claims["iss"] = 1 }, want: reasonMalformedClaim},
+		{name: "sub_array", edit: func(d *delivery) { d.claims["sub"] = []string{defaultSubject} }, want: reasonMalformedClaim},
+		{name: "eid_number", edit: func(d *delivery) { d.claims["eid"] = 5 }, want: reasonMalformedClaim},
+		{name: "evn_number", edit: func(d *delivery) { d.claims["evn"] = 5 }, want: reasonMalformedClaim},
+		{name: "cep_null", edit: func(d *delivery) { d.claims["cep"] = nil }, want: reasonMalformedClaim},
 		{name: "claims_duplicate_key", auth: func(d *delivery) string {
 			c := mustJSON(d.claims)
 			return signToken(mustJSON(d.header), c[:len(c)-1]+`,"iss":"https://evil.example"}`, d.key)
-		}, want: ReasonMalformedToken},
-		{name: "claims_not_object", auth: func(d *delivery) string { return signToken(mustJSON(d.header), `[1]`, d.key) }, want: ReasonMalformedToken},
+		}, want: reasonMalformedClaim},
+		{name: "claims_not_object", auth: func(d *delivery) string { return signToken(mustJSON(d.header), `[1]`, d.key) }, want: reasonMalformedClaim},
+		{name: "claims_not_object_unsigned", auth: func(d *delivery) string { return signToken(mustJSON(d.header), `[1]`, "guess") }, want: reasonBadSignature},
 
 		// Check 3: exp and nbf within the leeway.
 		{name: "exp_inside_leeway", edit: func(d *delivery) { d.claims["exp"] = now - leeway + 1 }},
-		{name: "exp_at_leeway_edge", edit: func(d *delivery) { d.claims["exp"] = now - leeway }, want: ReasonExpired},
-		{name: "exp_long_past", edit: func(d *delivery) { d.claims["exp"] = now - 86400 }, want: ReasonExpired},
+		{name: "exp_at_leeway_edge", edit: func(d *delivery) { d.claims["exp"] = now - leeway }, want: reasonExpired},
+		{name: "exp_long_past", edit: func(d *delivery) { d.claims["exp"] = now - 86400 }, want: reasonExpired},
 		{name: "nbf_at_leeway_edge", edit: func(d *delivery) { d.claims["nbf"] = now + leeway }},
-		{name: "nbf_beyond_leeway", edit: func(d *delivery) { d.claims["nbf"] = now + leeway + 1 }, want: ReasonNotYetValid},
+		{name: "nbf_beyond_leeway", edit: func(d *delivery) { d.claims["nbf"] = now + leeway + 1 }, want: reasonNotYetValid},
 		{name: "zero_leeway_nbf_ahead", edit: func(d *delivery) { d.claims["nbf"] = now + 1 },
-			config: func(c *verifierConfig) { c.leeway = 0 }, want: ReasonNotYetValid},
+			config: func(c *verifierConfig) { c.leeway = 0 }, want: reasonNotYetValid},
 		{name: "iat_in_future_is_not_checked", edit: func(d *delivery) { d.claims["iat"] = now + 60 }},
 
 		// Check 3: aud, iss, sub.
-		{name: "aud_other_account", edit: func(d *delivery) { d.claims["aud"] = "urn:trivialsec:webhook:client_endpoint:other" }, want: ReasonBadAudience},
-		{name: "aud_prefix_only", edit: func(d *delivery) { d.claims["aud"] = "urn:trivialsec:webhook:client_endpoint:acm" }, want: ReasonBadAudience},
+		{name: "aud_other_account", edit: func(d *delivery) { d.claims["aud"] = "urn:trivialsec:webhook:client_endpoint:other" }, want: reasonBadAudience},
+		{name: "aud_prefix_only", edit: func(d *delivery) { d.claims["aud"] = "urn:trivialsec:webhook:client_endpoint:acm" }, want: reasonBadAudience},
 		{name: "aud_array_with_ours_second", edit: func(d *delivery) {
 			d.claims["aud"] = []string{"urn:trivialsec:webhook:client_endpoint:other", "urn:trivialsec:webhook:client_endpoint:acme"}
 		}},
-		{name: "aud_empty_array", edit: func(d *delivery) { d.claims["aud"] = []string{} }, want: ReasonBadAudience},
-		{name: "iss_dev_stage", edit: func(d *delivery) { d.claims["iss"] = "https://dev.trivialsec.com" }, want: ReasonBadIssuer},
+		{name: "aud_empty_array", edit: func(d *delivery) { d.claims["aud"] = []string{} }, want: reasonBadAudience},
+		{name: "iss_dev_stage", edit: func(d *delivery) { d.claims["iss"] = "https://dev.trivialsec.com" }, want: reasonBadIssuer},
 		{name: "iss_dev_stage_configured", edit: func(d *delivery) { d.claims["iss"] = "https://dev.trivialsec.com" },
 			config: func(c *verifierConfig) { c.issuer = "https://dev.trivialsec.com" }},
-		{name: "iss_trailing_slash", edit: func(d *delivery) { d.claims["iss"] = "https://www.trivialsec.com/" }, want: ReasonBadIssuer},
-		{name: "iss_empty", edit: func(d *delivery) { d.claims["iss"] = "" }, want: ReasonBadIssuer},
+		{name: "iss_trailing_slash", edit: func(d *delivery) { d.claims["iss"] = "https://www.trivialsec.com/" }, want: reasonBadIssuer},
+		{name: "iss_empty", edit: func(d *delivery) { d.claims["iss"] = "" }, want: reasonBadIssuer},
 		{name: "sub_hyphenated", edit: func(d *delivery) { d.claims["sub"] = "bc6e2cd5-1f59-487f-b05b-49946bd078b2" }},
 		{name: "sub_braces_uppercase", edit: func(d *delivery) { d.claims["sub"] = "{BC6E2CD5-1F59-487F-B05B-49946BD078B2}" }},
 		{name: "sub_urn_uppercase", edit: func(d *delivery) { d.claims["sub"] = "URN:UUID:BC6E2CD5-1F59-487F-B05B-49946BD078B2" }},
-		{name: "sub_other_uuid", edit: func(d *delivery) { d.claims["sub"] = uuid.NewString() }, want: ReasonBadSubject},
-		{name: "sub_not_uuid", edit: func(d *delivery) { d.claims["sub"] = "trivialsec" }, want: ReasonBadSubject},
+		{name: "sub_other_uuid", edit: func(d *delivery) { d.claims["sub"] = uuid.NewString() }, want: reasonBadSubject},
+		{name: "sub_not_uuid", edit: func(d *delivery) { d.claims["sub"] = "trivialsec" }, want: reasonBadSubject},
 
 		// Check 5: Content-Type.
 		{name: "content_type_json", contentType: "application/json"},
 		{name: "content_type_json_charset", contentType: "application/json; charset=utf-8"},
 		{name: "content_type_plus_json", contentType: "application/cloudevents+json"},
 		{name: "content_type_uppercase", contentType: "Application/JSON"},
-		{name: "content_type_text", contentType: "text/plain", want: ReasonUnsupportedMediaType},
-		{name: "content_type_form", contentType: "application/x-www-form-urlencoded", want: ReasonUnsupportedMediaType},
-		{name: "content_type_bare_plus_json", contentType: "application/+json", want: ReasonUnsupportedMediaType},
-		{name: "content_type_garbage", contentType: "json;;;", want: ReasonUnsupportedMediaType},
-		{name: "content_type_after_bad_token", contentType: "text/plain", edit: func(d *delivery) { d.key = "x" }, want: ReasonBadSignature},
+		{name: "content_type_text", contentType: "text/plain", want: reasonUnsupportedMediaType},
+		{name: "content_type_form", contentType: "application/x-www-form-urlencoded", want: reasonUnsupportedMediaType},
+		{name: "content_type_bare_plus_json", contentType: "application/+json", want: reasonUnsupportedMediaType},
+		{name: "content_type_garbage", contentType: "json;;;", want: reasonUnsupportedMediaType},
+		{name: "content_type_after_bad_token", contentType: "text/plain", edit: func(d *delivery) { d.key = "x" }, want: reasonBadSignature},
 
 		// Check 6: max_body.
-		{name: "body_at_max_body", config: func(c *verifierConfig) { c.maxBody = int64(len(productionDelivery().body())) }},
-		{name: "body_one_byte_over_max_body", config: func(c *verifierConfig) { c.maxBody = int64(len(productionDelivery().body())) - 1 }, want: ReasonBodyTooLarge},
+		{name: "body_at_max_body", maxBody: int64(len(productionDelivery().body()))},
+		{name: "body_one_byte_over_max_body", maxBody: int64(len(productionDelivery().body())) - 1, want: reasonBodyTooLarge},
 
 		// Check 7: one well-formed JSON object.
-		{name: "body_empty", body: func(*delivery) string { return "" }, want: ReasonMalformedBody},
-		{name: "body_not_json", body: func(*delivery) string { return "event_id=1" }, want: ReasonMalformedBody},
-		{name: "body_array", body: func(d *delivery) string { return "[" + d.body() + "]" }, want: ReasonMalformedBody},
-		{name: "body_bom", body: func(d *delivery) string { return "\ufeff" + d.body() }, want: ReasonMalformedBody},
-		{name: "body_trailing_object", body: func(d *delivery) string { return d.body() + "{}" }, want: ReasonMalformedBody},
+		{name: "body_empty", body: func(*delivery) string { return "" }, want: reasonMalformedBody},
+		{name: "body_not_json", body: func(*delivery) string { return "event_id=1" }, want: reasonMalformedBody},
+		{name: "body_array", body: func(d *delivery) string { return "[" + d.body() + "]" }, want: reasonMalformedBody},
+		{name: "body_bom", body: func(d *delivery) string { return "\ufeff" + d.body() }, want: reasonMalformedBody},
+		{name: "body_trailing_object", body: func(d *delivery) string { return d.body() + "{}" }, want: reasonMalformedBody},
 		{name: "body_trailing_blanks", body: func(d *delivery) string { return " \n" + d.body() + "\r\n\t " }},
-		{name: "body_comment", body: func(d *delivery) string { return "/* hi */" + d.body() }, want: ReasonMalformedBody},
-		{name: "body_nan", edit: func(d *delivery) { d.payload = `{"score": NaN}` }, want: ReasonMalformedBody},
-		{name: "body_infinity", edit: func(d *delivery) { d.payload = `{"score": -Infinity}` }, want: ReasonMalformedBody},
-		{name: "body_invalid_utf8", edit: func(d *delivery) { d.payload = "{\"name\": \"caf\xe9\"}" }, want: ReasonMalformedBody},
-		{name: "body_raw_control_char", edit: func(d *delivery) { d.payload = "{\"name\": \"a\tb\"}" }, want: ReasonMalformedBody},
-		{name: "body_bad_escape", edit: func(d *delivery) { d.payload = `{"name": "\x41"}` }, want: ReasonMalformedBody},
-		{name: "body_single_quotes", edit: func(d *delivery) { d.payload = `{'name': 1}` }, want: ReasonMalformedBody},
-		{name: "body_trailing_comma", edit: func(d *delivery) { d.payload = `{"a": 1,}` }, want: ReasonMalformedBody},
-		{name: "body_leading_zero", edit: func(d *delivery) { d.payload = `{"a": 01}` }, want: ReasonMalformedBody},
+		{name: "body_comment", body: func(d *delivery) string { return "/* hi */" + d.body() }, want: reasonMalformedBody},
+		{name: "body_nan", edit: func(d *delivery) { d.payload = `{"score": NaN}` }, want: reasonMalformedBody},
+		{name: "body_infinity", edit: func(d *delivery) { d.payload = `{"score": -Infinity}` }, want: reasonMalformedBody},
+		{name: "body_invalid_utf8", edit: func(d *delivery) { d.payload = "{\"name\": \"caf\xe9\"}" }, want: reasonMalformedBody},
+		{name: "body_raw_control_char", edit: func(d *delivery) { d.payload = "{\"name\": \"a\tb\"}" }, want: reasonMalformedBody},
+		{name: "body_bad_escape", edit: func(d *delivery) { d.payload = `{"name": "\x41"}` }, want: reasonMalformedBody},
+		{name: "body_single_quotes", edit: func(d *delivery) { d.payload = `{'name': 1}` }, want: reasonMalformedBody},
+		{name: "body_trailing_comma", edit: func(d *delivery) { d.payload = `{"a": 1,}` }, want: reasonMalformedBody},
+		{name: "body_leading_zero", edit: func(d *delivery) { d.payload = `{"a": 01}` }, want: reasonMalformedBody},
 		{name: "body_duplicate_top_level_key", body: func(d *delivery) string {
 			return strings.Replace(d.body(), `{"event_id"`, `{"event_name": "report_deleted", "event_id"`, 1)
-		}, want: ReasonDuplicateKey},
+		}, want: reasonDuplicateKey},
 		{name: "body_duplicate_escaped_key", body: func(d *delivery) string {
 			return strings.Replace(d.body(), `{"event_id"`, `{"\u0065vent_id": "`+uuid.NewString()+`", "event_id"`, 1)
-		}, want: ReasonDuplicateKey},
+		}, want: reasonDuplicateKey},
 		{name: "body_deep_nesting", edit: func(d *delivery) {
 			d.payload = `{"a": ` + strings.Repeat("[", maxJSONDepth+1) + strings.Repeat("]", maxJSONDepth+1) + `}`
-		}, want: ReasonMalformedBody},
+		}, want: reasonMalformedBody},
 		{name: "payload_nested_duplicate_keys_pass", edit: func(d *delivery) { d.payload = `{"a": {"k": 1, "k": 2}, "a2": [{"x": 1, "x": 1}]}` }},
 		{name: "payload_lone_surrogate_passes", edit: func(d *delivery) { d.payload = `{"s": "\ud800", "t": "\udfff\ud83d\ude00"}` }},
 		{name: "payload_big_numbers_pass", edit: func(d *delivery) { d.payload = `{"n": 1e400, "m": -0.0, "big": 123456789012345678901234567890}` }},
@@ -206,31 +212,31 @@ func TestVerify(t *testing.T) {
 		{name: "other_top_level_keys_ignored", body: func(d *delivery) string { return strings.Replace(d.body(), `{`, `{"extra": [1, {"x": null}], `, 1) }},
 
 		// Check 8: fields.
-		{name: "missing_event_id", body: func(d *delivery) string { return dropField(d.body(), "event_id") }, want: ReasonMissingField},
-		{name: "missing_event_name", body: func(d *delivery) string { return dropField(d.body(), "event_name") }, want: ReasonMissingField},
-		{name: "missing_timestamp", body: func(d *delivery) string { return dropField(d.body(), "timestamp") }, want: ReasonMissingField},
+		{name: "missing_event_id", body: func(d *delivery) string { return dropField(d.body(), "event_id") }, want: reasonMissingField},
+		{name: "missing_event_name", body: func(d *delivery) string { return dropField(d.body(), "event_name") }, want: reasonMissingField},
+		{name: "missing_timestamp", body: func(d *delivery) string { return dropField(d.body(), "timestamp") }, want: reasonMissingField},
 		{name: "missing_payload", body: func(d *delivery) string {
 			return strings.Replace(d.body(), `, "payload": `+d.payload, ``, 1)
-		}, want: ReasonMissingField},
-		{name: "event_id_not_uuid", edit: func(d *delivery) { d.eventID = "not-a-uuid" }, want: ReasonInvalidEventID},
-		{name: "event_id_number", body: func(d *delivery) string { return strings.Replace(d.body(), `"`+d.eventID+`"`, `42`, 1) }, want: ReasonInvalidEventID},
+		}, want: reasonMissingField},
+		{name: "event_id_not_uuid", edit: func(d *delivery) { d.eventID = "not-a-uuid" }, want: reasonInvalidEventID},
+		{name: "event_id_number", body: func(d *delivery) string { return strings.Replace(d.body(), `"`+d.eventID+`"`, `42`, 1) }, want: reasonInvalidEventID},
 		{name: "event_id_urn_form", edit: func(d *delivery) { d.eventID = "urn:uuid:" + testEventID }},
 		{name: "event_id_braces_uppercase", edit: func(d *delivery) { d.eventID = "{" + strings.ToUpper(testEventID) + "}" }},
 		{name: "event_id_hex", edit: func(d *delivery) { d.eventID = strings.ReplaceAll(testEventID, "-", "") }},
-		{name: "event_name_unknown", edit: func(d *delivery) { d.name = "report_updated"; delete(d.claims, "evn") }, want: ReasonInvalidEventName},
-		{name: "event_name_case", edit: func(d *delivery) { d.name = "REPORT_CREATED"; delete(d.claims, "evn") }, want: ReasonInvalidEventName},
-		{name: "event_name_number", body: func(d *delivery) string { return strings.Replace(d.body(), `"report_created"`, `12`, 1) }, want: ReasonInvalidEventName},
+		{name: "event_name_unknown", edit: func(d *delivery) { d.name = "report_updated"; delete(d.claims, "evn") }, want: reasonInvalidEventName},
+		{name: "event_name_case", edit: func(d *delivery) { d.name = "REPORT_CREATED"; delete(d.claims, "evn") }, want: reasonInvalidEventName},
+		{name: "event_name_number", body: func(d *delivery) string { return strings.Replace(d.body(), `"report_created"`, `12`, 1) }, want: reasonInvalidEventName},
 		{name: "event_name_escaped", body: func(d *delivery) string {
 			return strings.Replace(d.body(), `"report_created"`, `"\u0072eport_created"`, 1)
 		}},
-		{name: "timestamp_invalid", edit: func(d *delivery) { d.stamp = "yesterday" }, want: ReasonInvalidTimestamp},
-		{name: "timestamp_bad_month", edit: func(d *delivery) { d.stamp = "2026-13-01T00:00:00Z" }, want: ReasonInvalidTimestamp},
-		{name: "timestamp_february_30", edit: func(d *delivery) { d.stamp = "2026-02-30T00:00:00Z" }, want: ReasonInvalidTimestamp},
-		{name: "timestamp_leap_second", edit: func(d *delivery) { d.stamp = "2026-12-31T23:59:60Z" }, want: ReasonInvalidTimestamp},
-		{name: "timestamp_bad_offset", edit: func(d *delivery) { d.stamp = "2026-11-28T18:33:38+25:00" }, want: ReasonInvalidTimestamp},
-		{name: "timestamp_ten_digit_fraction", edit: func(d *delivery) { d.stamp = "2026-11-28T18:33:38.0123456789Z" }, want: ReasonInvalidTimestamp},
-		{name: "timestamp_null", body: func(d *delivery) string { return strings.Replace(d.body(), `"`+d.stamp+`"`, `null`, 1) }, want: ReasonInvalidTimestamp},
-		{name: "timestamp_negative_number", body: func(d *delivery) string { return strings.Replace(d.body(), `"`+d.stamp+`"`, `-5`, 1) }, want: ReasonInvalidTimestamp},
+		{name: "timestamp_invalid", edit: func(d *delivery) { d.stamp = "yesterday" }, want: reasonInvalidTimestamp},
+		{name: "timestamp_bad_month", edit: func(d *delivery) { d.stamp = "2026-13-01T00:00:00Z" }, want: reasonInvalidTimestamp},
+		{name: "timestamp_february_30", edit: func(d *delivery) { d.stamp = "2026-02-30T00:00:00Z" }, want: reasonInvalidTimestamp},
+		{name: "timestamp_leap_second", edit: func(d *delivery) { d.stamp = "2026-12-31T23:59:60Z" }, want: reasonInvalidTimestamp},
+		{name: "timestamp_bad_offset", edit: func(d *delivery) { d.stamp = "2026-11-28T18:33:38+25:00" }, want: reasonInvalidTimestamp},
+		{name: "timestamp_ten_digit_fraction", edit: func(d *delivery) { d.stamp = "2026-11-28T18:33:38.0123456789Z" }, want: reasonInvalidTimestamp},
+		{name: "timestamp_null", body: func(d *delivery) string { return strings.Replace(d.body(), `"`+d.stamp+`"`, `null`, 1) }, want: reasonInvalidTimestamp},
+		{name: "timestamp_negative_number", body: func(d *delivery) string { return strings.Replace(d.body(), `"`+d.stamp+`"`, `-5`, 1) }, want: reasonInvalidTimestamp},
 		{name: "timestamp_python_isoformat", check: wantTimestamp("2026-11-28T18:33:38.032435Z")},
 		{name: "timestamp_offset_converted_to_utc", edit: func(d *delivery) { d.stamp = "2026-11-28T13:33:38-05:00" }, check: wantTimestamp("2026-11-28T18:33:38Z")},
 		{name: "timestamp_offset_without_colon", edit: func(d *delivery) { d.stamp = "2026-11-29T00:03:38.5+0530" }, check: wantTimestamp("2026-11-28T18:33:38.5Z")},
@@ -239,26 +245,26 @@ func TestVerify(t *testing.T) {
 		{name: "timestamp_z_no_fraction", edit: func(d *delivery) { d.stamp = "2026-11-28T18:33:38Z" }, check: wantTimestamp("2026-11-28T18:33:38Z")},
 		{name: "timestamp_unix_seconds", body: func(d *delivery) string { return strings.Replace(d.body(), `"`+d.stamp+`"`, `1795890818`, 1) }, check: wantTimestamp("2026-11-28T18:33:38Z")},
 		{name: "timestamp_unix_fraction", body: func(d *delivery) string { return strings.Replace(d.body(), `"`+d.stamp+`"`, `1795890818.25`, 1) }, check: wantTimestamp("2026-11-28T18:33:38.25Z")},
-		{name: "payload_array", edit: func(d *delivery) { d.payload = `[["a", 1]]` }, want: ReasonInvalidPayload},
-		{name: "payload_null", edit: func(d *delivery) { d.payload = `null` }, want: ReasonInvalidPayload},
-		{name: "payload_string", edit: func(d *delivery) { d.payload = `"{}"` }, want: ReasonInvalidPayload},
+		{name: "payload_array", edit: func(d *delivery) { d.payload = `[["a", 1]]` }, want: reasonInvalidPayload},
+		{name: "payload_null", edit: func(d *delivery) { d.payload = `null` }, want: reasonInvalidPayload},
+		{name: "payload_string", edit: func(d *delivery) { d.payload = `"{}"` }, want: reasonInvalidPayload},
 		{name: "payload_empty_object", edit: func(d *delivery) { d.payload = `{}` }},
-		{name: "malformed_before_invalid_field", body: func(d *delivery) string { return strings.Replace(d.body(), d.eventID, "x", 1) + "}" }, want: ReasonMalformedBody},
+		{name: "malformed_before_invalid_field", body: func(d *delivery) string { return strings.Replace(d.body(), d.eventID, "x", 1) + "}" }, want: reasonMalformedBody},
 
 		// Check 9: the token binds the body.
-		{name: "eid_other_event", edit: func(d *delivery) { d.eventID = uuid.NewString() }, want: ReasonEIDMismatch},
-		{name: "eid_without_urn", edit: func(d *delivery) { d.claims["eid"] = testEventID }, want: ReasonEIDMismatch},
-		{name: "eid_hex_form", edit: func(d *delivery) { d.claims["eid"] = "urn:uuid:" + strings.ReplaceAll(testEventID, "-", "") }, want: ReasonEIDMismatch},
+		{name: "eid_other_event", edit: func(d *delivery) { d.eventID = uuid.NewString() }, want: reasonEIDMismatch},
+		{name: "eid_without_urn", edit: func(d *delivery) { d.claims["eid"] = testEventID }, want: reasonEIDMismatch},
+		{name: "eid_hex_form", edit: func(d *delivery) { d.claims["eid"] = "urn:uuid:" + strings.ReplaceAll(testEventID, "-", "") }, want: reasonEIDMismatch},
 		{name: "eid_uppercase", edit: func(d *delivery) { d.claims["eid"] = "URN:UUID:" + strings.ToUpper(testEventID) }},
-		{name: "evn_mismatch", edit: func(d *delivery) { d.claims["evn"] = "report_deleted" }, want: ReasonEVNMismatch},
+		{name: "evn_mismatch", edit: func(d *delivery) { d.claims["evn"] = "report_deleted" }, want: reasonEVNMismatch},
 		{name: "cep_mismatch", edit: func(d *delivery) { d.claims["cep"] = "https://elsewhere.example/hook" },
-			config: func(c *verifierConfig) { c.endpoint = "https://hooks.example.com/webhook/trivialsec" }, want: ReasonEndpointMismatch},
+			config: func(c *verifierConfig) { c.endpoint = "https://hooks.example.com/webhook/trivialsec" }, want: reasonEndpointMismatch},
 		{name: "cep_match", edit: func(d *delivery) { d.claims["cep"] = "https://hooks.example.com/webhook/trivialsec" },
 			config: func(c *verifierConfig) { c.endpoint = "https://hooks.example.com/webhook/trivialsec" }},
 		{name: "cep_ignored_without_endpoint", edit: func(d *delivery) { d.claims["cep"] = "https://elsewhere.example/hook" }},
 
 		// Check 10: the events allow-list.
-		{name: "event_not_allowed", config: func(c *verifierConfig) { c.events = 1 << 0 }, want: ReasonEventNotAllowed},
+		{name: "event_not_allowed", config: func(c *verifierConfig) { c.events = 1 << 0 }, want: reasonEventNotAllowed},
 		{name: "event_allowed", config: func(c *verifierConfig) { c.events = 1 << eventIndex([]byte("report_created")) }},
 	}
 	for _, style := range styles {
@@ -281,18 +287,18 @@ func TestVerify(t *testing.T) {
 				if tc.body != nil {
 					body = tc.body(d)
 				}
-				ev, got := v.Verify(auth, tc.contentType, []byte(body))
+				got, repl := deliverTo(t, v, tc.maxBody, auth, tc.contentType, body)
 				if got != tc.want {
-					t.Fatalf("Verify = %q, want %q", got, tc.want)
+					t.Fatalf("refused for %q, want %q", got, tc.want)
 				}
 				if got != reasonNone {
 					return
 				}
-				if ev.ID != uuid.MustParse(testEventID) {
-					t.Errorf("event ID = %s", ev.ID)
+				if id, _ := repl.GetString("http.trivialsec_webhook.event_id"); id != testEventID {
+					t.Errorf("event ID = %s", id)
 				}
 				if tc.check != nil {
-					tc.check(t, ev)
+					tc.check(t, repl)
 				}
 			})
 		}
@@ -302,90 +308,111 @@ func TestVerify(t *testing.T) {
 func TestVerifyAllEventNames(t *testing.T) {
 	v := testVerifier(t, nil)
 	for _, style := range styles {
-		for _, name := range EventNames {
+		for _, name := range eventNames {
 			d := style.make()
 			d.name = name
 			if _, ok := d.claims["evn"]; ok {
 				d.claims["evn"] = name
 			}
-			ev, reason := v.Verify(d.authorization(), "", []byte(d.body()))
-			if reason != reasonNone || ev.Name != name {
-				t.Errorf("%s/%s: reason %q, name %q", style.name, name, reason, ev.Name)
+			reason, repl := deliverTo(t, v, 0, d.authorization(), "", d.body())
+			if got, _ := repl.GetString("http.trivialsec_webhook.event_name"); reason != reasonNone || got != name {
+				t.Errorf("%s/%s: reason %q, name %q", style.name, name, reason, got)
 			}
 		}
-	}
-}
-
-// TestVerifyAcceptedEvent checks what a verified production delivery says.
-func TestVerifyAcceptedEvent(t *testing.T) {
-	d := productionDelivery()
-	ev, reason := testVerifier(t, nil).Verify(d.authorization(), "", []byte(d.body()))
-	if reason != reasonNone {
-		t.Fatal(reason)
-	}
-	if ev.Name != "report_created" || ev.Token.Endpoint != "https://hooks.example.com/webhook/trivialsec" ||
-		!ev.Token.IssuedAt.Equal(time.Unix(testNow.Unix(), 0)) ||
-		!ev.Token.ExpiresAt.Equal(time.Unix(testNow.Unix()+86400, 0)) {
-		t.Errorf("event = %+v", ev)
 	}
 }
 
 // TestVerifyClock moves the clock, not the token, across exp and nbf.
 func TestVerifyClock(t *testing.T) {
 	d := productionDelivery()
-	auth, body := d.authorization(), []byte(d.body())
+	auth, body := d.authorization(), d.body()
 	exp := time.Unix(d.claims["exp"].(int64), 0)
 	nbf := time.Unix(d.claims["nbf"].(int64), 0)
 	for _, tc := range []struct {
 		now  time.Time
-		want Reason
+		want reasonCode
 	}{
-		{nbf.Add(-DefaultLeeway - time.Nanosecond), ReasonNotYetValid},
-		{nbf.Add(-DefaultLeeway), reasonNone},
-		{exp.Add(DefaultLeeway - time.Nanosecond), reasonNone},
-		{exp.Add(DefaultLeeway), ReasonExpired},
+		{nbf.Add(-defaultLeeway - time.Nanosecond), reasonNotYetValid},
+		{nbf.Add(-defaultLeeway), reasonNone},
+		{exp.Add(defaultLeeway - time.Nanosecond), reasonNone},
+		{exp.Add(defaultLeeway), reasonExpired},
 	} {
 		v := testVerifier(t, func(c *verifierConfig) { c.now = func() time.Time { return tc.now } })
-		if _, got := v.Verify(auth, "", body); got != tc.want {
+		if got, _ := deliverTo(t, v, 0, auth, "", body); got != tc.want {
 			t.Errorf("at %s: %q, want %q", tc.now, got, tc.want)
 		}
 	}
 }
 
+// deliverTo runs one delivery through ServeHTTP, as Caddy would, with v as
+// the handler's verifier and no replay store. It returns the reason the
+// delivery was refused for (reasonNone when it reached the next handler,
+// byte for byte) and the request's replacer.
+func deliverTo(t *testing.T, v *verifier, maxBody int64, auth, contentType, body string) (reasonCode, *caddy.Replacer) {
+	t.Helper()
+	if maxBody == 0 {
+		maxBody = defaultMaxBody
+	}
+	leeway := caddy.Duration(v.leeway)
+	h := &Handler{verifier: v, MaxBody: maxBody, Leeway: &leeway, logger: zap.NewNop(), now: v.now}
+	r := httptest.NewRequest(http.MethodPost, "/webhook/trivialsec", strings.NewReader(body))
+	if auth != "" {
+		r.Header.Set("Authorization", auth)
+	}
+	if contentType != "" {
+		r.Header.Set("Content-Type", contentType)
+	}
+	next := &recordingNext{}
+	status, repl := serve(t, h, next, r)
+	if status == http.StatusOK {
+		if next.calls != 1 || string(next.body) != body {
+			t.Fatalf("accepted, but the next handler got %q (%d calls)", next.body, next.calls)
+		}
+		return reasonNone, repl
+	}
+	code, _ := repl.GetString("http.trivialsec_webhook.reason")
+	for r := reasonNone + 1; r < reasonCount; r++ {
+		if r.String() == code {
+			if r.status() != status || next.calls != 0 {
+				t.Fatalf("refused as %s with status %d (%d calls to next)", code, status, next.calls)
+			}
+			return r, repl
+		}
+	}
+	t.Fatalf("status %d with reason %q", status, code)
+	return 0, nil
+}
+
 func TestReasons(t *testing.T) {
 	seen := map[string]bool{}
-	for r := ReasonMethodNotAllowed; r < reasonCount; r++ {
+	for r := reasonMethodNotAllowed; r < reasonCount; r++ {
 		code := r.String()
 		if code == "" || seen[code] || strings.Trim(code, "abcdefghijklmnopqrstuvwxyz_") != "" {
 			t.Errorf("reason %d has code %q", r, code)
 		}
 		seen[code] = true
-		if s := r.Status(); s < 400 || s > 599 {
+		if s := r.status(); s < 400 || s > 599 {
 			t.Errorf("%s: status %d", code, s)
 		}
 	}
-	for r, want := range map[Reason]int{
-		ReasonMethodNotAllowed: 405, ReasonMissingToken: 403, ReasonBadSubject: 403,
-		ReasonUnsupportedMediaType: 415, ReasonBodyTooLarge: 413, ReasonBodyReadFailed: 400,
-		ReasonDuplicateKey: 400, ReasonMissingField: 422, ReasonInvalidPayload: 422,
-		ReasonEIDMismatch: 403, ReasonEventNotAllowed: 403, ReasonReplayed: 409, ReasonReplayStoreFull: 503,
-		ReasonReplayStoreDown: 503,
+	for r, want := range map[reasonCode]int{
+		reasonMethodNotAllowed: 405, reasonMissingToken: 403, reasonBadSubject: 403,
+		reasonUnsupportedMediaType: 415, reasonBodyTooLarge: 413, reasonBodyReadFailed: 400,
+		reasonDuplicateKey: 400, reasonMissingField: 422, reasonInvalidPayload: 422,
+		reasonEIDMismatch: 403, reasonEventNotAllowed: 403, reasonReplayed: 409, reasonReplayStoreFull: 503,
+		reasonReplayStoreDown: 503,
 	} {
-		if r.Status() != want {
-			t.Errorf("%s: status %d, want %d", r, r.Status(), want)
+		if r.status() != want {
+			t.Errorf("%s: status %d, want %d", r, r.status(), want)
 		}
 	}
 }
 
-func wantTimestamp(want string) func(*testing.T, Event) {
-	return func(t *testing.T, ev Event) {
+func wantTimestamp(want string) func(*testing.T, *caddy.Replacer) {
+	return func(t *testing.T, repl *caddy.Replacer) {
 		t.Helper()
-		w, err := time.Parse(time.RFC3339Nano, want)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !ev.Timestamp.Equal(w) || ev.Timestamp.Location() != time.UTC {
-			t.Errorf("timestamp = %s, want %s", ev.Timestamp, w)
+		if got, _ := repl.GetString("http.trivialsec_webhook.timestamp"); got != want {
+			t.Errorf("timestamp = %s, want %s", got, want)
 		}
 	}
 }
@@ -421,7 +448,7 @@ func dropField(body, key string) string {
 // before now to two after, by the nanosecond near each edge.
 func TestCheckTimesMatchesGolangJWT(t *testing.T) {
 	now := time.Unix(1_800_000_000, 0)
-	for _, leeway := range []time.Duration{0, time.Second, DefaultLeeway} {
+	for _, leeway := range []time.Duration{0, time.Second, defaultLeeway} {
 		var offsets []time.Duration
 		for _, edge := range []time.Duration{-2 * leeway, -leeway, 0, leeway, 2 * leeway} {
 			offsets = append(offsets, edge-time.Nanosecond, edge, edge+time.Nanosecond)
@@ -437,9 +464,9 @@ func TestCheckTimesMatchesGolangJWT(t *testing.T) {
 				}); {
 				case err == nil:
 				case errors.Is(err, jwt.ErrTokenExpired):
-					want = ReasonExpired
+					want = reasonExpired
 				case errors.Is(err, jwt.ErrTokenNotValidYet):
-					want = ReasonNotYetValid
+					want = reasonNotYetValid
 				default:
 					t.Fatalf("golang-jwt: %v", err)
 				}

@@ -67,8 +67,8 @@ func TestValidateBrokenConfigs(t *testing.T) {
 		{"negative_leeway", valid + "\tleeway -3s\n", 5, `leeway "-3s" is negative`},
 		{"bad_max_body", valid + "\tmax_body huge\n", 5, `max_body "huge" is not a size: write it like 10MiB`},
 		{"replay_redis_without_url", valid + "\treplay redis\n", 5, "replay redis takes a URL and an optional key prefix"},
-		{"missing_account", "\tsecret {env.TRIVIALSEC_E2E_SECRET}\n", 2, "trivialsec_webhook: account is required"},
-		{"missing_secret", "\taccount acme\n", 2, "trivialsec_webhook: secret is required"},
+		{"missing_account", "\tsecret {env.TRIVIALSEC_E2E_SECRET}\n", 2, "account is required: the Trivial Security account name"},
+		{"missing_secret", "\taccount acme\n", 2, "secret is required: the webhook signing secret"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			config := filepath.Join(t.TempDir(), "Caddyfile")
