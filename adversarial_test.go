@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"strings"
 	"testing"
 	"time"
@@ -249,5 +250,150 @@ func rawStatus(t *testing.T, addr, raw string, halfClose bool) int {
 		if resp.StatusCode != http.StatusContinue {
 			return resp.StatusCode
 		}
+	}
+}
+
+// TestTrailersDoNotPass: a chunked delivery that declares trailers, one of
+// them the token, reaches the upstream as the verified bytes with a
+// Content-Length and the request's own headers: no trailer, no token.
+func TestTrailersDoNotPass(t *testing.T) {
+	up := startUpstream(t)
+	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
+	base := startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
+		account %s
+		secret {env.TRIVIALSEC_IT_SECRET}
+		strip_authorization
+	}
+	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	body := d.body()
+	raw := "POST /webhook/trivialsec HTTP/1.1\r\nHost: " + strings.TrimPrefix(base, "http://") + "\r\nConnection: close\r\n" +
+		"Authorization: " + d.authorization() + "\r\n" +
+		"Transfer-Encoding: chunked\r\nTrailer: Authorization, X-Trivialsec-Event\r\n\r\n" +
+		fmt.Sprintf("%x\r\n%s\r\n", len(body), body) +
+		"0\r\nAuthorization: " + d.authorization() + "\r\nX-Trivialsec-Event: forged\r\n\r\n"
+	if status := rawStatus(t, strings.TrimPrefix(base, "http://"), raw, false); status != http.StatusAccepted {
+		t.Fatalf("status %d", status)
+	}
+	got := up.received()
+	if len(got) != 1 {
+		t.Fatalf("the upstream got %d requests", len(got))
+	}
+	r := got[0]
+	if r.body != body || r.chunked || r.length != int64(len(body)) {
+		t.Errorf("upstream got %d bytes, length %d, chunked %v", len(r.body), r.length, r.chunked)
+	}
+	if len(r.trailer) != 0 || r.header.Get("Trailer") != "" {
+		t.Errorf("trailers reached the upstream: %v, Trailer: %q", r.trailer, r.header.Get("Trailer"))
+	}
+	if r.header.Get("Authorization") != "" || r.header.Get("X-Trivialsec-Event") != "" {
+		t.Errorf("the upstream got Authorization %.12q, X-Trivialsec-Event %q",
+			r.header.Get("Authorization"), r.header.Get("X-Trivialsec-Event"))
+	}
+}
+
+// TestRefusalIsNotHeldOnTheWire: a request refused before its body is read
+// is answered at once, though the client has not sent the body (nor will,
+// before it hears back). Over HTTP/1.x the answer closes the connection,
+// which net/http would otherwise drain first; over HTTP/2 only the stream
+// ends, and the connection serves the next delivery.
+func TestRefusalIsNotHeldOnTheWire(t *testing.T) {
+	up := startUpstream(t)
+	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
+	port := freePort(t)
+	loadCaddyfile(t, fmt.Sprintf(`{
+	admin off
+	persist_config off
+	servers {
+		protocols h1 h2c
+	}
+}
+
+http://127.0.0.1:%d {
+	trivialsec_webhook {
+		account %s
+		secret {env.TRIVIALSEC_IT_SECRET}
+	}
+	reverse_proxy %s
+}
+`, port, testAccount, up.Listener.Addr()))
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	forged := productionDelivery().at(time.Now())
+	forged.key = "a guess"
+
+	for _, tc := range []struct{ name, headers string }{
+		{"content_length_unsent", "Content-Length: 10485760\r\n"},
+		{"expect_100_continue", "Content-Length: 10485760\r\nExpect: 100-continue\r\n"},
+		{"chunked_unsent", "Transfer-Encoding: chunked\r\n"},
+		{"too_large_unsent", "Content-Length: 1099511627776\r\n"},
+	} {
+		t.Run("http1/"+tc.name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			auth := forged.authorization()
+			if tc.name == "too_large_unsent" {
+				auth = productionDelivery().withEventID(uuid.NewString()).at(time.Now()).authorization()
+			}
+			start := time.Now()
+			fmt.Fprintf(conn, "POST /webhook/trivialsec HTTP/1.1\r\nHost: %s\r\nAuthorization: %s\r\n%s\r\n", addr, auth, tc.headers)
+			// Generous: the body never comes, and before the fix the answer
+			// waited for it until this deadline.
+			_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatalf("no answer while the body is held back: %v", err)
+			}
+			resp.Body.Close()
+			t.Logf("answered %d in %s", resp.StatusCode, time.Since(start).Round(time.Microsecond))
+			if resp.StatusCode != http.StatusForbidden && resp.StatusCode != http.StatusRequestEntityTooLarge {
+				t.Fatalf("status %d", resp.StatusCode)
+			}
+			if !resp.Close {
+				t.Error("the answer keeps the connection open with the body unread")
+			}
+		})
+	}
+
+	t.Run("h2c", func(t *testing.T) {
+		var protocols http.Protocols
+		protocols.SetUnencryptedHTTP2(true)
+		client := &http.Client{Transport: &http.Transport{Protocols: &protocols}, Timeout: 10 * time.Second}
+		defer client.CloseIdleConnections()
+		pr, pw := io.Pipe() // a body that never comes
+		defer pw.Close()
+		req, _ := http.NewRequest(http.MethodPost, "http://"+addr+"/webhook/trivialsec", pr)
+		req.Header.Set("Authorization", forged.authorization())
+		start := time.Now()
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("no answer while the body is held back: %v", err)
+		}
+		resp.Body.Close()
+		t.Logf("answered %d over %s in %s", resp.StatusCode, resp.Proto, time.Since(start).Round(time.Microsecond))
+		if resp.StatusCode != http.StatusForbidden || resp.ProtoMajor != 2 {
+			t.Fatalf("%s %d", resp.Proto, resp.StatusCode)
+		}
+		// The next delivery goes over the same connection.
+		d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+		req, _ = http.NewRequest(http.MethodPost, "http://"+addr+"/webhook/trivialsec", strings.NewReader(d.body()))
+		req.Header.Set("Authorization", d.authorization())
+		reused := false
+		req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+			GotConn: func(info httptrace.GotConnInfo) { reused = info.Reused },
+		}))
+		resp, err = client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusAccepted || !reused {
+			t.Fatalf("next delivery: %s %d, connection reused %v", resp.Proto, resp.StatusCode, reused)
+		}
+	})
+	if n := len(up.received()); n != 1 {
+		t.Errorf("the upstream got %d requests, want the one valid delivery", n)
 	}
 }

@@ -32,6 +32,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		endpoint <url>
 //		leeway   <duration>
 //		max_body <size>
+//		max_depth <levels>
 //		events   <name> [<name>...]
 //		replay   off | memory [<max_entries>] | redis <url> [<key_prefix>]
 //		strip_authorization
@@ -100,6 +101,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("max_body %q is not a size: write it like 10MiB", s)
 			}
 			h.MaxBody = int64(size)
+		case "max_depth":
+			var s string
+			if !d.AllArgs(&s) {
+				return d.ArgErr()
+			}
+			n, err := strconv.Atoi(s)
+			if err != nil || n < 1 || n > maxJSONDepth {
+				return d.Errf("max_depth %q: write a whole number from 1 to %d", s, maxJSONDepth)
+			}
+			h.MaxDepth = n
 		case "events":
 			h.Events = d.RemainingArgs()
 			if len(h.Events) == 0 {
@@ -142,7 +153,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			h.StripAuthorization = true
 		default:
-			return d.Errf("unknown subdirective %q: use account, secret, subject, issuer, endpoint, leeway, max_body, events, replay or strip_authorization", sub)
+			return d.Errf("unknown subdirective %q: use account, secret, subject, issuer, endpoint, leeway, max_body, max_depth, events, replay or strip_authorization", sub)
 		}
 	}
 	if err := h.checkRequired(); err != nil {

@@ -19,6 +19,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		endpoint https://hooks.example.com/webhook/trivialsec
 		leeway   5s
 		max_body 1MiB
+		max_depth 32
 		events   report_created report_deleted
 		replay   memory 5000
 		strip_authorization
@@ -30,7 +31,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 	got, _ := json.Marshal(h)
 	want := `{"account":"acme","secret":["{env.TRIVIALSEC_SECRET}","{file./run/secrets/old}"],` +
 		`"subject":"BC6E2CD51F59487FB05B49946BD078B2","issuer":"https://dev.trivialsec.com",` +
-		`"endpoint":"https://hooks.example.com/webhook/trivialsec","leeway":5000000000,"max_body":1048576,` +
+		`"endpoint":"https://hooks.example.com/webhook/trivialsec","leeway":5000000000,"max_body":1048576,"max_depth":32,` +
 		`"events":["report_created","report_deleted"],"replay":{"store":"memory","max_entries":5000},` +
 		`"strip_authorization":true}`
 	if string(got) != want {
@@ -83,6 +84,9 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"negative_leeway", "trivialsec_webhook {\n account a\n secret s\n leeway -1s\n}", `@4@leeway "-1s" is negative`},
 		{"bad_leeway", "trivialsec_webhook {\n account a\n secret s\n leeway soon\n}", `@4@leeway "soon" is not a duration`},
 		{"bad_max_body", "trivialsec_webhook {\n account a\n secret s\n max_body lots\n}", `@4@max_body "lots" is not a size`},
+		{"zero_max_depth", "trivialsec_webhook {\n account a\n secret s\n max_depth 0\n}", `@4@max_depth "0": write a whole number from 1 to 10000`},
+		{"max_depth_too_deep", "trivialsec_webhook {\n account a\n secret s\n max_depth 10001\n}", `@4@max_depth "10001": write a whole number from 1 to 10000`},
+		{"max_depth_word", "trivialsec_webhook {\n account a\n secret s\n max_depth deep\n}", `@4@max_depth "deep": write a whole number`},
 		{"zero_max_body", "trivialsec_webhook {\n account a\n secret s\n max_body 0\n}", `@4@max_body "0" is not a size`},
 		{"replay_redis_without_url", "trivialsec_webhook {\n account a\n secret s\n replay redis\n}", "@4@replay redis takes a URL and an optional key prefix"},
 		{"replay_redis_bad_url", "trivialsec_webhook {\n account a\n secret s\n replay redis 127.0.0.1:6379\n}", "@4@replay redis: the URL must start with redis:// or rediss://"},

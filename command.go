@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"strings"
@@ -198,7 +199,9 @@ func readPayload(arg string) ([]byte, error) {
 			return nil, fmt.Errorf("the payload file %s is larger than %d bytes", name, defaultMaxBody)
 		}
 	}
-	if _, status := readObject(payload, nil); status != jsonOK {
+	// Any well-formed object: what a receiver makes of a deep one, or of a
+	// long number, is for the receiver to say.
+	if _, status := readObject(payload, nil, jsonLimits{depth: maxJSONDepth, number: math.MaxInt}); status != jsonOK {
 		return nil, errors.New("--payload is not a JSON object: give one like {\"report_id\": \"r-1\"}, or @FILE")
 	}
 	return payload, nil

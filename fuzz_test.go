@@ -22,7 +22,10 @@ import (
 // Seed corpora: testdata/fuzz/<target>/ and the f.Add calls.
 
 // FuzzVerifyToken: a token is accepted only if golang-jwt, given the same
-// rules, verifies it too.
+// rules, verifies it too: its parser for the algorithm, the encoding and the
+// signature, its Validator for the claims. nbf is checked apart, 3 s later:
+// the module takes the sender's head start of nbf over iat off (notBefore).
+// A header with crit must be refused, as golang-jwt does not.
 func FuzzVerifyToken(f *testing.F) {
 	for _, style := range styles {
 		d := style.make()
@@ -35,14 +38,17 @@ func FuzzVerifyToken(f *testing.F) {
 	parser := jwt.NewParser(
 		jwt.WithValidMethods([]string{"HS256"}),
 		jwt.WithStrictDecoding(),
-		// A second more than the module's leeway: the module drops the
-		// fraction of nbf and exp as PyJWT does; golang-jwt keeps it.
-		jwt.WithLeeway(defaultLeeway+time.Second),
-		jwt.WithExpirationRequired(),
+		jwt.WithoutClaimsValidation(),
+	)
+	// A second more than the module's leeway: the module drops the fraction
+	// of nbf and exp as PyJWT does; golang-jwt keeps it.
+	leeway := jwt.WithLeeway(defaultLeeway + time.Second)
+	validator := jwt.NewValidator(leeway, jwt.WithExpirationRequired(),
 		jwt.WithAudience("urn:trivialsec:webhook:client_endpoint:"+testAccount),
 		jwt.WithIssuer(defaultIssuer),
-		jwt.WithTimeFunc(func() time.Time { return testNow }),
-	)
+		jwt.WithTimeFunc(func() time.Time { return testNow }))
+	nbfValidator := jwt.NewValidator(leeway,
+		jwt.WithTimeFunc(func() time.Time { return testNow.Add(senderHeadStart) }))
 	f.Fuzz(func(t *testing.T, authorization string) {
 		tok, reason := v.verifyToken(authorization)
 		checkReason(t, reason)
@@ -50,10 +56,22 @@ func FuzzVerifyToken(f *testing.F) {
 			return
 		}
 		claims := jwt.MapClaims{}
-		if _, err := parser.ParseWithClaims(tokenFrom(authorization), claims, func(*jwt.Token) (any, error) {
+		parsed, err := parser.ParseWithClaims(tokenFrom(authorization), claims, func(*jwt.Token) (any, error) {
 			return []byte(testSecret), nil
-		}); err != nil {
+		})
+		if err != nil {
 			t.Fatalf("accepted a token golang-jwt refuses: %v", err)
+		}
+		if _, crit := parsed.Header["crit"]; crit {
+			t.Fatal("accepted a token with crit")
+		}
+		nbf, hasNbf := claims["nbf"]
+		delete(claims, "nbf")
+		if err := validator.Validate(claims); err != nil {
+			t.Fatalf("accepted claims golang-jwt refuses: %v", err)
+		}
+		if err := nbfValidator.Validate(jwt.MapClaims{"nbf": nbf}); !hasNbf || err != nil {
+			t.Fatalf("accepted nbf %v: %v", nbf, err)
 		}
 		sub, _ := claims["sub"].(string)
 		if id, err := uuid.Parse(sub); err != nil || id.String() != defaultSubject {
@@ -129,6 +147,10 @@ func FuzzVerifyBody(f *testing.F) {
 //     jsontext turned two different lone surrogates into U+FFFD;
 //   - nesting past 9,000 levels is not compared: both stop at 10,000,
 //     counted differently.
+//
+// That is with limits wide enough for any text (wideJSONLimits). With the
+// default limits, the answer must be the same, unless the text is deeper or
+// has a longer number than they allow, and then it is that limit's status.
 func FuzzReadObject(f *testing.F) {
 	for _, text := range jsonTexts {
 		f.Add(text)
@@ -140,7 +162,20 @@ func FuzzReadObject(f *testing.F) {
 		if depth(text) > maxJSONDepth-1000 {
 			return
 		}
-		_, status := readObject([]byte(text), nil)
+		_, status := readObject([]byte(text), nil, wideJSONLimits)
+		_, limited := readObject([]byte(text), nil, defaultJSONLimits)
+		if status != jsonMalformed {
+			tooDeep := depth(text) > defaultJSONLimits.depth
+			tooLong := longestNumber(text) > defaultJSONLimits.number
+			switch {
+			case limited == jsonTooDeep && !tooDeep, limited == jsonNumberTooLong && !tooLong:
+				t.Fatalf("limited without cause: %d", limited)
+			case limited != jsonTooDeep && limited != jsonNumberTooLong && (tooDeep || tooLong || limited != status):
+				t.Fatalf("default limits give %d, wide limits %d", limited, status)
+			}
+		} else if limited == jsonOK || limited == jsonDuplicateKey {
+			t.Fatalf("default limits accept what wide limits refuse: %d", limited)
+		}
 		keys, err := strictKeys(text)
 		want := jsonOK
 		switch {
@@ -170,7 +205,7 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 	// The input is what follows the directive's name, which Caddy has
 	// matched before it calls UnmarshalCaddyfile.
 	f.Add(" {\n\taccount acme\n\tsecret {env.S} {file./s}\n\tevents report_created\n\treplay memory 10\n}")
-	f.Add(" {\n\taccount a\n\tsecret s\n\treplay redis redis://127.0.0.1:6379 p:\n\tleeway 2s\n\tmax_body 1MB\n\tstrip_authorization\n}")
+	f.Add(" {\n\taccount a\n\tsecret s\n\treplay redis redis://127.0.0.1:6379 p:\n\tleeway 2s\n\tmax_body 1MB\n\tmax_depth 16\n\tstrip_authorization\n}")
 	f.Add(" {\n\tsubject x\n}")
 	f.Fuzz(func(t *testing.T, input string) {
 		// Caddy refuses a file its lexer cannot read before any directive
@@ -202,6 +237,9 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		}
 		if h.Leeway != nil && *h.Leeway < 0 {
 			t.Fatal("accepted a negative leeway")
+		}
+		if h.MaxDepth < 0 || h.MaxDepth > maxJSONDepth {
+			t.Fatalf("accepted max_depth %d", h.MaxDepth)
 		}
 	})
 }
@@ -257,9 +295,10 @@ func hasDuplicate(keys []string) bool {
 	return false
 }
 
-// depth is the deepest nesting of arrays and objects in valid JSON text.
-func depth(text string) int {
-	d, deepest, inString, escaped := 0, 0, false, false
+// structure calls fn with each byte of JSON text that is not inside a
+// string; a string's own bytes, its quotes included, come as one '"'.
+func structure(text string, fn func(c byte)) {
+	inString, escaped := false, false
 	for i := 0; i < len(text); i++ {
 		c := text[i]
 		switch {
@@ -269,12 +308,40 @@ func depth(text string) int {
 			escaped = true
 		case c == '"':
 			inString = !inString
-		case !inString && (c == '{' || c == '['):
-			d++
-			deepest = max(deepest, d)
-		case !inString && (c == '}' || c == ']'):
-			d--
+			if inString {
+				fn('"')
+			}
+		case !inString:
+			fn(c)
 		}
 	}
+}
+
+// longestNumber is the length of the longest number in valid JSON text.
+func longestNumber(text string) int {
+	longest, run := 0, 0
+	structure(text, func(c byte) {
+		if strings.IndexByte("-+.0123456789eE", c) < 0 {
+			run = 0
+			return
+		}
+		run++
+		longest = max(longest, run)
+	})
+	return longest
+}
+
+// depth is the deepest nesting of arrays and objects in valid JSON text.
+func depth(text string) int {
+	d, deepest := 0, 0
+	structure(text, func(c byte) {
+		switch c {
+		case '{', '[':
+			d++
+			deepest = max(deepest, d)
+		case '}', ']':
+			d--
+		}
+	})
 	return deepest
 }

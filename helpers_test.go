@@ -140,6 +140,7 @@ func testVerifier(t testing.TB, change func(*verifierConfig)) *verifier {
 		subject: uuid.MustParse(defaultSubject),
 		leeway:  defaultLeeway,
 		events:  allEvents,
+		body:    defaultJSONLimits,
 		now:     func() time.Time { return testNow },
 	}
 	if change != nil {

@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -29,9 +30,11 @@ type upstream struct {
 }
 
 type upstreamRequest struct {
-	body   string
-	header http.Header
-	length int64
+	body    string
+	header  http.Header
+	trailer http.Header // after the body: what a chunked request's trailers said
+	length  int64
+	chunked bool
 }
 
 func startUpstream(t *testing.T) *upstream {
@@ -43,7 +46,7 @@ func startUpstream(t *testing.T) *upstream {
 			t.Errorf("upstream: %v", err)
 		}
 		u.mu.Lock()
-		u.requests = append(u.requests, upstreamRequest{string(body), r.Header.Clone(), r.ContentLength})
+		u.requests = append(u.requests, upstreamRequest{string(body), r.Header.Clone(), r.Trailer.Clone(), r.ContentLength, len(r.TransferEncoding) > 0})
 		u.mu.Unlock()
 		if r.Header.Get("X-Fail") != "" {
 			w.WriteHeader(http.StatusBadGateway)
@@ -447,4 +450,41 @@ func scrape(t *testing.T, url string) map[string]float64 {
 		t.Fatalf("no caddy_trivialsec_webhook_ series at %s", url)
 	}
 	return series
+}
+
+// TestReadmeFirstExample runs the README's first example as it is written,
+// in front of an upstream that is down: the module's refusals print their
+// reason, and an error that is not the module's (the 502 reverse_proxy
+// answers) prints its status text, never a placeholder's literal name.
+func TestReadmeFirstExample(t *testing.T) {
+	readme, err := os.ReadFile("README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, example, found := strings.Cut(string(readme), "```caddy\nhooks.example.com {\n")
+	example, _, _ = strings.Cut(example, "```")
+	if !found || !strings.Contains(example, "handle_errors") {
+		t.Fatal("the README's first example is not where this test looks for it")
+	}
+	port := freePort(t)
+	t.Setenv("TRIVIALSEC_WEBHOOK_SECRET", testSecret)
+	example = strings.ReplaceAll(example, "127.0.0.1:9000", fmt.Sprintf("127.0.0.1:%d", freePort(t))) // down
+	loadCaddyfile(t, fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n}\n\nhttp://127.0.0.1:%d {\n%s", port, example))
+	url := fmt.Sprintf("http://127.0.0.1:%d/webhook/trivialsec", port)
+
+	forged := productionDelivery().at(time.Now())
+	forged.key = "a guess"
+	genuine := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	for _, tc := range []struct {
+		name, auth, body, want string
+		status                 int
+	}{
+		{"refused", forged.authorization(), forged.body(), "403 bad_signature", 403},
+		{"service_down", genuine.authorization(), genuine.body(), "502 Bad Gateway", 502},
+	} {
+		resp := post(t, url, tc.auth, strings.NewReader(tc.body))
+		if got := readAll(t, resp.Body); resp.StatusCode != tc.status || got != tc.want {
+			t.Errorf("%s: %d %q, want %d %q", tc.name, resp.StatusCode, got, tc.status, tc.want)
+		}
+	}
 }

@@ -15,9 +15,24 @@ import (
 // are checked for well-formedness only and never rewritten, so what passes is
 // forwarded exactly as it came.
 
-// maxJSONDepth bounds the nesting of arrays and objects. RFC 8259 section 9
-// allows such a limit; it is the same as Go's encoding/json, and keeps a
-// hostile body from tripping a recursive parser further down the chain.
+// jsonLimits bound what the reader accepts beyond the grammar, as RFC 8259
+// section 9 allows a parser to: a body the module forwards must not be one
+// that the service behind it cannot parse.
+type jsonLimits struct {
+	depth  int // arrays and objects open at once, the outermost object counted
+	number int // bytes of one number's text
+}
+
+// defaultJSONLimits are the default limits, and those of the token's header
+// and claims. Mainstream parsers stop at these depths by default: .NET's
+// System.Text.Json past 64, Ruby's JSON past 100, Python's json near 1,000;
+// and at these numbers: Python refuses an integer of more than 4,300 digits,
+// Jackson a number of more than 1,000 characters. 64 levels and 100
+// characters (more than any 64-bit or decimal128 number needs) pass all of
+// them, and a genuine delivery is a few levels deep.
+var defaultJSONLimits = jsonLimits{depth: 64, number: 100}
+
+// maxJSONDepth is the largest depth the max_depth setting takes.
 const maxJSONDepth = 10000
 
 // member is one member of a JSON object: its key, unescaped, and its value as
@@ -34,13 +49,18 @@ const (
 	jsonOK jsonStatus = iota
 	jsonMalformed
 	jsonDuplicateKey
+	jsonTooDeep       // nested deeper than jsonLimits.depth
+	jsonNumberTooLong // a number longer than jsonLimits.number
 )
 
 // readObject reads data, which must be exactly one JSON object with blanks
-// around it, and appends its members to dst in order. Keys are unescaped so
-// that "\u0065vent_id" and "event_id" are seen as the same key; two members
-// with the same key are refused, since parsers disagree on which one wins.
-func readObject(data []byte, dst []member) ([]member, jsonStatus) {
+// around it and within lim, and appends its members to dst in order. Keys
+// are unescaped so that "\u0065vent_id" and "event_id" are seen as the same
+// key; two members with the same key are refused, since parsers disagree on
+// which one wins.
+func readObject(data []byte, dst []member, lim jsonLimits) ([]member, jsonStatus) {
+	inner := lim // a member's value opens its arrays and objects one level in
+	inner.depth--
 	// UTF-8 is checked inside strings, by scanString: anywhere else, a byte
 	// outside ASCII is malformed JSON already.
 	i := skipBlanks(data, 0)
@@ -68,9 +88,9 @@ func readObject(data []byte, dst []member) ([]member, jsonStatus) {
 				return dst, jsonMalformed
 			}
 			i = skipBlanks(data, i+1)
-			end, ok = scanValue(data, i)
-			if !ok {
-				return dst, jsonMalformed
+			end, status := scanValue(data, i, inner)
+			if status != jsonOK {
+				return dst, status
 			}
 			dst = append(dst, member{key: key, value: data[i:end]})
 			i = skipBlanks(data, end)
@@ -228,8 +248,10 @@ func hexValue(c byte) int {
 }
 
 // scanNumber checks the number that starts at data[i] against the grammar of
-// RFC 8259 section 6 and returns the index just past it.
-func scanNumber(data []byte, i int) (int, bool) {
+// RFC 8259 section 6, and its length against maxLength, and returns the index
+// just past it.
+func scanNumber(data []byte, i, maxLength int) (int, jsonStatus) {
+	start := i
 	if i < len(data) && data[i] == '-' {
 		i++
 	}
@@ -239,12 +261,12 @@ func scanNumber(data []byte, i int) (int, bool) {
 	case i < len(data) && '1' <= data[i] && data[i] <= '9':
 		i = skipDigits(data, i+1)
 	default:
-		return 0, false
+		return 0, jsonMalformed
 	}
 	if i < len(data) && data[i] == '.' {
 		j := skipDigits(data, i+1)
 		if j == i+1 {
-			return 0, false
+			return 0, jsonMalformed
 		}
 		i = j
 	}
@@ -255,11 +277,14 @@ func scanNumber(data []byte, i int) (int, bool) {
 		}
 		j := skipDigits(data, i)
 		if j == i {
-			return 0, false
+			return 0, jsonMalformed
 		}
 		i = j
 	}
-	return i, true
+	if i-start > maxLength {
+		return 0, jsonNumberTooLong
+	}
+	return i, jsonOK
 }
 
 func skipDigits(data []byte, i int) int {
@@ -269,19 +294,22 @@ func skipDigits(data []byte, i int) int {
 	return i
 }
 
-// scanValue checks the value that starts at data[i] and returns the index
-// just past it. Strings, numbers and literals are read directly; arrays and
-// objects go to scanNested.
-func scanValue(data []byte, i int) (int, bool) {
+// scanValue checks the value that starts at data[i], which may open
+// lim.depth arrays and objects, and returns the index just past it. Strings,
+// numbers and literals are read directly; arrays and objects go to
+// scanNested.
+func scanValue(data []byte, i int, lim jsonLimits) (int, jsonStatus) {
 	if i >= len(data) {
-		return 0, false
+		return 0, jsonMalformed
 	}
 	switch data[i] {
 	case '"':
-		end, _, ok := scanString(data, i)
-		return end, ok
+		if end, _, ok := scanString(data, i); ok {
+			return end, jsonOK
+		}
+		return 0, jsonMalformed
 	case '{', '[':
-		return scanNested(data, i)
+		return scanNested(data, i, lim)
 	case 't':
 		return scanLiteral(data, i, "true")
 	case 'f':
@@ -289,23 +317,23 @@ func scanValue(data []byte, i int) (int, bool) {
 	case 'n':
 		return scanLiteral(data, i, "null")
 	}
-	return scanNumber(data, i)
+	return scanNumber(data, i, lim.number)
 }
 
 // scanNested checks the array or object that starts at data[i] and returns
-// the index just past it. It keeps no recursion: the open arrays and objects
-// are bits on a stack, inline up to a depth of 128 and on the heap past it,
-// up to maxJSONDepth.
-func scanNested(data []byte, i int) (int, bool) {
+// the index just past it; at most lim.depth arrays and objects may be open at
+// once. It keeps no recursion: the open arrays and objects are bits on a
+// stack, inline up to a depth of 128 and on the heap past it.
+func scanNested(data []byte, i int, lim jsonLimits) (int, jsonStatus) {
 	var inline [2]uint64
 	open := inline[:] // bit set: an object; clear: an array
 	depth := 0
 	push := func(object bool) bool {
-		if depth == maxJSONDepth {
+		if depth >= lim.depth {
 			return false
 		}
 		if depth == len(open)*64 {
-			open = append(open, make([]uint64, maxJSONDepth/64+1-len(open))...)
+			open = append(open, make([]uint64, lim.depth/64+1-len(open))...)
 		}
 		if object {
 			open[depth/64] |= 1 << (depth % 64)
@@ -334,10 +362,11 @@ func scanNested(data []byte, i int) (int, bool) {
 	}
 
 	var ok bool
+	var status jsonStatus
 	for {
 		// A value starts at i.
 		if i >= len(data) {
-			return 0, false
+			return 0, jsonMalformed
 		}
 		if c := data[i]; c == '{' || c == '[' {
 			object, closer := c == '{', byte(']')
@@ -345,38 +374,38 @@ func scanNested(data []byte, i int) (int, bool) {
 				closer = '}'
 			}
 			if !push(object) {
-				return 0, false
+				return 0, jsonTooDeep
 			}
 			i = skipBlanks(data, i+1)
 			if i >= len(data) || data[i] != closer {
 				if object {
 					if i, ok = key(i); !ok {
-						return 0, false
+						return 0, jsonMalformed
 					}
 				}
 				continue
 			}
 			i++
 			depth--
-		} else if i, ok = scanValue(data, i); !ok {
-			return 0, false
+		} else if i, status = scanValue(data, i, lim); status != jsonOK {
+			return 0, status
 		}
 		// After a complete value: close what ends here, or move to the next
 		// element of the innermost open array or object.
 		for {
 			if depth == 0 {
-				return i, true
+				return i, jsonOK
 			}
 			i = skipBlanks(data, i)
 			if i >= len(data) {
-				return 0, false
+				return 0, jsonMalformed
 			}
 			object := inObject()
 			if data[i] == ',' {
 				i = skipBlanks(data, i+1)
 				if object {
 					if i, ok = key(i); !ok {
-						return 0, false
+						return 0, jsonMalformed
 					}
 				}
 				break
@@ -386,16 +415,16 @@ func scanNested(data []byte, i int) (int, bool) {
 				depth--
 				continue
 			}
-			return 0, false
+			return 0, jsonMalformed
 		}
 	}
 }
 
-func scanLiteral(data []byte, i int, lit string) (int, bool) {
+func scanLiteral(data []byte, i int, lit string) (int, jsonStatus) {
 	if len(data)-i < len(lit) || string(data[i:i+len(lit)]) != lit {
-		return 0, false
+		return 0, jsonMalformed
 	}
-	return i + len(lit), true
+	return i + len(lit), jsonOK
 }
 
 // jsonString returns the unescaped content of a raw JSON value that is a

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -27,8 +28,8 @@ func TestScanValueMatchesEncodingJSON(t *testing.T) {
 	for _, text := range jsonTexts {
 		data := []byte(text)
 		i := skipBlanks(data, 0)
-		end, ok := scanValue(data, i)
-		got := ok && skipBlanks(data, end) == len(data)
+		end, status := scanValue(data, i, wideJSONLimits)
+		got := status == jsonOK && skipBlanks(data, end) == len(data)
 		want := json.Valid(data)
 		if got != want {
 			t.Errorf("%q: scanValue says %v, encoding/json says %v", text, got, want)
@@ -57,7 +58,7 @@ func TestReadObject(t *testing.T) {
 		{`{"a":1,}`, jsonMalformed, nil},
 		{``, jsonMalformed, nil},
 	} {
-		members, got := readObject([]byte(tc.text), nil)
+		members, got := readObject([]byte(tc.text), nil, defaultJSONLimits)
 		if got != tc.want {
 			t.Errorf("%q: status %d, want %d", tc.text, got, tc.want)
 			continue
@@ -84,10 +85,10 @@ func TestReadObjectManyKeys(t *testing.T) {
 		}
 		b.WriteString(`"k` + strings.Repeat("x", i) + `":1`)
 	}
-	if _, st := readObject([]byte(b.String()+"}"), nil); st != jsonOK {
+	if _, st := readObject([]byte(b.String()+"}"), nil, defaultJSONLimits); st != jsonOK {
 		t.Fatalf("100 distinct keys: status %d", st)
 	}
-	if _, st := readObject([]byte(b.String()+`,"kxxxxx":2}`), nil); st != jsonDuplicateKey {
+	if _, st := readObject([]byte(b.String()+`,"kxxxxx":2}`), nil, defaultJSONLimits); st != jsonDuplicateKey {
 		t.Fatalf("101 keys, one repeated: status %d", st)
 	}
 }
@@ -110,18 +111,52 @@ func TestUnescapeMatchesEncodingJSON(t *testing.T) {
 	}
 }
 
-func TestScanValueDepth(t *testing.T) {
-	for _, tc := range []struct {
-		depth int
-		ok    bool
-	}{{1, true}, {maxJSONDepth, true}, {maxJSONDepth + 1, false}, {100000, false}} {
-		text := strings.Repeat("[", tc.depth) + strings.Repeat("]", tc.depth)
-		if _, ok := scanValue([]byte(text), 0); ok != tc.ok {
-			t.Errorf("depth %d: %v, want %v", tc.depth, ok, tc.ok)
+// wideJSONLimits let through anything well-formed up to the deepest
+// max_depth, for the tests that hold the grammar to encoding/json.
+var wideJSONLimits = jsonLimits{depth: maxJSONDepth, number: math.MaxInt}
+
+// TestReadObjectLimits: depth counts the outermost object, and a number's
+// length its whole text; one past either limit is refused with its status.
+func TestReadObjectLimits(t *testing.T) {
+	for _, limit := range []int{1, 2, defaultJSONLimits.depth, 128, 129, maxJSONDepth} {
+		lim := jsonLimits{depth: limit, number: 100}
+		for _, depth := range []int{limit - 1, limit, limit + 1} {
+			if depth < 1 {
+				continue
+			}
+			want := jsonOK
+			if depth > limit {
+				want = jsonTooDeep
+			}
+			// The outermost object, then arrays, and objects.
+			arrays := `{"a":` + strings.Repeat("[", depth-1) + "0" + strings.Repeat("]", depth-1) + "}"
+			objects := strings.Repeat(`{"a":`, depth) + "1" + strings.Repeat("}", depth)
+			for _, text := range []string{arrays, objects} {
+				if _, got := readObject([]byte(text), nil, lim); got != want {
+					t.Errorf("limit %d, depth %d, %.12s...: status %d, want %d", limit, depth, text, got, want)
+				}
+			}
 		}
-		open := strings.Repeat(`{"a":`, tc.depth) + "1" + strings.Repeat("}", tc.depth)
-		if _, ok := scanValue([]byte(open), 0); ok != tc.ok {
-			t.Errorf("object depth %d: %v, want %v", tc.depth, ok, tc.ok)
+	}
+	if _, got := readObject([]byte(strings.Repeat("[", 100000)), nil, defaultJSONLimits); got != jsonMalformed {
+		t.Errorf("100,000 open brackets: status %d", got)
+	}
+	for _, tc := range []struct {
+		number string
+		want   jsonStatus
+	}{
+		{strings.Repeat("9", 100), jsonOK},
+		{strings.Repeat("9", 101), jsonNumberTooLong},
+		{"-" + strings.Repeat("9", 99), jsonOK},
+		{"-" + strings.Repeat("9", 100), jsonNumberTooLong},
+		{"1." + strings.Repeat("0", 94) + "e+100", jsonNumberTooLong},
+		{"1e" + strings.Repeat("0", 98), jsonOK},
+		{strings.Repeat("9", 99) + "x", jsonMalformed},
+	} {
+		for _, text := range []string{`{"n":` + tc.number + `}`, `{"a":[{"n":` + tc.number + `}]}`} {
+			if _, got := readObject([]byte(text), nil, defaultJSONLimits); got != tc.want {
+				t.Errorf("%d-byte number %.10s... in %.8s: status %d, want %d", len(tc.number), tc.number, text, got, tc.want)
+			}
 		}
 	}
 }
@@ -182,12 +217,12 @@ func TestScanNestedAcrossTheInlineStack(t *testing.T) {
 			}
 		}
 		good := open.String() + "1" + closeAll.String()
-		if end, ok := scanValue([]byte(good), 0); !ok || end != len(good) {
-			t.Errorf("depth %d: end %d ok %v", depth, end, ok)
+		if end, status := scanValue([]byte(good), 0, wideJSONLimits); status != jsonOK || end != len(good) {
+			t.Errorf("depth %d: end %d status %d", depth, end, status)
 		}
 		// The outermost closer swapped: refused only by the bit of depth 0.
 		bad := good[:len(good)-1] + "]"
-		if _, ok := scanValue([]byte(bad), 0); ok {
+		if _, status := scanValue([]byte(bad), 0, wideJSONLimits); status == jsonOK {
 			t.Errorf("depth %d: a wrong outermost closer accepted", depth)
 		}
 		if json.Valid([]byte(good)) != true || json.Valid([]byte(bad)) != false {
@@ -207,7 +242,7 @@ func BenchmarkReadObject(b *testing.B) {
 			b.SetBytes(int64(len(body)))
 			b.ReportAllocs()
 			for b.Loop() {
-				if _, status := readObject(body, buf[:0]); status != jsonOK {
+				if _, status := readObject(body, buf[:0], defaultJSONLimits); status != jsonOK {
 					b.Fatal(status)
 				}
 			}

@@ -74,6 +74,12 @@ type Handler struct {
 	// The largest body accepted, in bytes. Default: 10 MiB.
 	MaxBody int64 `json:"max_body,omitempty"`
 
+	// How deep the body's arrays and objects may nest, the outermost
+	// object counted, from 1 to 10000. Default: 64, which the strictest
+	// mainstream parsers behind Caddy take (.NET's System.Text.Json stops
+	// past 64, Ruby's JSON past 100, Python's json near 1,000).
+	MaxDepth int `json:"max_depth,omitempty"`
+
 	// When set, only these event names are accepted; others get 403.
 	// Default: all 15.
 	Events []string `json:"events,omitempty"`
@@ -143,6 +149,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxBody == 0 {
 		h.MaxBody = defaultMaxBody
 	}
+	if h.MaxDepth == 0 {
+		h.MaxDepth = defaultJSONLimits.depth
+	}
 	if h.Replay == nil {
 		h.Replay = new(Replay)
 	}
@@ -173,6 +182,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		subject:  subject,
 		endpoint: h.Endpoint,
 		leeway:   time.Duration(*h.Leeway),
+		body:     jsonLimits{depth: h.MaxDepth, number: defaultJSONLimits.number},
 		events:   events,
 		now:      h.now,
 	})
@@ -292,6 +302,8 @@ func (h *Handler) Validate() error {
 		return errors.New("leeway must not be negative")
 	case h.MaxBody < 0:
 		return errors.New("max_body must not be negative")
+	case h.MaxDepth < 1 || h.MaxDepth > maxJSONDepth:
+		return fmt.Errorf("max_depth %d is out of range: use 1 to %d", h.MaxDepth, maxJSONDepth)
 	case h.Replay.MaxEntries < 0:
 		return errors.New("replay max_entries must not be negative")
 	}
@@ -353,36 +365,36 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return h.refuse(r, repl, reasonMethodNotAllowed, nil, "")
+		return h.refuse(w, r, repl, reasonMethodNotAllowed, nil, "")
 	}
 	authorization := r.Header["Authorization"]
 	if len(authorization) == 0 {
-		return h.refuse(r, repl, reasonMissingToken, nil, "")
+		return h.refuse(w, r, repl, reasonMissingToken, nil, "")
 	}
 	if len(authorization) > 1 {
-		return h.refuse(r, repl, reasonMalformedToken, nil, "")
+		return h.refuse(w, r, repl, reasonMalformedToken, nil, "")
 	}
 	tok, reason := h.verifier.verifyToken(authorization[0])
 	if reason != reasonNone {
-		return h.refuse(r, repl, reason, &tok, "")
+		return h.refuse(w, r, repl, reason, &tok, "")
 	}
 	// From here on the token is genuine: every refusal is a WARN.
 	contentType := r.Header["Content-Type"]
 	if len(contentType) > 1 {
-		return h.refuse(r, repl, reasonUnsupportedMediaType, &tok, "")
+		return h.refuse(w, r, repl, reasonUnsupportedMediaType, &tok, "")
 	}
 	if len(contentType) == 1 {
 		if reason := checkContentType(contentType[0]); reason != reasonNone {
-			return h.refuse(r, repl, reason, &tok, "")
+			return h.refuse(w, r, repl, reason, &tok, "")
 		}
 	}
 	body, reason := readBody(r, h.MaxBody)
 	if reason != reasonNone {
-		return h.refuse(r, repl, reason, &tok, "")
+		return h.refuse(w, r, repl, reason, &tok, "")
 	}
 	ev, reason := h.verifier.verifyBody(tok, body)
 	if reason != reasonNone {
-		return h.refuse(r, repl, reason, &tok, ev.Name)
+		return h.refuse(w, r, repl, reason, &tok, ev.Name)
 	}
 
 	expires := tok.ExpiresAt.Add(time.Duration(*h.Leeway))
@@ -397,11 +409,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			if c := h.logger.Check(zapcore.WarnLevel, "replay store unavailable: refusing the delivery"); c != nil {
 				c.Write(zap.String("event_id", ev.ID.String()), zap.Error(err))
 			}
-			return h.refuse(r, repl, reasonReplayStoreDown, &tok, ev.Name)
+			return h.refuse(w, r, repl, reasonReplayStoreDown, &tok, ev.Name)
 		case result == replayDuplicate:
-			return h.refuse(r, repl, reasonReplayed, &tok, ev.Name)
+			return h.refuse(w, r, repl, reasonReplayed, &tok, ev.Name)
 		case result == replayFull:
-			return h.refuse(r, repl, reasonReplayStoreFull, &tok, ev.Name)
+			return h.refuse(w, r, repl, reasonReplayStoreFull, &tok, ev.Name)
 		}
 	}
 
@@ -415,6 +427,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	r.Body = &a.body
 	r.ContentLength = int64(len(body))
 	r.TransferEncoding = nil
+	// Trailers are headers the sender never signed, and could carry the
+	// token past strip_authorization: only the verified bytes go on.
+	r.Trailer = nil
 	if h.StripAuthorization {
 		r.Header.Del("Authorization")
 	}
@@ -492,7 +507,17 @@ func (*bodyReader) Close() error { return nil }
 // refuse answers a refusal through Caddy's error handling, and logs it:
 // at DEBUG before the signature verified (internet noise), at WARN after
 // (a lost event, or an attack with a signed token).
-func (h *Handler) refuse(r *http.Request, repl *caddy.Replacer, reason reasonCode, tok *verifiedToken, eventName string) error {
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, reason reasonCode, tok *verifiedToken, eventName string) error {
+	if reason.bodyUnread() && r.ProtoMajor == 1 {
+		// What is left of the body stays on the wire. net/http would read
+		// and discard up to 256 KiB of it, or wait for a body the client
+		// has not sent (Expect: 100-continue, a Content-Length the client
+		// holds back), before the answer goes out: Caddy's wrapped body
+		// hides it from the server's own check. Closing the connection
+		// sends the answer at once. (HTTP/2 ends the stream alone, and
+		// there a Connection header would close the whole connection.)
+		w.Header().Set("Connection", "close")
+	}
 	repl.Set("http.trivialsec_webhook.reason", reason.String())
 	refusedCounters[reason].Inc()
 	level := zapcore.DebugLevel

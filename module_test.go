@@ -332,6 +332,40 @@ func TestServeHTTPRefuses(t *testing.T) {
 	}
 }
 
+// TestRefusalClosesOnlyBeforeTheBody: a refusal made before the body was
+// read closes an HTTP/1.x connection, so that net/http answers at once
+// instead of draining the body; one after, or over HTTP/2, does not.
+func TestRefusalClosesOnlyBeforeTheBody(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		forged     bool
+		protoMajor int
+		want       string
+	}{
+		{"forged_http1", true, 1, "close"},
+		{"forged_http2", true, 2, ""},
+		{"after_the_body", false, 1, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h, _ := newTestHandler(t, func(h *Handler) { h.Events = []string{"report_deleted"} })
+			d := productionDelivery()
+			if tc.forged {
+				d.key = "a guess"
+			}
+			r := deliveryRequest(d)
+			r.ProtoMajor = tc.protoMajor
+			r = r.WithContext(context.WithValue(r.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+			w := httptest.NewRecorder()
+			if err := h.ServeHTTP(w, r, &recordingNext{}); err == nil {
+				t.Fatal("accepted")
+			}
+			if got := w.Header().Get("Connection"); got != tc.want {
+				t.Errorf("Connection: %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
 type errReader struct{}
 
 func (errReader) Read([]byte) (int, error) { return 0, errors.New("connection reset by peer") }
@@ -536,6 +570,7 @@ func TestProvisionAndValidateErrors(t *testing.T) {
 		{"no_secret", Handler{Account: "a"}, "secret is required"},
 		{"bad_subject", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Subject: "nope"}, `subject "nope" is not a UUID`},
 		{"unknown_event", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Events: []string{"report_updated"}}, `unknown event name "report_updated"`},
+		{"max_depth_out_of_range", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, MaxDepth: 10001}, "max_depth 10001 is out of range: use 1 to 10000"},
 		{"negative_leeway", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Leeway: durationPtr(-time.Second)}, "leeway must not be negative"},
 		{"redis_without_url", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "redis"}}, "replay store redis needs a url"},
 		{"redis_bad_url", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "redis", URL: "http://u:hunter2@x"}}, "replay redis: the URL does not parse (redis: invalid URL scheme: http)"},

@@ -16,6 +16,7 @@ const (
 	reasonMissingToken   // 2: no Authorization header, or an empty one
 	reasonMalformedToken // 3: not three base64url parts, bad JSON, too long, or two Authorization headers
 	reasonBadAlgorithm   // 3: header alg is not exactly HS256
+	reasonCriticalHeader // 3: the header lists crit: an extension the module does not support (RFC 7515 4.1.11)
 	reasonBadSignature   // 3: no configured secret verifies the signature
 	reasonMissingClaim   // 3: one of iat nbf exp aud iss sub eid is absent
 	reasonMalformedClaim // 3: signed claims that are not one JSON object without duplicate names, a claim of the wrong JSON type, or a time out of range
@@ -30,6 +31,9 @@ const (
 	reasonBodyReadFailed       // 6: the client stopped sending the body
 	reasonMalformedBody        // 7: not one well-formed JSON object
 	reasonDuplicateKey         // 7: a top-level key appears twice
+	reasonFoldedKey            // 7: a top-level key differs from event_id, event_name, timestamp or payload only in case (Unicode simple folding)
+	reasonTooDeep              // 7: arrays and objects nested deeper than max_depth
+	reasonNumberTooLong        // 7: a number of more than 100 characters
 
 	reasonMissingField     // 8: event_id, event_name, timestamp or payload is absent
 	reasonInvalidEventID   // 8: event_id is not a UUID
@@ -52,6 +56,7 @@ var reasonCodes = [reasonCount]string{
 	reasonMissingToken:         "missing_token",
 	reasonMalformedToken:       "malformed_token",
 	reasonBadAlgorithm:         "bad_algorithm",
+	reasonCriticalHeader:       "critical_header",
 	reasonBadSignature:         "bad_signature",
 	reasonMissingClaim:         "missing_claim",
 	reasonMalformedClaim:       "malformed_claim",
@@ -65,6 +70,9 @@ var reasonCodes = [reasonCount]string{
 	reasonBodyReadFailed:       "body_read_failed",
 	reasonMalformedBody:        "malformed_body",
 	reasonDuplicateKey:         "duplicate_key",
+	reasonFoldedKey:            "folded_key",
+	reasonTooDeep:              "too_deep",
+	reasonNumberTooLong:        "number_too_long",
 	reasonMissingField:         "missing_field",
 	reasonInvalidEventID:       "invalid_event_id",
 	reasonInvalidEventName:     "invalid_event_name",
@@ -98,7 +106,7 @@ func (r reasonCode) status() int {
 		return http.StatusUnsupportedMediaType
 	case r == reasonBodyTooLarge:
 		return http.StatusRequestEntityTooLarge
-	case r <= reasonDuplicateKey:
+	case r <= reasonNumberTooLong:
 		return http.StatusBadRequest
 	case r <= reasonInvalidPayload:
 		return http.StatusUnprocessableEntity
@@ -117,6 +125,12 @@ func (r reasonCode) status() int {
 // that are internet noise, logged at DEBUG.
 func (r reasonCode) authenticated() bool {
 	return r > reasonBadSignature
+}
+
+// bodyUnread reports whether a refusal for this reason comes before the body
+// was read to its end.
+func (r reasonCode) bodyUnread() bool {
+	return r != reasonNone && r <= reasonBodyReadFailed
 }
 
 // Error makes a reasonCode usable as the error inside caddyhttp.Error:

@@ -75,6 +75,7 @@ type verifierConfig struct {
 	endpoint string    // when set, cep (if present) must equal it
 	leeway   time.Duration
 	events   eventSet         // event names accepted
+	body     jsonLimits       // what the body's JSON may hold
 	now      func() time.Time // the clock
 }
 
@@ -104,12 +105,13 @@ func newVerifier(c verifierConfig) *verifier {
 type verifiedToken struct {
 	EventID   uuid.UUID // the eid claim's UUID, when eid is urn:uuid:<uuid>
 	EventName string    // the evn claim when it is one of eventNames
-	Endpoint  string    // the cep claim; empty when absent
+	Endpoint  string    // the cep claim
 	IssuedAt  time.Time
 	ExpiresAt time.Time
 
-	eidValid bool // eid is urn:uuid: and a hyphenated UUID
-	evn      int  // evnAbsent, evnUnknown, or the evn claim's index in eventNames
+	hasEndpoint bool // the cep claim is present, empty or not
+	eidValid    bool // eid is urn:uuid: and a hyphenated UUID
+	evn         int  // evnAbsent, evnUnknown, or the evn claim's index in eventNames
 }
 
 const (
@@ -181,18 +183,27 @@ func (v *verifier) verifyToken(authorization string) (verifiedToken, reasonCode)
 	if s.header, err = b64.AppendDecode(s.header[:0], raw[:dot1]); err != nil {
 		return verifiedToken{}, reasonMalformedToken
 	}
-	members, status := readObject(s.header, s.members[:0])
+	members, status := readObject(s.header, s.members[:0], defaultJSONLimits)
 	if status != jsonOK {
 		return verifiedToken{}, reasonMalformedToken
 	}
 	var alg []byte
+	crit := false
 	for _, m := range members {
-		if string(m.key) == "alg" {
+		switch string(m.key) {
+		case "alg":
 			alg, _ = jsonString(m.value)
+		case "crit":
+			crit = true
 		}
 	}
 	if string(alg) != jwt.SigningMethodHS256.Alg() {
 		return verifiedToken{}, reasonBadAlgorithm
+	}
+	// A critical extension (b64: false, say) must be understood or the
+	// token refused (RFC 7515 4.1.11); the module understands none.
+	if crit {
+		return verifiedToken{}, reasonCriticalHeader
 	}
 
 	// The token's shape is checked whole before its signature: from there
@@ -222,13 +233,13 @@ func (v *verifier) verifyToken(authorization string) (verifiedToken, reasonCode)
 			tok.EventName = eventNames[tok.evn]
 		}
 	}
-	if len(c.cep) > 0 {
-		tok.Endpoint = string(c.cep)
+	if c.cep != nil {
+		tok.Endpoint, tok.hasEndpoint = string(c.cep), true
 	}
 	if reason != reasonNone {
 		return tok, reason
 	}
-	if reason := checkTimes(v.now(), c.exp, c.nbf, v.leeway); reason != reasonNone {
+	if reason := checkTimes(v.now(), c.exp, notBefore(c.iat, c.nbf), v.leeway); reason != reasonNone {
 		return tok, reason
 	}
 	if !audienceHolds(c.aud, v.audience) {
@@ -276,6 +287,21 @@ func checkTimes(now, exp, nbf time.Time, leeway time.Duration) reasonCode {
 	return reasonNone
 }
 
+// senderHeadStart is how far ahead of iat the production sender sets nbf
+// (nbf = iat + 3 s) before it posts the delivery at once.
+const senderHeadStart = 3 * time.Second
+
+// notBefore is when a token becomes valid by its design: nbf, less the head
+// start of up to 3 s that the production sender gives nbf over iat. That head
+// start is not clock skew, and must not use up the leeway: with it taken
+// off, a production delivery passes whenever the two clocks are within the
+// leeway of each other, in either direction, whatever the leeway. A token
+// whose nbf is no later than iat (the documented form) keeps its nbf; one
+// further ahead than the sender ever sets it keeps all but 3 s of it.
+func notBefore(iat, nbf time.Time) time.Time {
+	return nbf.Add(-min(max(nbf.Sub(iat), 0), senderHeadStart))
+}
+
 // claims are the JWT claims the module reads, as decoded bytes and times.
 type claims struct {
 	iat, nbf, exp time.Time
@@ -289,7 +315,7 @@ type claims struct {
 // claims that are not one JSON object without duplicate names are
 // malformed_claim, as a claim of the wrong type is.
 func (c *claims) read(payload []byte, scratch []member) reasonCode {
-	members, status := readObject(payload, scratch)
+	members, status := readObject(payload, scratch, defaultJSONLimits)
 	if status != jsonOK {
 		return reasonMalformedClaim
 	}
@@ -404,7 +430,7 @@ func eachAudience(value []byte, fn func(s []byte, isString bool) bool) {
 	}
 	i := skipBlanks(value, 1)
 	for i < len(value) && value[i] != ']' {
-		end, _ := scanValue(value, i)
+		end, _ := scanValue(value, i, defaultJSONLimits)
 		s, ok := jsonString(value[i:end])
 		if !fn(s, ok) {
 			return
@@ -437,12 +463,16 @@ func checkContentType(contentType string) reasonCode {
 // against the token that came with it.
 func (v *verifier) verifyBody(tok verifiedToken, body []byte) (event, reasonCode) {
 	var buf [8]member
-	members, status := readObject(body, buf[:0])
+	members, status := readObject(body, buf[:0], v.body)
 	switch status {
 	case jsonMalformed:
 		return event{}, reasonMalformedBody
 	case jsonDuplicateKey:
 		return event{}, reasonDuplicateKey
+	case jsonTooDeep:
+		return event{}, reasonTooDeep
+	case jsonNumberTooLong:
+		return event{}, reasonNumberTooLong
 	}
 
 	var id, name, timestamp, payload []byte
@@ -456,6 +486,10 @@ func (v *verifier) verifyBody(tok verifiedToken, body []byte) (event, reasonCode
 			timestamp = m.value
 		case "payload":
 			payload = m.value
+		default:
+			if foldsOntoField(m.key) {
+				return event{}, reasonFoldedKey
+			}
 		}
 	}
 	if id == nil || name == nil || timestamp == nil || payload == nil {
@@ -493,7 +527,7 @@ func (v *verifier) verifyBody(tok verifiedToken, body []byte) (event, reasonCode
 	if tok.evn != evnAbsent && tok.evn != index {
 		return event{}, reasonEVNMismatch
 	}
-	if v.endpoint != "" && tok.Endpoint != "" && tok.Endpoint != v.endpoint {
+	if v.endpoint != "" && tok.hasEndpoint && tok.Endpoint != v.endpoint {
 		return event{}, reasonEndpointMismatch
 	}
 	if v.events&(1<<index) == 0 {
@@ -502,6 +536,22 @@ func (v *verifier) verifyBody(tok verifiedToken, body []byte) (event, reasonCode
 	ev.token = tok
 	return ev, reasonNone
 }
+
+// foldsOntoField reports whether a top-level key that is not one of the four
+// field names is one of them but for case, under Unicode simple folding
+// ("EVENT_ID", "Payload", "time\u017ftamp"). Go's encoding/json, .NET's and
+// other case-insensitive binders read such a key as the field, and the last
+// one wins: the service would read a value the module never checked.
+func foldsOntoField(key []byte) bool {
+	for _, name := range fieldNames {
+		if bytes.EqualFold(key, name) {
+			return true
+		}
+	}
+	return false
+}
+
+var fieldNames = [...][]byte{[]byte("event_id"), []byte("event_name"), []byte("timestamp"), []byte("payload")}
 
 // parseUUID accepts the textual forms of a UUID: hyphenated, urn:uuid:,
 // braces, or 32 hex digits, in any case.

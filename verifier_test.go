@@ -89,6 +89,10 @@ func TestVerify(t *testing.T) {
 		{name: "alg_lowercase", edit: func(d *delivery) { d.header["alg"] = "hs256" }, want: reasonBadAlgorithm},
 		{name: "alg_missing", edit: func(d *delivery) { delete(d.header, "alg") }, want: reasonBadAlgorithm},
 		{name: "alg_not_string", edit: func(d *delivery) { d.header["alg"] = 256 }, want: reasonBadAlgorithm},
+		{name: "crit", edit: func(d *delivery) { d.header["crit"] = []string{"exp"} }, want: reasonCriticalHeader},
+		{name: "crit_b64_false", edit: func(d *delivery) { d.header["b64"], d.header["crit"] = false, []string{"b64"} }, want: reasonCriticalHeader},
+		{name: "crit_empty", edit: func(d *delivery) { d.header["crit"] = []string{} }, want: reasonCriticalHeader},
+		{name: "crit_with_wrong_alg", edit: func(d *delivery) { d.header["alg"], d.header["crit"] = "none", []string{"exp"} }, want: reasonBadAlgorithm},
 		{name: "alg_duplicate_key", auth: func(d *delivery) string {
 			return signToken(`{"alg":"HS256","alg":"none"}`, mustJSON(d.claims), d.key)
 		}, want: reasonMalformedToken},
@@ -140,9 +144,19 @@ func TestVerify(t *testing.T) {
 		{name: "exp_at_leeway_edge", edit: func(d *delivery) { d.claims["exp"] = now - leeway }, want: reasonExpired},
 		{name: "exp_long_past", edit: func(d *delivery) { d.claims["exp"] = now - 86400 }, want: reasonExpired},
 		{name: "nbf_at_leeway_edge", edit: func(d *delivery) { d.claims["nbf"] = now + leeway }},
-		{name: "nbf_beyond_leeway", edit: func(d *delivery) { d.claims["nbf"] = now + leeway + 1 }, want: reasonNotYetValid},
-		{name: "zero_leeway_nbf_ahead", edit: func(d *delivery) { d.claims["nbf"] = now + 1 },
+		{name: "nbf_before_iat", edit: func(d *delivery) { d.claims["nbf"] = now - 10 }},
+		// The sender's 3 s head start of nbf over iat is not skew: a sender
+		// clock up to the leeway ahead passes, whatever the leeway.
+		{name: "sender_clock_ahead_by_leeway", edit: func(d *delivery) { d.claims["iat"], d.claims["nbf"] = now+leeway, now+leeway+3 }},
+		{name: "sender_clock_ahead_beyond_leeway", edit: func(d *delivery) { d.claims["iat"], d.claims["nbf"] = now+leeway+1, now+leeway+4 },
+			want: reasonNotYetValid},
+		{name: "zero_leeway_production_nbf_ahead", edit: func(d *delivery) { d.claims["nbf"] = now + 3 },
+			config: func(c *verifierConfig) { c.leeway = 0 }},
+		{name: "zero_leeway_sender_clock_ahead", edit: func(d *delivery) { d.claims["iat"], d.claims["nbf"] = now+1, now+4 },
 			config: func(c *verifierConfig) { c.leeway = 0 }, want: reasonNotYetValid},
+		// A head start beyond the sender's 3 s counts as nbf, less 3 s.
+		{name: "nbf_far_ahead_of_iat_edge", edit: func(d *delivery) { d.claims["nbf"] = now + leeway + 3 }},
+		{name: "nbf_far_ahead_of_iat", edit: func(d *delivery) { d.claims["nbf"] = now + leeway + 4 }, want: reasonNotYetValid},
 		{name: "iat_in_future_is_not_checked", edit: func(d *delivery) { d.claims["iat"] = now + 60 }},
 
 		// Check 3: aud, iss, sub.
@@ -202,11 +216,38 @@ func TestVerify(t *testing.T) {
 		}, want: reasonDuplicateKey},
 		{name: "body_deep_nesting", edit: func(d *delivery) {
 			d.payload = `{"a": ` + strings.Repeat("[", maxJSONDepth+1) + strings.Repeat("]", maxJSONDepth+1) + `}`
-		}, want: reasonMalformedBody},
+		}, want: reasonTooDeep},
+		// Depth counts the body's own object: the payload's "a" is at 3.
+		{name: "body_at_max_depth", edit: func(d *delivery) { d.payload = `{"a": ` + nested(62) + `}` }},
+		{name: "body_one_past_max_depth", edit: func(d *delivery) { d.payload = `{"a": ` + nested(63) + `}` }, want: reasonTooDeep},
+		{name: "body_at_max_depth_10000", edit: func(d *delivery) { d.payload = `{"a": ` + nested(maxJSONDepth-2) + `}` },
+			config: func(c *verifierConfig) { c.body.depth = maxJSONDepth }},
+		{name: "body_10001_deep", edit: func(d *delivery) { d.payload = `{"a": ` + nested(maxJSONDepth-1) + `}` },
+			config: func(c *verifierConfig) { c.body.depth = maxJSONDepth }, want: reasonTooDeep},
+		{name: "number_of_100_chars", edit: func(d *delivery) { d.payload = `{"n": -` + strings.Repeat("9", 99) + `}` }},
+		{name: "integer_of_4301_digits", edit: func(d *delivery) { d.payload = `{"n": [` + strings.Repeat("1", 4301) + `]}` }, want: reasonNumberTooLong},
+		{name: "number_too_long_at_top_level", body: func(d *delivery) string {
+			return strings.Replace(d.body(), `{`, `{"n": 1.`+strings.Repeat("0", 99)+`, `, 1)
+		}, want: reasonNumberTooLong},
+		// Keys that fold onto a field name: a case-insensitive binder
+		// downstream reads them as the field.
+		{name: "folded_key_event_id", body: func(d *delivery) string {
+			return d.body()[:len(d.body())-1] + `, "EVENT_ID": "` + uuid.NewString() + `"}`
+		}, want: reasonFoldedKey},
+		{name: "folded_key_event_name", body: func(d *delivery) string {
+			return d.body()[:len(d.body())-1] + `, "Event_Name": "hosted_scanner"}`
+		}, want: reasonFoldedKey},
+		{name: "folded_key_payload", body: func(d *delivery) string { return strings.Replace(d.body(), `{`, `{"Payload": {}, `, 1) }, want: reasonFoldedKey},
+		{name: "folded_key_long_s_escaped", body: func(d *delivery) string {
+			return strings.Replace(d.body(), `{`, `{"time\u017ftamp": 1, `, 1)
+		}, want: reasonFoldedKey},
+		{name: "folded_key_long_s_utf8", body: func(d *delivery) string { return strings.Replace(d.body(), `{`, `{"timeſtamp": 1, `, 1) }, want: reasonFoldedKey},
+		{name: "near_keys_pass", body: func(d *delivery) string {
+			return strings.Replace(d.body(), `{`, `{"event-id": 1, "eventid": 2, "payloads": 3, "timestamp_": 4, "event_idſ": 5, `, 1)
+		}},
 		{name: "payload_nested_duplicate_keys_pass", edit: func(d *delivery) { d.payload = `{"a": {"k": 1, "k": 2}, "a2": [{"x": 1, "x": 1}]}` }},
 		{name: "payload_lone_surrogate_passes", edit: func(d *delivery) { d.payload = `{"s": "\ud800", "t": "\udfff\ud83d\ude00"}` }},
 		{name: "payload_big_numbers_pass", edit: func(d *delivery) { d.payload = `{"n": 1e400, "m": -0.0, "big": 123456789012345678901234567890}` }},
-		{name: "payload_nesting_passes", edit: func(d *delivery) { d.payload = `{"a": ` + strings.Repeat("[", 1000) + strings.Repeat("]", 1000) + `}` }},
 		{name: "compact_separators", body: func(d *delivery) string { return strings.ReplaceAll(d.body(), `": `, `":`) }},
 		{name: "escaped_key_accepted", body: func(d *delivery) string { return strings.Replace(d.body(), `"event_id"`, `"\u0065vent_id"`, 1) }},
 		{name: "other_top_level_keys_ignored", body: func(d *delivery) string { return strings.Replace(d.body(), `{`, `{"extra": [1, {"x": null}], `, 1) }},
@@ -262,6 +303,11 @@ func TestVerify(t *testing.T) {
 		{name: "cep_match", edit: func(d *delivery) { d.claims["cep"] = "https://hooks.example.com/webhook/trivialsec" },
 			config: func(c *verifierConfig) { c.endpoint = "https://hooks.example.com/webhook/trivialsec" }},
 		{name: "cep_ignored_without_endpoint", edit: func(d *delivery) { d.claims["cep"] = "https://elsewhere.example/hook" }},
+		{name: "cep_empty", edit: func(d *delivery) { d.claims["cep"] = "" },
+			config: func(c *verifierConfig) { c.endpoint = "https://hooks.example.com/webhook/trivialsec" }, want: reasonEndpointMismatch},
+		{name: "cep_empty_without_endpoint", edit: func(d *delivery) { d.claims["cep"] = "" }},
+		{name: "cep_absent", edit: func(d *delivery) { delete(d.claims, "cep") },
+			config: func(c *verifierConfig) { c.endpoint = "https://hooks.example.com/webhook/trivialsec" }},
 
 		// Check 10: the events allow-list.
 		{name: "event_not_allowed", config: func(c *verifierConfig) { c.events = 1 << 0 }, want: reasonEventNotAllowed},
@@ -322,24 +368,73 @@ func TestVerifyAllEventNames(t *testing.T) {
 	}
 }
 
-// TestVerifyClock moves the clock, not the token, across exp and nbf.
+// TestVerifyClock moves the clock, not the token, across exp and nbf. A
+// production token's nbf is iat + 3 s, the sender's head start, which the
+// module takes off: it is valid from iat - leeway.
 func TestVerifyClock(t *testing.T) {
-	d := productionDelivery()
-	auth, body := d.authorization(), d.body()
-	exp := time.Unix(d.claims["exp"].(int64), 0)
-	nbf := time.Unix(d.claims["nbf"].(int64), 0)
-	for _, tc := range []struct {
-		now  time.Time
-		want reasonCode
-	}{
-		{nbf.Add(-defaultLeeway - time.Nanosecond), reasonNotYetValid},
-		{nbf.Add(-defaultLeeway), reasonNone},
-		{exp.Add(defaultLeeway - time.Nanosecond), reasonNone},
-		{exp.Add(defaultLeeway), reasonExpired},
+	for _, style := range styles {
+		d := style.make()
+		auth, body := d.authorization(), d.body()
+		exp := time.Unix(d.claims["exp"].(int64), 0)
+		iat := time.Unix(d.claims["iat"].(int64), 0)
+		for _, tc := range []struct {
+			now  time.Time
+			want reasonCode
+		}{
+			{iat.Add(-defaultLeeway - time.Nanosecond), reasonNotYetValid},
+			{iat.Add(-defaultLeeway), reasonNone},
+			{exp.Add(defaultLeeway - time.Nanosecond), reasonNone},
+			{exp.Add(defaultLeeway), reasonExpired},
+		} {
+			v := testVerifier(t, func(c *verifierConfig) { c.now = func() time.Time { return tc.now } })
+			if got, _ := deliverTo(t, v, 0, auth, "", body); got != tc.want {
+				t.Errorf("%s at %s: %q, want %q", style.name, tc.now, got, tc.want)
+			}
+		}
+	}
+}
+
+// TestVerifyClockSkew: a delivery minted by a sender whose clock is off by
+// up to the leeway, either way, and received at once or a little later,
+// passes for any leeway; one from a clock further ahead does not.
+func TestVerifyClockSkew(t *testing.T) {
+	for _, leeway := range []time.Duration{0, time.Second, 2 * time.Second, defaultLeeway, 10 * time.Second} {
+		for _, style := range styles {
+			for _, skew := range []time.Duration{-leeway, -leeway / 2, 0, leeway / 2, leeway, leeway + time.Second} {
+				for _, latency := range []time.Duration{0, 300 * time.Millisecond} {
+					want := reasonNone
+					if skew > leeway {
+						want = reasonNotYetValid
+					}
+					d := style.make().at(testNow.Add(skew)) // the sender's clock
+					v := testVerifier(t, func(c *verifierConfig) {
+						c.leeway = leeway
+						c.now = func() time.Time { return testNow.Add(latency) }
+					})
+					if got, _ := deliverTo(t, v, 0, d.authorization(), "", d.body()); got != want {
+						t.Errorf("leeway %v, %s sender %v ahead, received %v later: %q, want %q",
+							leeway, style.name, skew, latency, got, want)
+					}
+				}
+			}
+		}
+	}
+}
+
+// TestNotBefore: the sender's head start of up to 3 s comes off nbf, and
+// nothing else does.
+func TestNotBefore(t *testing.T) {
+	iat := time.Unix(1_800_000_000, 0)
+	for _, tc := range []struct{ nbf, want time.Duration }{
+		{-10 * time.Second, -10 * time.Second}, // before iat: as it is
+		{0, 0},
+		{time.Second, 0},
+		{senderHeadStart, 0},
+		{senderHeadStart + time.Second, time.Second},
+		{time.Hour, time.Hour - senderHeadStart},
 	} {
-		v := testVerifier(t, func(c *verifierConfig) { c.now = func() time.Time { return tc.now } })
-		if got, _ := deliverTo(t, v, 0, auth, "", body); got != tc.want {
-			t.Errorf("at %s: %q, want %q", tc.now, got, tc.want)
+		if got := notBefore(iat, iat.Add(tc.nbf)); !got.Equal(iat.Add(tc.want)) {
+			t.Errorf("nbf = iat%+v: valid from iat%+v, want iat%+v", tc.nbf, got.Sub(iat), tc.want)
 		}
 	}
 }
@@ -401,6 +496,7 @@ func TestReasons(t *testing.T) {
 		reasonDuplicateKey: 400, reasonMissingField: 422, reasonInvalidPayload: 422,
 		reasonEIDMismatch: 403, reasonEventNotAllowed: 403, reasonReplayed: 409, reasonReplayStoreFull: 503,
 		reasonReplayStoreDown: 503,
+		reasonCriticalHeader:  403, reasonFoldedKey: 400, reasonTooDeep: 400, reasonNumberTooLong: 400,
 	} {
 		if r.status() != want {
 			t.Errorf("%s: status %d, want %d", r, r.status(), want)
@@ -415,6 +511,11 @@ func wantTimestamp(want string) func(*testing.T, *caddy.Replacer) {
 			t.Errorf("timestamp = %s, want %s", got, want)
 		}
 	}
+}
+
+// nested is n arrays, one in the other, around a 0.
+func nested(n int) string {
+	return strings.Repeat("[", n) + "0" + strings.Repeat("]", n)
 }
 
 // signOther signs the delivery with another HMAC algorithm, named in the
