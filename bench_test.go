@@ -67,12 +67,16 @@ type resettableBody struct{ bytes.Reader }
 func (*resettableBody) Close() error { return nil }
 
 // BenchmarkServeHTTP: the whole handler, a 1 KiB delivery, a next handler
-// that reads the body and answers 200; replay off, as in the targets.
+// that reads the body and answers 200; replay off, as in the targets, or
+// memory; the spool off, or in fallback mode on a file store (which the
+// normal path does not write to, but for the replay journal).
 func BenchmarkServeHTTP(b *testing.B) {
-	for _, replay := range []string{"off", "memory"} {
-		b.Run("replay="+replay, func(b *testing.B) {
+	for _, tc := range []struct{ replay, spool string }{{"off", "off"}, {"memory", "off"}, {"off", "fallback"}, {"memory", "fallback"}} {
+		replay := tc.replay
+		b.Run("replay="+replay+"/spool="+tc.spool, func(b *testing.B) {
 			b.Setenv("TRIVIALSEC_TEST_SECRET", testSecret)
-			h := &Handler{Account: testAccount, Secret: []string{"{env.TRIVIALSEC_TEST_SECRET}"}, Replay: &Replay{Store: replay}}
+			h := &Handler{Account: testAccount, Secret: []string{"{env.TRIVIALSEC_TEST_SECRET}"}, Replay: &Replay{Store: replay},
+				Spool: &Spool{Store: "off"}}
 			h.now = func() time.Time { return testNow }
 			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 			defer cancel()
@@ -81,6 +85,19 @@ func BenchmarkServeHTTP(b *testing.B) {
 			}
 			defer h.Cleanup()
 			h.logger = zap.NewNop()
+			if tc.spool == "fallback" {
+				// The file store without a server to re-drive through:
+				// ServeHTTP's normal path never needs one.
+				h.Spool = &Spool{Mode: tc.spool}
+				h.Spool.setDefaults()
+				h.policy = h.Spool.policy()
+				spool, err := openFileSpool(b.TempDir(), h.policy)
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer spool.Destruct()
+				h.spool, h.journal = spool, replay == "memory"
+			}
 			if replay == "memory" {
 				h.store = newMemoryStore(defaultReplayMaxEntries)
 			}

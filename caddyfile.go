@@ -36,6 +36,15 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		events   <name> [<name>...]
 //		replay   off | memory [<max_entries>] | redis <url> [<key_prefix>]
 //		strip_authorization
+//		spool    off
+//		spool {
+//			store    file [<dir>]
+//			mode     fallback | always
+//			backoff  <min> <max>
+//			max_age  <duration>
+//			max_size <size>
+//			attempt_timeout <duration>
+//		}
 //	}
 //
 // account and secret are required; everything else has a default.
@@ -152,8 +161,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.StripAuthorization = true
+		case "spool":
+			spool, err := parseSpool(d)
+			if err != nil {
+				return err
+			}
+			h.Spool = spool
 		default:
-			return d.Errf("unknown subdirective %q: use account, secret, subject, issuer, endpoint, leeway, max_body, max_depth, events, replay or strip_authorization", sub)
+			return d.Errf("unknown subdirective %q: use account, secret, subject, issuer, endpoint, leeway, max_body, max_depth, events, replay, strip_authorization or spool", sub)
 		}
 	}
 	if err := h.checkRequired(); err != nil {
@@ -166,3 +181,76 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 // Interface guard
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
+
+// parseSpool reads `spool off`, or a spool block.
+func parseSpool(d *caddyfile.Dispenser) (*Spool, error) {
+	s := new(Spool)
+	switch args := d.RemainingArgs(); {
+	case len(args) == 1 && args[0] == "off":
+		s.Store = "off"
+	case len(args) > 0:
+		return nil, d.Errf("spool takes off, or its settings in a block: found %q", strings.Join(args, " "))
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if s.Store == "off" {
+			return nil, d.Errf("spool off takes no settings: found %q", sub)
+		}
+		if seen[sub] {
+			return nil, d.Errf("spool %s is set twice", sub)
+		}
+		seen[sub] = true
+		args := d.RemainingArgs()
+		duration := func(v string) (caddy.Duration, error) {
+			dur, err := caddy.ParseDuration(v)
+			if err != nil || dur <= 0 {
+				return 0, d.Errf("spool %s %q is not a positive duration: write it like 30s, 10m or 72h", sub, v)
+			}
+			return caddy.Duration(dur), nil
+		}
+		var err error
+		switch {
+		case sub == "store" && len(args) >= 1 && len(args) <= 2 && args[0] == "file":
+			s.Store = "file"
+			if len(args) == 2 {
+				s.Dir = args[1]
+			}
+		case sub == "store":
+			return nil, d.Errf("spool store takes file [<dir>]: found %q", strings.Join(args, " "))
+		case sub == "mode" && len(args) == 1:
+			s.Mode = args[0]
+		case sub == "backoff" && len(args) == 2:
+			s.Backoff = make([]caddy.Duration, 2)
+			for i, v := range args {
+				if s.Backoff[i], err = duration(v); err != nil {
+					return nil, err
+				}
+			}
+		case (sub == "max_age" || sub == "attempt_timeout") && len(args) == 1:
+			dur, err := duration(args[0])
+			if err != nil {
+				return nil, err
+			}
+			if sub == "max_age" {
+				s.MaxAge = dur
+			} else {
+				s.AttemptTimeout = dur
+			}
+		case sub == "max_size" && len(args) == 1:
+			size, err := humanize.ParseBytes(args[0])
+			if err != nil || size == 0 || size > 1<<50 {
+				return nil, d.Errf("spool max_size %q is not a size: write it like 1GiB", args[0])
+			}
+			s.MaxSize = int64(size)
+		case sub == "mode" || sub == "backoff" || sub == "max_age" || sub == "attempt_timeout" || sub == "max_size":
+			return nil, d.ArgErr()
+		default:
+			return nil, d.Errf("unknown spool setting %q: use store, mode, backoff, max_age, max_size or attempt_timeout", sub)
+		}
+		if err := s.validate(); err != nil {
+			return nil, d.WrapErr(err)
+		}
+	}
+	return s, nil
+}

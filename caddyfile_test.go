@@ -54,6 +54,9 @@ func TestUnmarshalCaddyfileMinimal(t *testing.T) {
 		"replay off": `"replay":{"store":"off"}`,
 		"replay redis redis://:pw@10.0.0.1:6379/2": `"replay":{"store":"redis","url":"redis://:pw@10.0.0.1:6379/2"}`,
 		"replay redis {env.REDIS_URL} acme:":       `"replay":{"store":"redis","url":"{env.REDIS_URL}","key_prefix":"acme:"}`,
+		"spool off":                                `"spool":{"store":"off"}`,
+		"spool {\n store file /var/lib/spool\n mode always\n backoff 2s 1h\n max_age 24h\n max_size 10MiB\n attempt_timeout 5s\n }": `"spool":{"store":"file","dir":"/var/lib/spool","mode":"always","backoff":[2000000000,3600000000000],"max_age":86400000000000,"max_size":10485760,"attempt_timeout":5000000000}`,
+		"spool {\n store file\n }": `"spool":{"store":"file"}`,
 	} {
 		var h Handler
 		d := caddyfile.NewTestDispenser("trivialsec_webhook {\n account acme\n secret {env.S}\n " + input + "\n}")
@@ -92,6 +95,17 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"replay_redis_bad_url", "trivialsec_webhook {\n account a\n secret s\n replay redis 127.0.0.1:6379\n}", "@4@replay redis: the URL must start with redis:// or rediss://"},
 		{"replay_unknown", "trivialsec_webhook {\n account a\n secret s\n replay disk\n}", `@4@replay takes off, memory [<max_entries>] or redis <url> [<key_prefix>]: found "disk"`},
 		{"replay_bad_max", "trivialsec_webhook {\n account a\n secret s\n replay memory -5\n}", `@4@replay memory "-5": max_entries must be a positive whole number`},
+		{"spool_argument", "trivialsec_webhook {\n account a\n secret s\n spool on\n}", `@4@spool takes off, or its settings in a block: found "on"`},
+		{"spool_off_with_block", "trivialsec_webhook {\n account a\n secret s\n spool off {\n mode always\n }\n}", `@5@spool off takes no settings: found "mode"`},
+		{"spool_unknown_setting", "trivialsec_webhook {\n account a\n secret s\n spool {\n retries 5\n }\n}", `@5@unknown spool setting "retries": use store, mode, backoff, max_age, max_size or attempt_timeout`},
+		{"spool_duplicate_setting", "trivialsec_webhook {\n account a\n secret s\n spool {\n mode always\n mode always\n }\n}", `@6@spool mode is set twice`},
+		{"spool_unknown_mode", "trivialsec_webhook {\n account a\n secret s\n spool {\n mode sometimes\n }\n}", `@5@unknown spool mode "sometimes": use fallback or always`},
+		{"spool_unknown_store", "trivialsec_webhook {\n account a\n secret s\n spool {\n store disk\n }\n}", `@5@spool store takes file [<dir>]: found "disk"`},
+		{"spool_backoff_one", "trivialsec_webhook {\n account a\n secret s\n spool {\n backoff 1s\n }\n}", `@5@wrong argument count`},
+		{"spool_backoff_reversed", "trivialsec_webhook {\n account a\n secret s\n spool {\n backoff 1m 1s\n }\n}", `@5@spool backoff takes two positive durations, the first no larger than the second`},
+		{"spool_backoff_zero", "trivialsec_webhook {\n account a\n secret s\n spool {\n backoff 0s 1s\n }\n}", `@5@spool backoff "0s" is not a positive duration`},
+		{"spool_max_age_negative", "trivialsec_webhook {\n account a\n secret s\n spool {\n max_age -1h\n }\n}", `@5@spool max_age "-1h" is not a positive duration`},
+		{"spool_max_size_word", "trivialsec_webhook {\n account a\n secret s\n spool {\n max_size lots\n }\n}", `@5@spool max_size "lots" is not a size`},
 		{"strip_with_argument", "trivialsec_webhook {\n account a\n secret s\n strip_authorization yes\n}", "@4@wrong argument count"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

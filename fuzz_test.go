@@ -207,6 +207,8 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 	f.Add(" {\n\taccount acme\n\tsecret {env.S} {file./s}\n\tevents report_created\n\treplay memory 10\n}")
 	f.Add(" {\n\taccount a\n\tsecret s\n\treplay redis redis://127.0.0.1:6379 p:\n\tleeway 2s\n\tmax_body 1MB\n\tmax_depth 16\n\tstrip_authorization\n}")
 	f.Add(" {\n\tsubject x\n}")
+	f.Add(" {\n\taccount a\n\tsecret s\n\tspool {\n\t\tstore file /tmp/s\n\t\tmode always\n\t\tbackoff 1s 1m\n\t\tmax_age 1h\n\t\tmax_size 1MB\n\t\tattempt_timeout 5s\n\t}\n}")
+	f.Add(" {\n\taccount a\n\tsecret s\n\tspool off\n}")
 	f.Fuzz(func(t *testing.T, input string) {
 		// Caddy refuses a file its lexer cannot read before any directive
 		// sees it (NewTestDispenser would log.Fatal on it instead).
@@ -240,6 +242,11 @@ func FuzzUnmarshalCaddyfile(f *testing.F) {
 		}
 		if h.MaxDepth < 0 || h.MaxDepth > maxJSONDepth {
 			t.Fatalf("accepted max_depth %d", h.MaxDepth)
+		}
+		if h.Spool != nil {
+			if err := h.Spool.validate(); err != nil {
+				t.Fatalf("accepted a spool block that does not validate: %v", err)
+			}
 		}
 	})
 }

@@ -23,6 +23,32 @@ var (
 		Help:      "Accepted webhook deliveries by event name.",
 	}, []string{"event_name"})
 
+	// The spool: what it holds, and what it did. Gauges are the sum over
+	// every spool store of the process.
+	spoolEntries = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy",
+		Subsystem: "trivialsec_webhook",
+		Name:      "spool_entries",
+		Help:      "Deliveries held in the spool, by state (pending, dead).",
+	}, []string{"state"})
+	spoolBytes = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "caddy",
+		Subsystem: "trivialsec_webhook",
+		Name:      "spool_bytes",
+		Help:      "Bytes held in the spool: requests and bodies.",
+	})
+	replayJournalPending = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "caddy",
+		Subsystem: "trivialsec_webhook",
+		Name:      "replay_journal_pending",
+		Help:      "Replay reservations accepted but not yet on disk in the spool store: what a crash now would forget.",
+	})
+	spoolSpooled      = spoolCounter("spool_spooled_total", "Deliveries written to the spool.")
+	spoolRedelivered  = spoolCounter("spool_redelivered_total", "Spooled deliveries the next handler took on a re-drive.")
+	spoolDeadLettered = spoolCounter("spool_dead_lettered_total", "Spooled deliveries turned into dead letters.")
+	spoolAttempts     = spoolCounter("spool_attempts_total", "Re-drives of spooled deliveries.")
+	spoolCommits      = spoolCounter("spool_commits_total", "Commits (each with its fsyncs) of the spool's file store; writes made at once share one.")
+
 	// The counters of every label value, resolved once: no lookup on the
 	// hot path, and every series present from the start.
 	acceptedCounter = requestsTotal.WithLabelValues("accepted", "none")
@@ -37,6 +63,9 @@ func init() {
 	for i, name := range eventNames {
 		eventCounters[i] = eventsTotal.WithLabelValues(name)
 	}
+	for _, state := range []string{statePending, stateDead} {
+		spoolEntries.WithLabelValues(state)
+	}
 }
 
 // registerMetrics adds the collectors to a config's registry. The same
@@ -45,7 +74,8 @@ func registerMetrics(registry *prometheus.Registry) error {
 	if registry == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{requestsTotal, eventsTotal} {
+	for _, c := range []prometheus.Collector{requestsTotal, eventsTotal, spoolEntries, spoolBytes, replayJournalPending,
+		spoolSpooled, spoolRedelivered, spoolDeadLettered, spoolAttempts, spoolCommits} {
 		if err := registry.Register(c); err != nil {
 			if _, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); !ok {
 				return err
@@ -53,4 +83,13 @@ func registerMetrics(registry *prometheus.Registry) error {
 		}
 	}
 	return nil
+}
+
+func spoolCounter(name, help string) prometheus.Counter {
+	return prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "caddy",
+		Subsystem: "trivialsec_webhook",
+		Name:      name,
+		Help:      help,
+	})
 }

@@ -4,6 +4,7 @@ package trivialsecwebhook
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/google/uuid"
 	"go.uber.org/zap"
@@ -88,12 +90,21 @@ type Handler struct {
 	Replay *Replay `json:"replay,omitempty"`
 
 	// Remove the Authorization header before the next handler, so that
-	// the token does not travel further.
+	// the token does not travel further (nor into the spool).
 	StripAuthorization bool `json:"strip_authorization,omitempty"`
+
+	// The durable spool of deliveries the next handler could not take.
+	// Default: on, in a file store in Caddy's data directory.
+	Spool *Spool `json:"spool,omitempty"`
 
 	verifier *verifier
 	store    replayStore
 	storeKey string // its key in replayStores
+	spool    *fileSpool
+	spoolKey string // its key in spools
+	policy   spoolPolicy
+	driver   *driver // re-drives this handler's spooled deliveries
+	journal  bool    // reservations of the memory store are kept in the spool store too
 	logger   *zap.Logger
 	now      func() time.Time
 }
@@ -190,7 +201,47 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return err
 	}
+	if err := h.provisionSpool(ctx); err != nil {
+		return err
+	}
 	return h.provisionStore(ctx)
+}
+
+// provisionSpool opens the spool store, or takes it over from an earlier
+// config, and registers this handler's server to re-drive its deliveries
+// once the config has started.
+func (h *Handler) provisionSpool(ctx caddy.Context) error {
+	if h.Spool == nil {
+		h.Spool = new(Spool)
+	}
+	if err := h.Spool.validate(); err != nil {
+		return err
+	}
+	if h.Spool.Store == "off" {
+		h.logger.Warn("the spool is off: a delivery the next handler fails is lost, as the sender never sends it again")
+		return nil
+	}
+	h.Spool.setDefaults()
+	server, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if server == nil {
+		return errors.New("spool: the handler is not in the routes of an HTTP server, through which the spool delivers again: use it in a site, or set spool off")
+	}
+	events, err := ctx.App("events")
+	if err != nil {
+		return fmt.Errorf("spool: %v", err)
+	}
+	h.policy = h.Spool.policy()
+	store, key, err := loadFileSpool(h.Spool.Dir, h.policy)
+	if err != nil {
+		return err
+	}
+	h.spool, h.spoolKey = store, key
+	h.driver = &driver{server: server, spool: store}
+	if err := events.(*caddyevents.App).On("started", h.driver); err != nil {
+		return fmt.Errorf("spool: %v", err)
+	}
+	store.register(h.Account, h.driver)
+	return nil
 }
 
 // provisionStore takes the replay store over from an earlier config, or
@@ -206,6 +257,16 @@ func (h *Handler) provisionStore(ctx caddy.Context) error {
 			return err
 		}
 		h.store, h.storeKey = store, key
+		if h.spool != nil {
+			// The spool store keeps the reservations too, so that a restart
+			// keeps them; the memory store is the cache in front.
+			h.journal = true
+			if err := store.preload(h.spoolKey, func(add func(uuid.UUID, time.Time)) error {
+				return h.spool.reservations(h.Account, time.Now(), add)
+			}); err != nil {
+				return fmt.Errorf("replay: reading the reservations kept in the spool store: %v", err)
+			}
+		}
 		return nil
 	case "redis":
 		if h.Replay.URL == "" {
@@ -297,6 +358,9 @@ func (h *Handler) Validate() error {
 	if err := h.checkRequired(); err != nil {
 		return err
 	}
+	if err := h.Spool.validate(); err != nil {
+		return err
+	}
 	switch {
 	case *h.Leeway < 0:
 		return errors.New("leeway must not be negative")
@@ -349,18 +413,27 @@ func parseEvents(names []string) (eventSet, error) {
 	return set, nil
 }
 
-// Cleanup lets go of the replay store; it lives on while a newer config
-// uses it.
+// Cleanup lets go of the replay store and the spool store; each lives on
+// while a newer config uses it.
 func (h *Handler) Cleanup() error {
+	var errs []error
 	if h.store != nil {
 		_, err := replayStores.Delete(h.storeKey)
-		return err
+		errs = append(errs, err)
 	}
-	return nil
+	if h.spool != nil {
+		h.spool.unregister(h.Account, h.driver)
+		_, err := spools.Delete(h.spoolKey)
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 // ServeHTTP verifies the delivery, then hands it to next.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if rd := redriveOf(r); rd != nil && rd.account == h.Account {
+		return h.serveRedriven(w, r, next, rd)
+	}
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 
 	if r.Method != http.MethodPost {
@@ -415,6 +488,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		case result == replayFull:
 			return h.refuse(w, r, repl, reasonReplayStoreFull, &tok, ev.Name)
 		}
+		if h.journal {
+			h.spool.reserve(h.Account, ev.ID, expires)
+		}
 	}
 
 	// The body again, byte for byte, with its length: a chunked upload goes
@@ -441,30 +517,53 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			zap.String("remote_addr", r.RemoteAddr))
 	}
 
+	switch {
+	case h.spool == nil:
+		return h.serveReleasing(w, r, next, ev.ID, reserved)
+	case h.Spool.Mode == "always":
+		return h.serveSpoolFirst(w, r, next, a, body, reserved)
+	default:
+		return h.serveFallback(w, r, next, a, body, reserved)
+	}
+}
+
+// serveReleasing hands the delivery to next, and releases its reservation
+// if next fails (returns an error, panics, or answers 5xx), so that a
+// genuine delivery whose upstream was down could come again.
+func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, id uuid.UUID, reserved reservation) error {
 	if h.store == nil {
 		return next.ServeHTTP(w, r)
 	}
-	// Release the reservation if the next handler fails, so that a genuine
-	// delivery whose upstream was down can still come again.
 	rec := caddyhttp.NewResponseRecorder(w, nil, nil)
 	succeeded := false
 	defer func() {
-		if succeeded {
-			return
-		}
-		if err := h.store.release(r.Context(), ev.ID, reserved); err != nil {
-			if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the event ID could not be released: a redelivery is refused until the token expires"); c != nil {
-				c.Write(zap.String("event_id", ev.ID.String()), zap.Error(err))
-			}
-			return
-		}
-		if c := h.logger.Check(zapcore.DebugLevel, "next handler failed: released the event ID"); c != nil {
-			c.Write(zap.String("event_id", ev.ID.String()), zap.Int("status", rec.Status()))
+		if !succeeded {
+			h.release(r.Context(), id, reserved, rec.Status())
 		}
 	}()
 	err := next.ServeHTTP(rec, r)
 	succeeded = err == nil && rec.Status() < 500
 	return err
+}
+
+// release gives a reservation back, in the store and its journal.
+func (h *Handler) release(ctx context.Context, id uuid.UUID, reserved reservation, status int) {
+	if h.store == nil {
+		return // replay off
+	}
+	err := h.store.release(ctx, id, reserved)
+	if err == nil && h.journal {
+		h.spool.unreserve(id, time.Unix(0, reserved.expires))
+	}
+	if err != nil {
+		if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the event ID could not be released: a redelivery is refused until the token expires"); c != nil {
+			c.Write(zap.String("event_id", id.String()), zap.Error(err))
+		}
+		return
+	}
+	if c := h.logger.Check(zapcore.DebugLevel, "next handler failed: released the event ID"); c != nil {
+		c.Write(zap.String("event_id", id.String()), zap.Int("status", status))
+	}
 }
 
 // placeholder gives the {http.trivialsec_webhook.*} placeholders of an

@@ -35,6 +35,7 @@ func newTestHandler(t *testing.T, change func(*Handler)) (*Handler, *observer.Ob
 		Secret:  []string{"{env.TRIVIALSEC_TEST_SECRET}"},
 		now:     func() time.Time { return testNow },
 		Replay:  &Replay{Store: "memory"},
+		Spool:   &Spool{Store: "off"}, // the spool's tests run a real Caddy
 	}
 	if change != nil {
 		change(h)
@@ -576,11 +577,20 @@ func TestProvisionAndValidateErrors(t *testing.T) {
 		{"redis_bad_url", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "redis", URL: "http://u:hunter2@x"}}, "replay redis: the URL does not parse (redis: invalid URL scheme: http)"},
 		{"redis_url_unset", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "redis", URL: "{env.TS_REDIS_UNSET}"}}, "replay redis url: evaluated placeholder {env.TS_REDIS_UNSET} is empty"},
 		{"unknown_store", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Replay: &Replay{Store: "disk"}}, `unknown replay store "disk"`},
+		{"spool_unknown_mode", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Spool: &Spool{Mode: "sometimes"}}, `unknown spool mode "sometimes": use fallback or always`},
+		{"spool_unknown_store", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Spool: &Spool{Store: "disk"}}, `unknown spool store "disk": use file or off`},
+		{"spool_backoff_one_value", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Spool: &Spool{Backoff: []caddy.Duration{1}}}, "spool backoff takes two positive durations"},
+		{"spool_backoff_reversed", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Spool: &Spool{Backoff: []caddy.Duration{2e9, 1e9}}}, "spool backoff takes two positive durations"},
+		{"spool_negative_max_age", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Spool: &Spool{MaxAge: -1}}, "spool max_age must be positive"},
+		{"spool_outside_a_server", Handler{Account: "a", Secret: []string{"{env.TS_SET}"}, Spool: &Spool{}}, "spool: the handler is not in the routes of an HTTP server"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 			defer cancel()
 			h := tc.h
+			if h.Spool == nil {
+				h.Spool = &Spool{Store: "off"}
+			}
 			err := h.Provision(ctx)
 			if err == nil {
 				err = h.Validate()

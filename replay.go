@@ -57,10 +57,31 @@ type memoryStore struct {
 	entries    map[uuid.UUID]int64 // event ID -> expiry, Unix nanoseconds
 	expiries   expiryHeap
 	maxEntries int
+	preloaded  map[string]bool // the spool stores whose reservations it holds
 }
 
 func newMemoryStore(maxEntries int) *memoryStore {
-	return &memoryStore{entries: make(map[uuid.UUID]int64), maxEntries: maxEntries}
+	return &memoryStore{entries: make(map[uuid.UUID]int64), maxEntries: maxEntries, preloaded: make(map[string]bool)}
+}
+
+// preload takes in the reservations a spool store (its key in spools) kept
+// across a restart, once: load calls add with each.
+func (s *memoryStore) preload(key string, load func(add func(id uuid.UUID, expires time.Time)) error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.preloaded[key] {
+		return nil
+	}
+	err := load(func(id uuid.UUID, expires time.Time) {
+		if _, taken := s.entries[id]; !taken {
+			s.entries[id] = expires.UnixNano()
+			heap.Push(&s.expiries, expiry{id: id, at: expires.UnixNano()})
+		}
+	})
+	if err == nil {
+		s.preloaded[key] = true
+	}
+	return err
 }
 
 func (s *memoryStore) reserve(_ context.Context, id uuid.UUID, expires, now time.Time) (reservation, replayResult, error) {

@@ -47,7 +47,7 @@ sed -n 2p "$OUT/delivery.txt" | tr -d '\n' >"$OUT/body"
 export BENCH_AUTH_FILE=$OUT/auth BENCH_BODY_FILE=$OUT/body
 
 port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-P_RESPOND=$(port) P_READ=$(port) P_RESPOND_MOD=$(port) P_PROXY=$(port) P_PROXY_MOD=$(port) P_UP=$(port) P_SEED=$(port)
+P_RESPOND=$(port) P_READ=$(port) P_RESPOND_MOD=$(port) P_PROXY=$(port) P_PROXY_MOD=$(port) P_PROXY_SPOOL=$(port) P_UP=$(port) P_SEED=$(port)
 
 cat >"$OUT/upstream.Caddyfile" <<CADDY
 {
@@ -58,11 +58,22 @@ http://127.0.0.1:$P_UP {
 	respond 200
 }
 CADDY
+# The module without the spool, as before it had one; and with it, in its
+# default mode (fallback), which the normal path must not pay for.
 module_block='trivialsec_webhook {
 		account bench
 		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
 		replay off
+		spool off
 	}'
+spool_block="trivialsec_webhook {
+		account bench
+		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
+		replay off
+		spool {
+			store file $OUT/spool
+		}
+	}"
 cat >"$OUT/bench.Caddyfile" <<CADDY
 {
 	admin off
@@ -87,6 +98,10 @@ http://127.0.0.1:$P_PROXY {
 }
 http://127.0.0.1:$P_PROXY_MOD {
 	$module_block
+	reverse_proxy 127.0.0.1:$P_UP
+}
+http://127.0.0.1:$P_PROXY_SPOOL {
+	$spool_block
 	reverse_proxy 127.0.0.1:$P_UP
 }
 CADDY
@@ -124,9 +139,11 @@ declare -A URL=(
 	[respond+module]=http://127.0.0.1:$P_RESPOND_MOD/webhook/trivialsec
 	[proxy]=http://127.0.0.1:$P_PROXY/webhook/trivialsec
 	[proxy+module]=http://127.0.0.1:$P_PROXY_MOD/webhook/trivialsec
+	[proxy+spool]=http://127.0.0.1:$P_PROXY_SPOOL/webhook/trivialsec
 	[seed]=http://127.0.0.1:$P_SEED/webhook/trivialsec
 )
-TARGETS=(respond respond+read respond+module proxy proxy+module seed)
+# TARGETS="proxy proxy+module proxy+spool" bench/run.sh measures only those.
+read -r -a TARGETS <<<"${TARGETS:-respond respond+read respond+module proxy proxy+module proxy+spool seed}"
 
 # Every target must accept the delivery before anything is measured.
 for name in "${TARGETS[@]}"; do

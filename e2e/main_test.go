@@ -126,6 +126,7 @@ func freePort(t *testing.T) int {
 
 // server is a running `caddy run`.
 type server struct {
+	*testkit.Caddy
 	log    *bytes.Buffer
 	logMu  *sync.Mutex
 	config string
@@ -144,18 +145,22 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 
 // startServer writes the Caddyfile and runs Caddy on it until the test ends.
 // It waits until Caddy answers on port, and fails the test if it does not.
+// Caddy's data directory, where the spool is by default, is the test's own
+// unless env sets XDG_DATA_HOME.
 func startServer(t *testing.T, caddyfile string, port int, env []string) *server {
 	t.Helper()
-	config := filepath.Join(t.TempDir(), "Caddyfile")
+	dir := t.TempDir()
+	config := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(config, []byte(caddyfile), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	s := &server{log: new(bytes.Buffer), logMu: new(sync.Mutex), config: config}
-	caddy, err := testkit.StartCaddy(caddyBin, config, append(cleanEnv(), env...),
-		lockedWriter{s.logMu, s.log}, fmt.Sprintf("127.0.0.1:%d", port))
+	env = append(append(cleanEnv(), "XDG_DATA_HOME="+filepath.Join(dir, "data")), env...)
+	caddy, err := testkit.StartCaddy(caddyBin, config, env, lockedWriter{s.logMu, s.log}, fmt.Sprintf("127.0.0.1:%d", port))
 	if err != nil {
 		t.Fatalf("%v\n%s", err, s.logs())
 	}
+	s.Caddy = caddy
 	t.Cleanup(func() {
 		caddy.Stop()
 		if t.Failed() {

@@ -81,6 +81,13 @@ func (c *Caddy) Stop() {
 	}
 }
 
+// Kill ends Caddy with SIGKILL, as a crash or the OOM killer would, and
+// waits for it to exit.
+func (c *Caddy) Kill() {
+	_ = c.Cmd.Process.Kill()
+	<-c.exited
+}
+
 // waitForListener waits until something accepts connections at addr, and
 // gives up early once exited is closed.
 func waitForListener(addr string, timeout time.Duration, exited <-chan struct{}) error {

@@ -1,0 +1,344 @@
+package trivialsecwebhook
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// The sender posts each delivery once and never retries. The spool keeps a
+// verified delivery the next handler could not take, on stable storage, and
+// delivers it again through the same route until it is taken (README: Never
+// lose a delivery). This file is its configuration and the policy every
+// store shares; spool_file.go is the embedded store, spool_redrive.go the
+// re-drive.
+
+// Spool configures the durable spool. It is on by default.
+type Spool struct {
+	// Where spooled deliveries are kept: `file` (default), an embedded
+	// database in Dir, or `off`: a delivery the next handler fails is lost,
+	// as the sender never sends it again.
+	Store string `json:"store,omitempty"`
+
+	// The directory of the file store, created 0700 if it does not exist.
+	// Default: trivialsec_webhook/spool in Caddy's data directory.
+	Dir string `json:"dir,omitempty"`
+
+	// `fallback` (default): the delivery goes to the next handler at once,
+	// and is spooled, with a 202 to the sender, only if that fails (an
+	// error, a 5xx, 408, 425 or 429, or no answer within AttemptTimeout).
+	// `always`: every delivery is spooled first and answered 202 at once,
+	// then delivered in the background.
+	Mode string `json:"mode,omitempty"`
+
+	// The wait before each retry, as two durations: the n-th retry waits a
+	// random time between the first and the first times 2^n, and never
+	// more than the second (exponential backoff with jitter).
+	// Default: ["1s", "10m"].
+	Backoff []caddy.Duration `json:"backoff,omitempty"`
+
+	// How long a delivery is retried; past it, a failed attempt makes it a
+	// dead letter, kept until an operator retries or deletes it through
+	// the admin API. Default: 72h.
+	MaxAge caddy.Duration `json:"max_age,omitempty"`
+
+	// The most bytes the spool holds, bodies and headers. A delivery that
+	// does not fit is not spooled: the sender gets the failure it would
+	// have got without the spool. Default: 1 GiB.
+	MaxSize int64 `json:"max_size,omitempty"`
+
+	// How long one attempt at the next handler may take, the first one
+	// and each re-drive, before it counts as failed. The sender waits 30 s
+	// for an answer. Default: 20s.
+	AttemptTimeout caddy.Duration `json:"attempt_timeout,omitempty"`
+}
+
+// Defaults of the spool.
+const (
+	defaultSpoolMode      = "fallback"
+	defaultBackoffMin     = time.Second
+	defaultBackoffMax     = 10 * time.Minute
+	defaultSpoolMaxAge    = 72 * time.Hour
+	defaultSpoolMaxSize   = 1 << 30
+	defaultAttemptTimeout = 20 * time.Second
+)
+
+// setDefaults fills in what the configuration leaves out.
+func (s *Spool) setDefaults() {
+	if s.Store == "" {
+		s.Store = "file"
+	}
+	if s.Store == "file" && s.Dir == "" {
+		s.Dir = filepath.Join(caddy.AppDataDir(), "trivialsec_webhook", "spool")
+	}
+	if s.Mode == "" {
+		s.Mode = defaultSpoolMode
+	}
+	if len(s.Backoff) == 0 {
+		s.Backoff = []caddy.Duration{caddy.Duration(defaultBackoffMin), caddy.Duration(defaultBackoffMax)}
+	}
+	if s.MaxAge == 0 {
+		s.MaxAge = caddy.Duration(defaultSpoolMaxAge)
+	}
+	if s.MaxSize == 0 {
+		s.MaxSize = defaultSpoolMaxSize
+	}
+	if s.AttemptTimeout == 0 {
+		s.AttemptTimeout = caddy.Duration(defaultAttemptTimeout)
+	}
+}
+
+// validate checks the spool settings. The Caddyfile and Validate both call
+// it, the Caddyfile before any default is set.
+func (s *Spool) validate() error {
+	switch s.Store {
+	case "", "file", "off":
+	default:
+		return fmt.Errorf("unknown spool store %q: use file or off", s.Store)
+	}
+	switch s.Mode {
+	case "", "fallback", "always":
+	default:
+		return fmt.Errorf("unknown spool mode %q: use fallback or always", s.Mode)
+	}
+	if len(s.Backoff) != 0 && (len(s.Backoff) != 2 || s.Backoff[0] <= 0 || s.Backoff[1] < s.Backoff[0]) {
+		return errors.New("spool backoff takes two positive durations, the first no larger than the second: backoff 1s 10m")
+	}
+	switch {
+	case s.MaxAge < 0:
+		return errors.New("spool max_age must be positive: write it like 72h")
+	case s.MaxSize < 0:
+		return errors.New("spool max_size must be positive: write it like 1GiB")
+	case s.AttemptTimeout < 0:
+		return errors.New("spool attempt_timeout must be positive: write it like 20s")
+	}
+	return nil
+}
+
+// spoolPolicy is what the spool does with deliveries, from the Spool
+// settings of the config that uses the store last.
+type spoolPolicy struct {
+	backoffMin, backoffMax time.Duration
+	maxAge                 time.Duration
+	maxSize                int64
+	attemptTimeout         time.Duration
+}
+
+func (s *Spool) policy() spoolPolicy {
+	return spoolPolicy{
+		backoffMin:     time.Duration(s.Backoff[0]),
+		backoffMax:     time.Duration(s.Backoff[1]),
+		maxAge:         time.Duration(s.MaxAge),
+		maxSize:        s.MaxSize,
+		attemptTimeout: time.Duration(s.AttemptTimeout),
+	}
+}
+
+// retryAt says when a delivery that failed its attempts-th attempt goes
+// again: after a random wait between backoffMin and backoffMin·2^(attempts-1),
+// at most backoffMax; never past its max_age, when the last attempt is
+// made. dead is true when max_age has passed already.
+func (p spoolPolicy) retryAt(now, spooledAt time.Time, attempts int) (at time.Time, dead bool) {
+	deadline := spooledAt.Add(p.maxAge)
+	if !now.Before(deadline) {
+		return time.Time{}, true
+	}
+	ceiling := p.backoffMax
+	if shift := attempts - 1; shift < 32 && p.backoffMin<<shift < p.backoffMax && p.backoffMin<<shift > 0 {
+		ceiling = p.backoffMin << shift
+	}
+	wait := p.backoffMin
+	if ceiling > p.backoffMin {
+		wait += rand.N(ceiling - p.backoffMin + 1)
+	}
+	at = now.Add(wait)
+	if at.After(deadline) {
+		at = deadline
+	}
+	return at, false
+}
+
+// retryable reports whether an attempt that ended with this status should
+// be tried again: a server error, or a client error that says "later"
+// (408 Request Timeout, 425 Too Early, 429 Too Many Requests). Any other
+// 4xx is the service refusing the delivery: a dead letter.
+func retryable(status int) bool {
+	return status >= 500 || status == http.StatusRequestTimeout ||
+		status == http.StatusTooEarly || status == http.StatusTooManyRequests
+}
+
+// errSpoolFull is what a delivery that does not fit in max_size gets.
+var errSpoolFull = errors.New("the spool is full (max_size)")
+
+// spoolDir makes the store's directory, 0700, and warns when an existing
+// one lets others in.
+func spoolDir(dir string) (string, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", fmt.Errorf("spool directory %s: %v", dir, err)
+	}
+	if err := os.MkdirAll(abs, 0o700); err != nil {
+		return "", fmt.Errorf("spool directory %s cannot be created: %v: give the Caddy user a directory it can write, with spool { store file <dir> }", abs, err)
+	}
+	if info, err := os.Stat(abs); err == nil && info.Mode().Perm()&0o077 != 0 {
+		caddy.Log().Named("http.handlers.trivialsec_webhook").Warn("the spool directory lets other users in: it holds deliveries' bodies (and tokens, without strip_authorization); chmod 700 it",
+			zap.String("spool", abs), zap.Stringer("mode", info.Mode().Perm()))
+	}
+	return abs, nil
+}
+
+// redriveWorkers is how many deliveries a store re-drives at once: enough
+// to keep up with mode always, few enough for a service coming back.
+const redriveWorkers = 16
+
+// serveRedriven passes a re-driven delivery on to next, with its event's
+// placeholders set, and reports what next returned.
+func (h *Handler) serveRedriven(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, rd *redrive) error {
+	r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer).Map(rd.ev.placeholder)
+	if c := h.logger.Check(zapcore.DebugLevel, "re-driving a spooled delivery"); c != nil {
+		c.Write(zap.String("event_id", rd.ev.ID.String()), zap.String("event_name", rd.ev.Name))
+	}
+	rd.err = next.ServeHTTP(w, r)
+	return rd.err
+}
+
+// serveFallback hands the delivery to next, as serveReleasing does, but a
+// failure (an error, a retryable status, or no answer within the attempt
+// timeout) is held back from the sender: the delivery is spooled, and the
+// sender gets 202. The sender hanging up does not end the attempt.
+func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, body []byte, reserved reservation) error {
+	mark := markHeader(w.Header()) // what a 202 goes out with
+	buf := failureBuffers.Get().(*bytes.Buffer)
+	buf.Reset()
+	defer failureBuffers.Put(buf)
+	rec := caddyhttp.NewResponseRecorder(w, buf, func(status int, _ http.Header) bool { return retryable(status) })
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), h.policy.attemptTimeout)
+	defer cancel()
+	done := false
+	defer func() {
+		if !done { // next panicked
+			h.release(r.Context(), a.ev.ID, reserved, http.StatusInternalServerError)
+		}
+	}()
+	err := next.ServeHTTP(rec, r.WithContext(ctx))
+	done = true
+
+	status := rec.Status()
+	switch {
+	case !rec.Buffered():
+		return err // an answer that is no failure went out, or began to
+	case status == 0 && err == nil:
+		return nil // nothing written: net/http answers 200
+	case status == 0:
+		status = http.StatusInternalServerError
+		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
+			status = he.StatusCode
+		}
+		if !retryable(status) {
+			h.release(r.Context(), a.ev.ID, reserved, status)
+			return err // the next handler refused it: as without the spool
+		}
+	}
+	failure := describeFailure(status, err)
+	now := time.Now()
+	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, now), request: spoolRequestOf(r), body: body}
+	e.meta.Attempts, e.meta.LastError = 1, failure
+	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1)
+	if serr := h.spool.add(e); serr != nil {
+		if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed, and the delivery could not be spooled: the sender gets the failure"); c != nil {
+			c.Write(zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
+				zap.String("failure", failure), zap.Error(serr))
+		}
+		h.release(r.Context(), a.ev.ID, reserved, status)
+		if rec.Status() != 0 {
+			return rec.WriteResponse()
+		}
+		return err
+	}
+	if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed: spooled the delivery, answered 202; the spool delivers it again"); c != nil {
+		c.Write(zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
+			zap.String("failure", failure), zap.Time("next_attempt", e.meta.NextAttempt))
+	}
+	// The 202 goes out with the headers from before the attempt, none of
+	// the failed answer's.
+	mark.restore(w.Header())
+	w.WriteHeader(http.StatusAccepted)
+	return nil
+}
+
+// headerMark is what a response's headers were, so that the headers a
+// failed answer added can be taken off again: the names, and how many
+// values each had. It allocates nothing for up to 8 names.
+type headerMark struct {
+	names [8]string
+	lens  [8]int
+	n     int
+	more  http.Header // a copy, past 8 names
+}
+
+func markHeader(h http.Header) (m headerMark) {
+	if len(h) > len(m.names) {
+		m.more = h.Clone()
+		return m
+	}
+	for name, values := range h {
+		m.names[m.n], m.lens[m.n] = name, len(values)
+		m.n++
+	}
+	return m
+}
+
+// restore takes off the names h did not have, and the values added to
+// the ones it had.
+func (m *headerMark) restore(h http.Header) {
+	if m.more != nil {
+		clear(h)
+		maps.Copy(h, m.more)
+		return
+	}
+next:
+	for name, values := range h {
+		for i := range m.n {
+			if m.names[i] == name {
+				h[name] = values[:min(m.lens[i], len(values))]
+				continue next
+			}
+		}
+		delete(h, name)
+	}
+}
+
+// failureBuffers hold the failed answers serveFallback keeps from the
+// sender.
+var failureBuffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
+// serveSpoolFirst spools the delivery and answers 202 at once; the spool
+// delivers it in the background. If it cannot be spooled, it goes to next
+// as it would without the spool.
+func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, body []byte, reserved reservation) error {
+	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, time.Now()), request: spoolRequestOf(r), body: body}
+	if err := h.spool.add(e); err != nil {
+		if c := h.logger.Check(zapcore.WarnLevel, "the delivery could not be spooled: it goes to the next handler at once"); c != nil {
+			c.Write(zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(err))
+		}
+		return h.serveReleasing(w, r, next, a.ev.ID, reserved)
+	}
+	if c := h.logger.Check(zapcore.DebugLevel, "spooled the delivery, answered 202"); c != nil {
+		c.Write(zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name))
+	}
+	w.WriteHeader(http.StatusAccepted)
+	return nil
+}

@@ -1,0 +1,598 @@
+package trivialsecwebhook
+
+import (
+	"cmp"
+	"container/heap"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/google/uuid"
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+	"go.uber.org/zap"
+)
+
+// The file store: one bbolt database per directory, spool.db, shared by every
+// config that names the directory and kept across reloads. Commits are
+// fsync'd; concurrent writers share one commit (commitLoop). The store keeps
+// an index of every entry's metadata in memory, for scheduling and listing;
+// requests and bodies stay on disk until a re-drive reads them.
+
+// Buckets of spool.db.
+var (
+	bucketMeta    = []byte("meta")    // event ID -> spoolMeta, JSON
+	bucketRequest = []byte("request") // event ID -> spoolRequest, JSON
+	bucketBody    = []byte("body")    // event ID -> the body, as it came
+	bucketReplay  = []byte("replay")  // expiry (8 bytes, Unix ns, big-endian) + event ID -> account
+)
+
+// spoolLockTimeout is how long opening spool.db waits for another process's
+// lock on it before it gives up.
+const spoolLockTimeout = 2 * time.Second
+
+// spoolMeta is what the store knows of an entry besides its request: the
+// admin API's listing (the JSON names of the listed fields are the
+// listing's), and what the placeholders of a re-drive say.
+type spoolMeta struct {
+	EventID     uuid.UUID `json:"event_id"`
+	EventName   string    `json:"event_name"`
+	State       string    `json:"state"` // "pending" or "dead"
+	Attempts    int       `json:"attempts"`
+	SpooledAt   time.Time `json:"spooled_at"`
+	NextAttempt time.Time `json:"next_attempt"`
+	LastError   string    `json:"last_error"`
+	Size        int64     `json:"size"`
+
+	Account   string    `json:"account"`
+	Timestamp time.Time `json:"timestamp"`
+	IssuedAt  time.Time `json:"issued_at"`
+	ExpiresAt time.Time `json:"expires_at"`
+	Endpoint  *string   `json:"endpoint,omitempty"` // the cep claim; nil when absent
+
+	gen int // bumped at each change of schedule: stale heap items are skipped
+}
+
+// The states of an entry.
+const (
+	statePending = "pending"
+	stateDead    = "dead"
+)
+
+// spoolRequest is the request a re-drive sends again: the original method
+// and URI, the host, the headers as the next handler saw them (after
+// strip_authorization), the client's address, and its TLS, if any.
+type spoolRequest struct {
+	Method     string      `json:"method"`
+	RequestURI string      `json:"request_uri"`
+	Proto      string      `json:"proto"`
+	Host       string      `json:"host"`
+	Header     http.Header `json:"header"`
+	RemoteAddr string      `json:"remote_addr"`
+	TLS        *spoolTLS   `json:"tls,omitempty"`
+}
+
+type spoolTLS struct {
+	ServerName string `json:"server_name"`
+	Version    uint16 `json:"version"`
+}
+
+// spoolEntry is one delivery to spool.
+type spoolEntry struct {
+	meta    spoolMeta
+	request spoolRequest
+	body    []byte
+}
+
+// size is what an entry counts against max_size.
+func (e *spoolEntry) size() (int64, []byte, []byte, error) {
+	req, err := json.Marshal(&e.request)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	e.meta.Size = int64(len(req) + len(e.body))
+	meta, err := json.Marshal(&e.meta)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	return e.meta.Size, meta, req, nil
+}
+
+// fileSpool is the file store.
+type fileSpool struct {
+	dir string
+	db  *bolt.DB
+
+	queueMu   sync.Mutex
+	queue     []*commitOp   // writes waiting for the next commit
+	queued    chan struct{} // a write was queued
+	closing   bool
+	committed chan struct{} // closed when commitLoop has written its last
+
+	mu       sync.Mutex
+	policy   spoolPolicy
+	entries  map[uuid.UUID]*spoolMeta
+	bytes    int64 // held by entries, and reserved by writes under way
+	due      dueHeap
+	drivers  map[string][]*driver // account -> handlers able to re-drive, newest last
+	inflight map[uuid.UUID]bool
+	wake     chan struct{}
+
+	stop    context.CancelFunc
+	stopped context.Context
+	workers sync.WaitGroup
+}
+
+// spools keeps each store across config reloads, as replayStores does.
+var spools = caddy.NewUsagePool()
+
+// loadFileSpool takes the store in dir over from an earlier config, or
+// opens it, and returns it with its key in spools.
+func loadFileSpool(dir string, policy spoolPolicy) (*fileSpool, string, error) {
+	abs, err := spoolDir(dir)
+	if err != nil {
+		return nil, "", err
+	}
+	key := "file:" + abs
+	v, _, err := spools.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return openFileSpool(abs, policy)
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	s := v.(*fileSpool)
+	s.mu.Lock()
+	s.policy = policy
+	s.mu.Unlock()
+	return s, key, nil
+}
+
+// openFileSpool opens (or creates) spool.db in dir, loads the index of its
+// entries, and starts the commit and re-drive loops.
+func openFileSpool(dir string, policy spoolPolicy) (*fileSpool, error) {
+	path := filepath.Join(dir, "spool.db")
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: spoolLockTimeout})
+	switch {
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return nil, fmt.Errorf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", path)
+	case err != nil:
+		return nil, fmt.Errorf("spool store %s cannot be opened: %v", path, err)
+	}
+	s := &fileSpool{
+		dir:       dir,
+		db:        db,
+		queued:    make(chan struct{}, 1),
+		committed: make(chan struct{}),
+		policy:    policy,
+		entries:   make(map[uuid.UUID]*spoolMeta),
+		drivers:   make(map[string][]*driver),
+		inflight:  make(map[uuid.UUID]bool),
+		wake:      make(chan struct{}, 1),
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketMeta, bucketRequest, bucketBody, bucketReplay} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		return tx.Bucket(bucketMeta).ForEach(func(_, v []byte) error {
+			m := new(spoolMeta)
+			if err := json.Unmarshal(v, m); err != nil {
+				return err
+			}
+			s.entries[m.EventID] = m
+			s.bytes += m.Size
+			if m.State == statePending {
+				heap.Push(&s.due, dueItem{at: m.NextAttempt, id: m.EventID})
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("spool store %s cannot be read: %v", path, err)
+	}
+	s.pruneReplay(time.Now())
+	for _, m := range s.entries {
+		spoolEntries.WithLabelValues(m.State).Inc()
+	}
+	spoolBytes.Add(float64(s.bytes))
+	if n := len(s.entries); n > 0 {
+		s.log().Info("spool opened with deliveries to re-drive", zap.Int("entries", n), zap.Int64("bytes", s.bytes))
+	}
+	s.stopped, s.stop = context.WithCancel(context.Background())
+	go s.commitLoop()
+	s.workers.Add(1)
+	go s.redriveLoop()
+	return s, nil
+}
+
+// log is the store's logger: Caddy's current one, as the store outlives the
+// config that opened it.
+func (s *fileSpool) log() *zap.Logger {
+	return caddy.Log().Named("http.handlers.trivialsec_webhook").With(zap.String("spool", s.dir))
+}
+
+// Destruct stops the loops and closes the database, with the last config
+// using the store. Writes queued before it are committed first.
+func (s *fileSpool) Destruct() error {
+	s.stop()
+	s.workers.Wait()
+	s.queueMu.Lock()
+	s.closing = true
+	s.queueMu.Unlock()
+	s.wakeCommitter()
+	<-s.committed
+	s.mu.Lock()
+	for _, m := range s.entries {
+		spoolEntries.WithLabelValues(m.State).Dec()
+	}
+	spoolBytes.Sub(float64(s.bytes))
+	s.mu.Unlock()
+	return s.db.Close()
+}
+
+// commitOp is one write waiting for a commit.
+type commitOp struct {
+	fn      func(*bolt.Tx) error // must write nothing when it fails
+	done    chan error           // nil: nobody waits (the replay journal)
+	journal bool                 // counted in replay_journal_pending
+}
+
+// errSpoolClosed is what a write gets after Destruct.
+var errSpoolClosed = errors.New("the spool store is closed")
+
+// enqueue queues a write for the next commit.
+func (s *fileSpool) enqueue(op *commitOp) bool {
+	s.queueMu.Lock()
+	if s.closing {
+		s.queueMu.Unlock()
+		return false
+	}
+	s.queue = append(s.queue, op)
+	s.queueMu.Unlock()
+	if op.journal {
+		replayJournalPending.Inc()
+	}
+	s.wakeCommitter()
+	return true
+}
+
+func (s *fileSpool) wakeCommitter() {
+	select {
+	case s.queued <- struct{}{}:
+	default:
+	}
+}
+
+// commit runs fn in a write transaction and returns once it is on stable
+// storage (fsync'd), or failed.
+func (s *fileSpool) commit(fn func(*bolt.Tx) error) error {
+	op := &commitOp{fn: fn, done: make(chan error, 1)}
+	if !s.enqueue(op) {
+		return errSpoolClosed
+	}
+	return <-op.done
+}
+
+// commitLater queues fn for the next commit and returns at once: the replay
+// journal, which a delivery does not wait for.
+func (s *fileSpool) commitLater(fn func(*bolt.Tx) error) {
+	s.enqueue(&commitOp{fn: fn, journal: true})
+}
+
+// commitLoop is the group commit: it takes every write queued, commits
+// them in one transaction, one fsync for all, and starts again; writes
+// queued meanwhile wait for the next round. It commits what is queued
+// when the store closes, then stops.
+func (s *fileSpool) commitLoop() {
+	defer close(s.committed)
+	for {
+		<-s.queued
+		s.queueMu.Lock()
+		batch, closing := s.queue, s.closing
+		s.queue = nil
+		s.queueMu.Unlock()
+		s.runBatch(batch)
+		if closing {
+			return
+		}
+	}
+}
+
+// runBatch commits ops in one transaction. An op that fails is answered
+// with its error, and the others are committed without it.
+func (s *fileSpool) runBatch(ops []*commitOp) {
+	for len(ops) > 0 {
+		failed := -1
+		var opErr error
+		err := s.db.Update(func(tx *bolt.Tx) error {
+			for i, op := range ops {
+				if opErr = op.fn(tx); opErr != nil {
+					failed = i
+					return opErr
+				}
+			}
+			return nil
+		})
+		if failed < 0 {
+			spoolCommits.Inc()
+			for _, op := range ops {
+				s.done(op, err)
+			}
+			return
+		}
+		s.done(ops[failed], opErr)
+		ops = slices.Delete(ops, failed, failed+1)
+	}
+}
+
+// done answers a write.
+func (s *fileSpool) done(op *commitOp, err error) {
+	if op.journal {
+		replayJournalPending.Dec()
+	}
+	switch {
+	case op.done != nil:
+		op.done <- err
+	case err != nil:
+		s.log().Warn("replay reservations could not be written to the spool store: they hold until Caddy restarts", zap.Error(err))
+	}
+}
+
+// add spools an entry, durably, or says why it could not.
+func (s *fileSpool) add(e *spoolEntry) error {
+	size, meta, req, err := e.size()
+	if err != nil {
+		return err
+	}
+	id := e.meta.EventID
+	s.mu.Lock()
+	if old, ok := s.entries[id]; ok {
+		// Spooled already (replay protection off, and the same delivery
+		// came again): it will be delivered.
+		state := old.State
+		s.mu.Unlock()
+		if state == stateDead {
+			return fmt.Errorf("event %s is a dead letter in the spool already", id)
+		}
+		return nil
+	}
+	if s.bytes+size > s.policy.maxSize {
+		s.mu.Unlock()
+		return errSpoolFull
+	}
+	s.bytes += size // reserved while the write is under way
+	s.mu.Unlock()
+
+	key := id[:]
+	err = s.commit(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketMeta).Get(key) != nil {
+			return nil
+		}
+		if err := tx.Bucket(bucketRequest).Put(key, req); err != nil {
+			return err
+		}
+		if err := tx.Bucket(bucketBody).Put(key, e.body); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketMeta).Put(key, meta)
+	})
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.entries[id]; err != nil || ok { // failed, or added at the same time by another write
+		s.bytes -= size
+		return err
+	}
+	m := e.meta
+	s.entries[id] = &m
+	heap.Push(&s.due, dueItem{at: m.NextAttempt, id: id})
+	spoolEntries.WithLabelValues(statePending).Inc()
+	spoolBytes.Add(float64(size))
+	spoolSpooled.Inc()
+	s.signal()
+	return nil
+}
+
+// signal wakes the re-drive loop. Call with s.mu held, or not: it never
+// blocks.
+func (s *fileSpool) signal() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+// load reads an entry's request and body.
+func (s *fileSpool) load(id uuid.UUID) (spoolRequest, []byte, error) {
+	var req spoolRequest
+	var body []byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		raw := tx.Bucket(bucketRequest).Get(id[:])
+		if raw == nil {
+			return fmt.Errorf("event %s has no request in the spool", id)
+		}
+		if err := json.Unmarshal(raw, &req); err != nil {
+			return err
+		}
+		body = slices.Clone(tx.Bucket(bucketBody).Get(id[:]))
+		return nil
+	})
+	return req, body, err
+}
+
+// save writes an entry's metadata again, after an attempt.
+func (s *fileSpool) save(m spoolMeta) error {
+	raw, err := json.Marshal(&m)
+	if err != nil {
+		return err
+	}
+	return s.commit(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketMeta).Get(m.EventID[:]) == nil {
+			return nil // deleted meanwhile
+		}
+		return tx.Bucket(bucketMeta).Put(m.EventID[:], raw)
+	})
+}
+
+// remove deletes an entry: delivered, or dropped by an operator. It reports
+// whether there was one.
+func (s *fileSpool) remove(id uuid.UUID) (bool, error) {
+	err := s.commit(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketMeta, bucketRequest, bucketBody} {
+			if err := tx.Bucket(b).Delete(id[:]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return false, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.entries[id]
+	if !ok {
+		return false, nil
+	}
+	delete(s.entries, id)
+	m.gen++ // its heap item, if any, is stale now
+	s.bytes -= m.Size
+	spoolEntries.WithLabelValues(m.State).Dec()
+	spoolBytes.Sub(float64(m.Size))
+	return true, nil
+}
+
+// list returns the entries' metadata, oldest first.
+func (s *fileSpool) list() []spoolMeta {
+	s.mu.Lock()
+	out := make([]spoolMeta, 0, len(s.entries))
+	for _, m := range s.entries {
+		out = append(out, *m)
+	}
+	s.mu.Unlock()
+	slices.SortFunc(out, func(a, b spoolMeta) int {
+		return cmp.Or(a.SpooledAt.Compare(b.SpooledAt), slices.Compare(a.EventID[:], b.EventID[:]))
+	})
+	return out
+}
+
+// retryNow makes an entry, pending or dead, due at once. It reports
+// whether there was one.
+func (s *fileSpool) retryNow(id uuid.UUID) (bool, error) {
+	s.mu.Lock()
+	m, ok := s.entries[id]
+	if !ok {
+		s.mu.Unlock()
+		return false, nil
+	}
+	updated := *m
+	s.mu.Unlock()
+	updated.State, updated.NextAttempt = statePending, time.Now()
+	if err := s.save(updated); err != nil {
+		return true, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if m, ok = s.entries[id]; ok {
+		if m.State == stateDead {
+			spoolEntries.WithLabelValues(stateDead).Dec()
+			spoolEntries.WithLabelValues(statePending).Inc()
+		}
+		m.State, m.NextAttempt = statePending, updated.NextAttempt
+		m.gen++
+		heap.Push(&s.due, dueItem{at: m.NextAttempt, id: id, gen: m.gen})
+		s.signal()
+	}
+	return true, nil
+}
+
+// The replay journal: the memory replay store's reservations, kept here so
+// that a restart keeps them (README: Replay protection).
+
+func replayKey(id uuid.UUID, expires time.Time) []byte {
+	key := make([]byte, 8+16)
+	binary.BigEndian.PutUint64(key, uint64(expires.UnixNano()))
+	copy(key[8:], id[:])
+	return key
+}
+
+// reserve queues a reservation for the next commit. A delivery does not
+// wait for it: it reaches the disk within a commit (about a millisecond),
+// and a crash in that window forgets it.
+func (s *fileSpool) reserve(account string, id uuid.UUID, expires time.Time) {
+	key := replayKey(id, expires)
+	s.commitLater(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketReplay).Put(key, []byte(account))
+	})
+}
+
+// unreserve queues the deletion of a reservation, so that a redelivery
+// passes after a restart too.
+func (s *fileSpool) unreserve(id uuid.UUID, expires time.Time) {
+	key := replayKey(id, expires)
+	s.commitLater(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketReplay).Delete(key)
+	})
+}
+
+// reservations calls fn with each unexpired reservation of account.
+func (s *fileSpool) reservations(account string, now time.Time, fn func(id uuid.UUID, expires time.Time)) error {
+	return s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketReplay).Cursor()
+		start := replayKey(uuid.Nil, now.Add(time.Nanosecond))
+		for k, v := c.Seek(start); k != nil; k, v = c.Next() {
+			if len(k) != 24 || string(v) != account {
+				continue
+			}
+			fn(uuid.UUID(k[8:]), time.Unix(0, int64(binary.BigEndian.Uint64(k))))
+		}
+		return nil
+	})
+}
+
+// pruneReplay deletes expired reservations. The keys sort by expiry, so
+// they are the first ones.
+func (s *fileSpool) pruneReplay(now time.Time) {
+	end := replayKey(uuid.Nil, now)
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketReplay).Cursor()
+		for k, _ := c.First(); k != nil && string(k) < string(end); k, _ = c.First() {
+			if err := c.Delete(); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		s.log().Warn("spool: expired replay reservations could not be deleted", zap.Error(err))
+	}
+}
+
+// dueItem is a pending entry's turn.
+type dueItem struct {
+	at  time.Time
+	id  uuid.UUID
+	gen int
+}
+
+type dueHeap []dueItem
+
+func (h dueHeap) Len() int           { return len(h) }
+func (h dueHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueItem)) }
+func (h *dueHeap) Pop() any {
+	old := *h
+	e := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return e
+}

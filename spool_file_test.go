@@ -1,0 +1,195 @@
+package trivialsecwebhook
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	bolt "go.etcd.io/bbolt"
+)
+
+var testPolicy = spoolPolicy{backoffMin: time.Second, backoffMax: time.Minute, maxAge: time.Hour, maxSize: 1 << 20, attemptTimeout: time.Second}
+
+func openTestSpool(t *testing.T, dir string, policy spoolPolicy) *fileSpool {
+	t.Helper()
+	s, err := openFileSpool(dir, policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func testEntry(body string) *spoolEntry {
+	ev := event{ID: uuid.New(), Name: "report_created", Timestamp: testNow}
+	ev.token.IssuedAt, ev.token.ExpiresAt = testNow, testNow.Add(24*time.Hour)
+	ev.token.Endpoint, ev.token.hasEndpoint = "", true
+	return &spoolEntry{
+		meta: spoolMetaOf(testAccount, &ev, time.Now().Add(time.Hour)), // due later: nothing re-drives here
+		request: spoolRequest{Method: "POST", RequestURI: "/webhook?x=1", Proto: "HTTP/1.1", Host: "hooks.example.com",
+			Header: map[string][]string{"X-A": {"1", "2"}}, RemoteAddr: "192.0.2.1:1234"},
+		body: []byte(body),
+	}
+}
+
+// TestFileSpoolKeepsEntries: what is added is there, byte for byte, after
+// the store is closed and opened again; sizes add up; remove and retry act
+// on one entry.
+func TestFileSpoolKeepsEntries(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "spool")
+	if _, err := spoolDir(dir); err != nil {
+		t.Fatal(err)
+	}
+	s := openTestSpool(t, dir, testPolicy)
+	a, b := testEntry(`{"a": 1}`), testEntry(`{"b": "caf\u00e9"}`)
+	for _, e := range []*spoolEntry{a, b, a} { // a twice: spooled once
+		if err := s.add(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Destruct(); err != nil {
+		t.Fatal(err)
+	}
+
+	s = openTestSpool(t, dir, testPolicy)
+	defer s.Destruct()
+	list := s.list()
+	if len(list) != 2 || s.bytes != a.meta.Size+b.meta.Size {
+		t.Fatalf("%d entries, %d bytes, after reopening", len(list), s.bytes)
+	}
+	req, body, err := s.load(b.meta.EventID)
+	if err != nil || string(body) != `{"b": "caf\u00e9"}` || req.RequestURI != "/webhook?x=1" || req.Header["X-A"][1] != "2" || req.RemoteAddr != "192.0.2.1:1234" {
+		t.Fatalf("loaded %+v %q %v", req, body, err)
+	}
+	m := list[0]
+	if m.EventID != a.meta.EventID && m.EventID != b.meta.EventID || m.Endpoint == nil || *m.Endpoint != "" || m.State != statePending {
+		t.Errorf("meta %+v", m)
+	}
+	if ev := m.event(); !ev.token.hasEndpoint || ev.Name != "report_created" || ev.nameIndex != eventIndex([]byte("report_created")) {
+		t.Errorf("event %+v", ev)
+	}
+	if found, err := s.remove(a.meta.EventID); !found || err != nil {
+		t.Fatalf("remove: %v %v", found, err)
+	}
+	if found, _ := s.remove(a.meta.EventID); found {
+		t.Error("removed twice")
+	}
+	if found, err := s.retryNow(b.meta.EventID); !found || err != nil {
+		t.Fatalf("retry: %v %v", found, err)
+	}
+	if l := s.list(); len(l) != 1 || l[0].NextAttempt.After(time.Now()) || s.bytes != b.meta.Size {
+		t.Errorf("after remove and retry: %+v, %d bytes", l, s.bytes)
+	}
+}
+
+// TestFileSpoolFull: an entry that would take the store past max_size is
+// refused, and nothing of it is kept.
+func TestFileSpoolFull(t *testing.T) {
+	p := testPolicy
+	small := testEntry("{}")
+	if _, _, _, err := small.size(); err != nil {
+		t.Fatal(err)
+	}
+	p.maxSize = small.meta.Size + 10
+	s := openTestSpool(t, t.TempDir(), p)
+	defer s.Destruct()
+	if err := s.add(small); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.add(testEntry("{}")); err != errSpoolFull {
+		t.Fatalf("the second entry: %v, want errSpoolFull", err)
+	}
+	if len(s.list()) != 1 || s.bytes != small.meta.Size {
+		t.Errorf("%d entries, %d bytes", len(s.list()), s.bytes)
+	}
+}
+
+// TestFileSpoolGroupCommit: writes made at once share commits, and each
+// one is answered.
+func TestFileSpoolGroupCommit(t *testing.T) {
+	s := openTestSpool(t, t.TempDir(), testPolicy)
+	defer s.Destruct()
+	before := testutil.ToFloat64(spoolCommits)
+	const n = 100
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- s.add(testEntry("{}"))
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	commits := testutil.ToFloat64(spoolCommits) - before
+	t.Logf("%d concurrent writes, %v commits", n, commits)
+	if len(s.list()) != n || commits >= n {
+		t.Fatalf("%d entries in %v commits", len(s.list()), commits)
+	}
+}
+
+// TestFileSpoolReservations: reservations come back after a reopen (the
+// store commits the queued ones as it closes), but not released or expired
+// ones; expired ones are pruned.
+func TestFileSpoolReservations(t *testing.T) {
+	dir := t.TempDir()
+	s := openTestSpool(t, dir, testPolicy)
+	now := time.Now()
+	kept, released, expired, other := uuid.New(), uuid.New(), uuid.New(), uuid.New()
+	for _, r := range []struct {
+		id      uuid.UUID
+		account string
+		exp     time.Time
+	}{{kept, testAccount, now.Add(time.Hour)}, {released, testAccount, now.Add(time.Hour)},
+		{expired, testAccount, now.Add(-time.Second)}, {other, "other", now.Add(time.Hour)}} {
+		s.reserve(r.account, r.id, r.exp)
+	}
+	s.unreserve(released, now.Add(time.Hour))
+	if err := s.Destruct(); err != nil { // commits what is queued
+		t.Fatal(err)
+	}
+	s = openTestSpool(t, dir, testPolicy) // prunes on opening
+	defer s.Destruct()
+	got := map[uuid.UUID]time.Time{}
+	if err := s.reservations(testAccount, now, func(id uuid.UUID, exp time.Time) { got[id] = exp }); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || !got[kept].Equal(now.Add(time.Hour)) {
+		t.Fatalf("reservations %v", got)
+	}
+	var all int
+	_ = s.db.View(func(tx *bolt.Tx) error { all = tx.Bucket(bucketReplay).Stats().KeyN; return nil })
+	if all != 2 {
+		t.Errorf("%d reservations on disk, want 2 (the expired one pruned)", all)
+	}
+}
+
+// TestFileSpoolPermissions: the directory is 0700 and the database 0600.
+func TestFileSpoolPermissions(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "a", "spool")
+	abs, err := spoolDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := openTestSpool(t, abs, testPolicy)
+	defer s.Destruct()
+	for path, want := range map[string]os.FileMode{abs: 0o700 | os.ModeDir, filepath.Join(abs, "spool.db"): 0o600} {
+		info, err := os.Stat(path)
+		if err != nil || info.Mode() != want {
+			t.Errorf("%s: %v %v, want %v", path, info.Mode(), err, want)
+		}
+	}
+	if _, err := openFileSpool(abs, testPolicy); err == nil || err.Error() != fmt.Sprintf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", filepath.Join(abs, "spool.db")) {
+		t.Errorf("a second open: %v", err)
+	}
+}

@@ -1,0 +1,570 @@
+package trivialsecwebhook
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/google/uuid"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
+)
+
+// The spool's tests run a real Caddy in this process, with its admin API on
+// a port of its own, in front of an upstream that can go down, come back,
+// fail, hang or refuse. They wait for what happens in the background by
+// polling, with generous deadlines; backoffs are milliseconds.
+
+// spoolSite is the site the spool's tests run: the module with a spool
+// block, then reverse_proxy with headers made from the placeholders.
+const spoolSite = `{
+	admin 127.0.0.1:%d
+	persist_config off
+}
+
+http://127.0.0.1:%d {
+	metrics /metrics
+	trivialsec_webhook /webhook {
+		account %s
+		secret {env.TRIVIALSEC_IT_SECRET}
+		strip_authorization
+		%s
+	}
+	reverse_proxy /webhook %s {
+		header_up X-Trivialsec-Event-Id {http.trivialsec_webhook.event_id}
+		header_up X-Trivialsec-Config %s
+	}
+}
+`
+
+// spoolRig is a Caddy with the spool in front of an upstream.
+type spoolRig struct {
+	t               *testing.T
+	up              *testkit.Upstream
+	url             string // where deliveries go
+	base            string // the site
+	admin           string // the admin API
+	adminPort, port int
+	spool           string
+	sent            map[string]string // event ID -> body sent
+}
+
+func startSpoolRig(t *testing.T, spool string) *spoolRig {
+	t.Helper()
+	up, err := testkit.StartUpstream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(up.Close)
+	g := &spoolRig{t: t, up: up, adminPort: freePort(t), port: freePort(t), spool: spool, sent: map[string]string{}}
+	g.base = fmt.Sprintf("http://127.0.0.1:%d", g.port)
+	g.url = g.base + "/webhook"
+	g.admin = fmt.Sprintf("http://127.0.0.1:%d", g.adminPort)
+	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
+	loadCaddyfile(t, g.caddyfile("first"))
+	return g
+}
+
+func (g *spoolRig) caddyfile(name string) string {
+	return fmt.Sprintf(spoolSite, g.adminPort, g.port, testAccount, g.spool, g.up.Addr, name)
+}
+
+// reload loads the same site again, with another X-Trivialsec-Config.
+func (g *spoolRig) reload(name string) {
+	g.t.Helper()
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(g.caddyfile(name)), nil)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		g.t.Fatalf("reload: %v", err)
+	}
+}
+
+// deliver sends a new genuine delivery and returns its event ID and the
+// status it was answered with.
+func (g *spoolRig) deliver() (string, int) {
+	g.t.Helper()
+	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	d.payload = fmt.Sprintf(`{"report_id": "%s", "name": "caf\u00e9"}`, uuid.NewString())
+	g.sent[d.eventID] = d.body()
+	return d.eventID, g.send(d)
+}
+
+// deliverSpooled sends n new deliveries, each of which must be answered
+// 202, and returns their event IDs.
+func (g *spoolRig) deliverSpooled(n int) []string {
+	g.t.Helper()
+	var ids []string
+	for range n {
+		id, status := g.deliver()
+		if status != http.StatusAccepted {
+			g.t.Fatalf("status %d, want 202", status)
+		}
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+// send posts a delivery and returns the status.
+func (g *spoolRig) send(d *delivery) int {
+	g.t.Helper()
+	resp := post(g.t, g.url, d.authorization(), strings.NewReader(d.body()))
+	readAll(g.t, resp.Body)
+	return resp.StatusCode
+}
+
+// list is the admin API's listing.
+func (g *spoolRig) list() []spoolListing {
+	g.t.Helper()
+	resp, err := senderClient.Get(g.admin + "/trivialsec_webhook/spool")
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw := readAll(g.t, resp.Body)
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/json" {
+		g.t.Fatalf("listing: %d %s", resp.StatusCode, raw)
+	}
+	var out []spoolListing
+	if err := json.Unmarshal([]byte(raw), &out); err != nil {
+		g.t.Fatalf("listing %s: %v", raw, err)
+	}
+	return out
+}
+
+// adminDo sends an admin API request and returns its status.
+func (g *spoolRig) adminDo(method, path string) int {
+	g.t.Helper()
+	req, _ := http.NewRequest(method, g.admin+path, nil)
+	resp, err := senderClient.Do(req)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// waitFor polls until ok, for at most 20 s.
+func (g *spoolRig) waitFor(what string, ok func() bool) {
+	g.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			g.t.Fatalf("still not so after 20 s: %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// drained waits until the spool holds nothing.
+func (g *spoolRig) drained() {
+	g.t.Helper()
+	g.waitFor("the spool is empty", func() bool { return len(g.list()) == 0 })
+}
+
+// checkTakenOnce checks that the upstream took each of ids exactly once,
+// byte for byte, with the placeholders' headers and without the token.
+func (g *spoolRig) checkTakenOnce(ids []string) {
+	g.t.Helper()
+	if _, err := g.up.WaitTaken(ids, 20*time.Second); err != nil {
+		g.t.Fatal(err)
+	}
+	g.drained()
+	taken := g.up.Taken()
+	for _, id := range ids {
+		if taken[id] != 1 {
+			g.t.Errorf("event %s taken %d times", id, taken[id])
+		}
+	}
+	for _, r := range g.up.Received() {
+		if r.Status/100 != 2 {
+			continue
+		}
+		if want, ok := g.sent[r.EventID]; ok && r.Body != want {
+			g.t.Errorf("event %s: the upstream got %q, want %q", r.EventID, r.Body, want)
+		}
+		if r.Header.Get("X-Trivialsec-Event-Id") != r.EventID || r.Header.Get("Authorization") != "" {
+			g.t.Errorf("event %s: event ID header %q, Authorization %.10q", r.EventID,
+				r.Header.Get("X-Trivialsec-Event-Id"), r.Header.Get("Authorization"))
+		}
+		if !strings.HasPrefix(r.Header.Get("X-Forwarded-For"), "127.0.0.1") {
+			g.t.Errorf("event %s: X-Forwarded-For %q", r.EventID, r.Header.Get("X-Forwarded-For"))
+		}
+	}
+}
+
+// TestSpoolUpstreamDown: with the upstream down, 20 deliveries are answered
+// 202 and spooled; a copy of one is refused as a replay; the listing shows
+// them, without bodies or headers; once the upstream is back, each arrives
+// exactly once, byte for byte, through the same route.
+func TestSpoolUpstreamDown(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 20ms 200ms\n\t\t}")
+	before := scrape(t, g.base+"/metrics")
+	g.up.Down()
+	ids := g.deliverSpooled(20)
+	copyOf := productionDelivery().withEventID(ids[0]).at(time.Now())
+	if status := g.send(copyOf); status != http.StatusConflict {
+		t.Errorf("a copy of a spooled delivery: %d, want 409", status)
+	}
+
+	listing := g.list()
+	if len(listing) != 20 {
+		t.Fatalf("the listing holds %d entries", len(listing))
+	}
+	raw, _ := json.Marshal(listing)
+	for _, l := range listing {
+		if l.State != statePending || l.Attempts < 1 || !strings.HasPrefix(l.LastError, "502") || l.Size == 0 || l.EventName != "report_created" {
+			t.Errorf("listed %+v", l)
+		}
+	}
+	if strings.Contains(string(raw), "report_id") || strings.Contains(string(raw), productionDelivery().token()[:30]) {
+		t.Errorf("the listing shows a body or a token: %s", raw)
+	}
+	if got := scrape(t, g.base+"/metrics")[`caddy_trivialsec_webhook_spool_entries{state="pending"}`]; got != 20 {
+		t.Errorf("spool_entries{pending} = %v", got)
+	}
+
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	g.checkTakenOnce(ids)
+	after := scrape(t, g.base+"/metrics")
+	for series, want := range map[string]float64{
+		"caddy_trivialsec_webhook_spool_spooled_total":     20,
+		"caddy_trivialsec_webhook_spool_redelivered_total": 20,
+		"caddy_trivialsec_webhook_spool_bytes":             0,
+	} {
+		if got := after[series] - before[series]; got != want {
+			t.Errorf("%s rose by %v, want %v", series, got, want)
+		}
+	}
+	if after[`caddy_trivialsec_webhook_spool_entries{state="pending"}`] != 0 {
+		t.Error("entries left pending")
+	}
+}
+
+// TestSpoolRetriesUntilTaken: an upstream that answers 503 twice for each
+// event, then takes it.
+func TestSpoolRetriesUntilTaken(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	var mu sync.Mutex
+	seen := map[string]int{}
+	g.up.Answer(func(r *http.Request) int {
+		mu.Lock()
+		defer mu.Unlock()
+		seen[r.Header.Get("X-Trivialsec-Event-Id")]++
+		if seen[r.Header.Get("X-Trivialsec-Event-Id")] <= 2 {
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusOK
+	})
+	ids := g.deliverSpooled(5)
+	g.checkTakenOnce(ids)
+	for _, id := range ids {
+		if seen[id] != 3 {
+			t.Errorf("event %s tried %d times, want 3", id, seen[id])
+		}
+	}
+}
+
+// TestSpoolPassesRefusals: a 4xx the upstream means (422) goes back to the
+// sender, and nothing is spooled; the event ID stays taken.
+func TestSpoolPassesRefusals(t *testing.T) {
+	g := startSpoolRig(t, "")
+	g.up.Answer(func(*http.Request) int { return http.StatusUnprocessableEntity })
+	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	if status := g.send(d); status != http.StatusUnprocessableEntity {
+		t.Fatalf("status %d, want 422", status)
+	}
+	if n := len(g.list()); n != 0 {
+		t.Fatalf("%d entries spooled", n)
+	}
+	if status := g.send(d); status != http.StatusConflict {
+		t.Errorf("the same delivery again: %d, want 409", status)
+	}
+}
+
+// TestSpoolHungUpstream: an upstream that does not answer within
+// attempt_timeout gets the delivery again later; the sender gets 202
+// meanwhile, not its own read timeout.
+func TestSpoolHungUpstream(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tattempt_timeout 300ms\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	var first atomic.Bool
+	g.up.Answer(func(*http.Request) int {
+		if first.CompareAndSwap(false, true) {
+			<-release // hangs
+		}
+		return http.StatusOK
+	})
+	id, status := g.deliver()
+	if status != http.StatusAccepted {
+		t.Fatalf("status %d, want 202", status)
+	}
+	if _, err := g.up.WaitTaken([]string{id}, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	g.drained()
+}
+
+// TestSpoolClientHangsUp: the sender giving up on its answer does not end
+// the attempt: the upstream, slower than the sender, still gets the
+// delivery, once, and nothing is spooled.
+func TestSpoolClientHangsUp(t *testing.T) {
+	g := startSpoolRig(t, "")
+	answered := make(chan struct{})
+	g.up.Answer(func(*http.Request) int {
+		time.Sleep(500 * time.Millisecond)
+		defer close(answered)
+		return http.StatusOK
+	})
+	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	req, _ := http.NewRequest(http.MethodPost, g.url, strings.NewReader(d.body()))
+	req.Header.Set("Authorization", d.authorization())
+	impatient := &http.Client{Timeout: 100 * time.Millisecond}
+	if resp, err := impatient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("the client got %d before the upstream answered", resp.StatusCode)
+	}
+	select {
+	case <-answered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the upstream never answered: the attempt ended with the client")
+	}
+	g.waitFor("the upstream's answer is recorded", func() bool { return g.up.Taken()[d.eventID] == 1 })
+	if n := len(g.list()); n != 0 {
+		t.Errorf("%d entries spooled for a delivery the upstream took", n)
+	}
+}
+
+// TestSpoolAlways: mode always answers 202 before the upstream has the
+// delivery, then delivers it.
+func TestSpoolAlways(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tmode always\n\t\t}")
+	release := make(chan struct{})
+	g.up.Answer(func(*http.Request) int {
+		<-release
+		return http.StatusOK
+	})
+	ids := g.deliverSpooled(3)
+	if n := len(g.up.Received()); n != 0 {
+		t.Fatalf("the upstream answered %d deliveries while it was held", n)
+	}
+	close(release)
+	g.checkTakenOnce(ids)
+}
+
+// TestSpoolDeadLetters: past max_age, or refused by the upstream with a 4xx,
+// a delivery is a dead letter, kept and not retried; an operator retries or
+// deletes it through the admin API.
+func TestSpoolDeadLetters(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 20ms 40ms\n\t\t\tmax_age 300ms\n\t\t}")
+	before := scrape(t, g.base+"/metrics")
+	g.up.Answer(func(*http.Request) int { return http.StatusServiceUnavailable })
+	aged, _ := g.deliver()
+	deleted, _ := g.deliver()
+	g.waitFor("both are dead letters", func() bool {
+		l := g.list()
+		return len(l) == 2 && l[0].State == stateDead && l[1].State == stateDead
+	})
+	for _, l := range g.list() {
+		if l.Attempts < 2 || l.LastError != "503 Service Unavailable" || l.NextAttempt != "" {
+			t.Errorf("dead letter %+v", l)
+		}
+	}
+	// A 4xx on a re-drive is a dead letter at once.
+	var refused atomic.Bool
+	g.up.Answer(func(*http.Request) int {
+		if refused.CompareAndSwap(false, true) {
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusGone
+	})
+	gone, _ := g.deliver()
+	g.waitFor("the 410 is a dead letter", func() bool {
+		for _, l := range g.list() {
+			if l.EventID == gone {
+				return l.State == stateDead && l.LastError == "410 Gone" && l.Attempts == 2
+			}
+		}
+		return false
+	})
+	n := len(g.up.Received())
+	time.Sleep(200 * time.Millisecond) // several backoffs: a dead letter is not retried on its own
+	if m := len(g.up.Received()); m != n {
+		t.Fatalf("dead letters were retried: %d requests, then %d", n, m)
+	}
+
+	g.up.Answer(nil)
+	if status := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+aged+"/retry"); status != http.StatusAccepted {
+		t.Fatalf("retry: %d", status)
+	}
+	if _, err := g.up.WaitTaken([]string{aged}, 20*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{deleted, gone} {
+		if status := g.adminDo(http.MethodDelete, "/trivialsec_webhook/spool/"+id); status != http.StatusNoContent {
+			t.Fatalf("delete: %d", status)
+		}
+	}
+	g.drained()
+	for path, want := range map[string]int{
+		"/trivialsec_webhook/spool/" + deleted:                     http.StatusNotFound,
+		"/trivialsec_webhook/spool/" + uuid.NewString() + "/retry": http.StatusNotFound,
+		"/trivialsec_webhook/spool/not-a-uuid":                     http.StatusNotFound,
+	} {
+		method := http.MethodDelete
+		if strings.HasSuffix(path, "/retry") {
+			method = http.MethodPost
+		}
+		if status := g.adminDo(method, path); status != want {
+			t.Errorf("%s %s: %d, want %d", method, path, status, want)
+		}
+	}
+	if taken := g.up.Taken(); taken[deleted] != 0 || taken[gone] != 0 || taken[aged] != 1 {
+		t.Errorf("taken: %v", taken)
+	}
+	after := scrape(t, g.base+"/metrics")
+	if got := after["caddy_trivialsec_webhook_spool_dead_lettered_total"] - before["caddy_trivialsec_webhook_spool_dead_lettered_total"]; got < 3 {
+		t.Errorf("dead_lettered_total rose by %v, want at least 3", got)
+	}
+}
+
+// TestSpoolReload: a reload keeps the spool and its re-drive; what was
+// spooled under the old config goes through the new one.
+func TestSpoolReload(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 20ms 100ms\n\t\t}")
+	g.up.Down()
+	ids := g.deliverSpooled(5)
+	g.reload("second")
+	if n := len(g.list()); n != 5 {
+		t.Fatalf("%d entries after the reload, want 5", n)
+	}
+	if status := g.send(productionDelivery().withEventID(ids[0]).at(time.Now())); status != http.StatusConflict {
+		t.Errorf("a copy after the reload: %d, want 409", status)
+	}
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	g.checkTakenOnce(ids)
+	for _, r := range g.up.Received() {
+		if r.Status == 200 && r.Header.Get("X-Trivialsec-Config") != "second" {
+			t.Errorf("event %s went through config %q", r.EventID, r.Header.Get("X-Trivialsec-Config"))
+		}
+	}
+}
+
+// TestSpoolFull: a delivery that does not fit in max_size is not spooled:
+// the sender gets the failure, and the event ID is released, so that a
+// redelivery can pass.
+func TestSpoolFull(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tmax_size 1KB\n\t\t}")
+	g.up.Down()
+	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	d.payload = `{"pad": "` + strings.Repeat("x", 2000) + `"}`
+	if status := g.send(d); status != http.StatusBadGateway {
+		t.Fatalf("status %d, want the upstream's 502", status)
+	}
+	if n := len(g.list()); n != 0 {
+		t.Fatalf("%d entries", n)
+	}
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	if status := g.send(d); status != http.StatusOK {
+		t.Errorf("the redelivery: %d", status)
+	}
+}
+
+// TestSpoolDirUnusable: a store directory that cannot be made stops Caddy
+// with an error that names it.
+func TestSpoolDirUnusable(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "a-file")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(file, "spool")
+	caddyfile := fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n}\nhttp://127.0.0.1:%d {\n\ttrivialsec_webhook {\n\t\taccount acme\n\t\tsecret s\n\t\tspool {\n\t\t\tstore file %s\n\t\t}\n\t}\n}\n", freePort(t), dir)
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = caddy.Load(cfg, true)
+	if err == nil {
+		_ = caddy.Stop()
+		t.Fatal("Caddy started with a spool directory under a file")
+	}
+	if !strings.Contains(err.Error(), "spool directory "+dir+" cannot be created") {
+		t.Fatalf("error %v", err)
+	}
+}
+
+// TestRetryAt: the n-th retry waits between backoff_min and
+// backoff_min·2^(n-1), at most backoff_max, never past max_age; past it,
+// the entry is dead.
+func TestRetryAt(t *testing.T) {
+	p := spoolPolicy{backoffMin: time.Second, backoffMax: time.Minute, maxAge: time.Hour}
+	spooled := time.Unix(1_800_000_000, 0)
+	for attempts := 1; attempts <= 40; attempts++ {
+		ceiling := min(time.Second<<min(attempts-1, 30), time.Minute)
+		var longest time.Duration
+		for range 200 {
+			now := spooled.Add(time.Minute)
+			at, dead := p.retryAt(now, spooled, attempts)
+			wait := at.Sub(now)
+			if dead || wait < time.Second || wait > ceiling {
+				t.Fatalf("attempt %d: wait %v (dead %v), want 1s to %v", attempts, wait, dead, ceiling)
+			}
+			longest = max(longest, wait)
+		}
+		if attempts > 1 && longest <= ceiling/2 {
+			t.Errorf("attempt %d: the longest of 200 waits is %v, with a ceiling of %v", attempts, longest, ceiling)
+		}
+	}
+	if at, dead := p.retryAt(spooled.Add(time.Hour-time.Second), spooled, 30); dead || !at.Equal(spooled.Add(time.Hour)) {
+		t.Errorf("near max_age: %v %v, want the last attempt at max_age", at, dead)
+	}
+	if _, dead := p.retryAt(spooled.Add(time.Hour), spooled, 3); !dead {
+		t.Error("at max_age: not dead")
+	}
+}
+
+func TestRetryable(t *testing.T) {
+	for status, want := range map[int]bool{200: false, 302: false, 400: false, 404: false, 408: true, 409: false,
+		410: false, 422: false, 425: true, 429: true, 500: true, 502: true, 503: true, 504: true} {
+		if retryable(status) != want {
+			t.Errorf("%d: retryable %v", status, !want)
+		}
+	}
+}
+
+// TestSpoolWithReplayOff: with replay protection off, a failure the spool
+// cannot take goes back to the sender (nothing to release), and one it can
+// is delivered once.
+func TestSpoolWithReplayOff(t *testing.T) {
+	g := startSpoolRig(t, "replay off\n\t\tspool {\n\t\t\tmax_size 1KB\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	g.up.Answer(func(*http.Request) int { return http.StatusServiceUnavailable })
+	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	d.payload = `{"pad": "` + strings.Repeat("x", 2000) + `"}`
+	if status := g.send(d); status != http.StatusServiceUnavailable {
+		t.Fatalf("too large to spool: %d, want the upstream's 503", status)
+	}
+	g.up.Answer(nil)
+	g.up.Down()
+	ids := g.deliverSpooled(1)
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	g.checkTakenOnce(ids)
+}
