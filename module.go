@@ -236,11 +236,11 @@ func (h *Handler) provisionSpool(ctx caddy.Context) error {
 		return err
 	}
 	h.spool, h.spoolKey = store, key
-	h.driver = &driver{server: server, spool: store}
+	h.driver = &driver{server: server, account: h.Account, spool: store}
 	if err := events.(*caddyevents.App).On("started", h.driver); err != nil {
 		return fmt.Errorf("spool: %v", err)
 	}
-	store.register(h.Account, h.driver)
+	store.register(h.driver)
 	return nil
 }
 
@@ -422,7 +422,7 @@ func (h *Handler) Cleanup() error {
 		errs = append(errs, err)
 	}
 	if h.spool != nil {
-		h.spool.unregister(h.Account, h.driver)
+		h.spool.unregister(h.driver)
 		_, err := spools.Delete(h.spoolKey)
 		errs = append(errs, err)
 	}

@@ -45,29 +45,39 @@ func redriveOf(r *http.Request) *redrive {
 // once the config it belongs to has started. It is told so by Caddy's
 // "started" event.
 type driver struct {
-	server *caddyhttp.Server
-	ready  atomic.Bool
-	spool  *fileSpool
+	server  *caddyhttp.Server
+	account string
+	ready   atomic.Bool
+	spool   *fileSpool
 }
 
-// Handle marks the driver ready: its config's apps have started.
+// Handle marks the driver ready: its config's apps have started. The
+// account's entries that waited for a handler are due again.
 func (d *driver) Handle(context.Context, caddy.Event) error {
 	d.ready.Store(true)
-	d.spool.signal()
+	s := d.spool
+	s.mu.Lock()
+	for _, it := range s.parked[d.account] {
+		heap.Push(&s.due, it)
+	}
+	delete(s.parked, d.account)
+	s.mu.Unlock()
+	s.signal()
 	return nil
 }
 
 // register adds a handler's driver for its account.
-func (s *fileSpool) register(account string, d *driver) {
+func (s *fileSpool) register(d *driver) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.drivers[account] = append(s.drivers[account], d)
+	s.drivers[d.account] = append(s.drivers[d.account], d)
 }
 
 // unregister removes it, when its config is cleaned up.
-func (s *fileSpool) unregister(account string, d *driver) {
+func (s *fileSpool) unregister(d *driver) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	account := d.account
 	ds := s.drivers[account]
 	for i := range ds {
 		if ds[i] == d {
@@ -120,16 +130,11 @@ func (s *fileSpool) redriveLoop() {
 }
 
 // dispatch starts the entries due at now, and returns how long to wait for
-// the next one.
+// the next one. A due entry whose account has no ready handler is parked
+// until one is ready.
 func (s *fileSpool) dispatch(now time.Time) time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var waiting []dueItem // due, but no handler for their account yet
-	defer func() {
-		for _, it := range waiting {
-			heap.Push(&s.due, it)
-		}
-	}()
 	for s.due.Len() > 0 {
 		it := s.due[0]
 		m, ok := s.entries[it.id]
@@ -146,7 +151,7 @@ func (s *fileSpool) dispatch(now time.Time) time.Duration {
 		heap.Pop(&s.due)
 		d := s.driverFor(m.Account)
 		if d == nil {
-			waiting = append(waiting, it)
+			s.parked[m.Account] = append(s.parked[m.Account], it)
 			continue
 		}
 		s.inflight[it.id] = true
@@ -157,13 +162,19 @@ func (s *fileSpool) dispatch(now time.Time) time.Duration {
 }
 
 // attempt re-drives one entry and records what came of it.
+//
+// The entry stays in s.inflight until its outcome is in the index, heap
+// item and all: dispatch drops the heap items of entries in flight.
 func (s *fileSpool) attempt(m spoolMeta, d *driver) {
 	defer s.workers.Done()
+	defer s.signal() // a worker is free
+	landed := false
 	defer func() {
-		s.mu.Lock()
-		delete(s.inflight, m.EventID)
-		s.mu.Unlock()
-		s.signal()
+		if !landed {
+			s.mu.Lock()
+			delete(s.inflight, m.EventID)
+			s.mu.Unlock()
+		}
 	}()
 	s.mu.Lock()
 	policy := s.policy
@@ -178,11 +189,7 @@ func (s *fileSpool) attempt(m spoolMeta, d *driver) {
 	log := s.log().With(zap.String("event_id", m.EventID.String()), zap.String("event_name", m.EventName),
 		zap.Int("attempts", m.Attempts+1))
 	if failure == "" {
-		if _, err := s.remove(m.EventID); err != nil {
-			// Delivered, but still on disk: it may be delivered again.
-			log.Error("spool: redelivered, but the entry could not be deleted", zap.Error(err))
-			return
-		}
+		s.forget(m.EventID)
 		spoolRedelivered.Inc()
 		log.Info("spool: redelivered", zap.Int("status", status), zap.Duration("spooled_for", now.Sub(m.SpooledAt)))
 		return
@@ -205,6 +212,8 @@ func (s *fileSpool) attempt(m spoolMeta, d *driver) {
 		log.Error("spool: the outcome of an attempt could not be saved", zap.Error(err))
 	}
 	s.mu.Lock()
+	delete(s.inflight, m.EventID)
+	landed = true
 	if cur, ok := s.entries[m.EventID]; ok {
 		if cur.State != state {
 			spoolEntries.WithLabelValues(cur.State).Dec()

@@ -160,7 +160,7 @@ func (g *spoolRig) waitFor(what string, ok func() bool) {
 	deadline := time.Now().Add(20 * time.Second)
 	for !ok() {
 		if time.Now().After(deadline) {
-			g.t.Fatalf("still not so after 20 s: %s", what)
+			g.t.Fatalf("still not so after 20 s: %s; the spool holds %+v", what, g.list())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -566,5 +566,49 @@ func TestSpoolWithReplayOff(t *testing.T) {
 	if err := g.up.Up(); err != nil {
 		t.Fatal(err)
 	}
+	g.checkTakenOnce(ids)
+}
+
+// TestSpoolWaitsForItsAccount: a delivery spooled for an account that no
+// handler of the running config serves waits, and goes once one does.
+func TestSpoolWaitsForItsAccount(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 20ms\n\t\t}")
+	g.up.Down()
+	ids := g.deliverSpooled(2)
+	acme := g.caddyfile("first")
+	other := strings.Replace(acme, "account "+testAccount, "account other", 1)
+	load := func(caddyfile string) {
+		cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := caddy.Load(cfg, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	load(other)
+	// An attempt begun through the old config may still be under way; once
+	// the attempts stop counting for several backoffs, both entries wait.
+	attempts := func() (n int) {
+		for _, l := range g.list() {
+			n += l.Attempts
+		}
+		return n
+	}
+	for last := -1; last != attempts(); {
+		last = attempts()
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // many backoffs: room for a delivery that should not happen
+	if n := len(g.up.Received()); n != 0 {
+		t.Fatalf("the upstream got %d requests with no handler for the account", n)
+	}
+	if l := g.list(); len(l) != 2 || l[0].State != statePending {
+		t.Fatalf("listing %+v", l)
+	}
+	load(acme)
 	g.checkTakenOnce(ids)
 }
