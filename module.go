@@ -236,6 +236,11 @@ func (h *Handler) provisionSpool(ctx caddy.Context) error {
 		return err
 	}
 	h.spool, h.spoolKey = store, key
+	app, err := ctx.App("trivialsec_webhook")
+	if err != nil {
+		return fmt.Errorf("spool: %v", err)
+	}
+	app.(*spoolApp).use(store)
 	h.driver = &driver{server: server, account: h.Account, spool: store}
 	if err := events.(*caddyevents.App).On("started", h.driver); err != nil {
 		return fmt.Errorf("spool: %v", err)
@@ -261,10 +266,8 @@ func (h *Handler) provisionStore(ctx caddy.Context) error {
 			// The spool store keeps the reservations too, so that a restart
 			// keeps them; the memory store is the cache in front.
 			h.journal = true
-			if err := store.preload(h.spoolKey, func(add func(uuid.UUID, time.Time)) error {
-				return h.spool.reservations(h.Account, time.Now(), add)
-			}); err != nil {
-				return fmt.Errorf("replay: reading the reservations kept in the spool store: %v", err)
+			if err := h.spool.keepReservations(h.Account, store); err != nil {
+				return err
 			}
 		}
 		return nil
@@ -422,7 +425,9 @@ func (h *Handler) Cleanup() error {
 		errs = append(errs, err)
 	}
 	if h.spool != nil {
-		h.spool.unregister(h.driver)
+		if h.driver != nil { // nil when Provision failed before it was made
+			h.spool.unregister(h.driver)
+		}
 		_, err := spools.Delete(h.spoolKey)
 		errs = append(errs, err)
 	}
@@ -472,6 +477,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	expires := tok.ExpiresAt.Add(time.Duration(*h.Leeway))
 	var reserved reservation
+	if h.journal {
+		// The reservations kept on disk are in the memory store once the
+		// spool store is open: before its config started, open it now.
+		_ = h.spool.ready()
+	}
 	if h.store != nil {
 		var result replayResult
 		var err error

@@ -64,8 +64,8 @@ func newMemoryStore(maxEntries int) *memoryStore {
 	return &memoryStore{entries: make(map[uuid.UUID]int64), maxEntries: maxEntries, preloaded: make(map[string]bool)}
 }
 
-// preload takes in the reservations a spool store (its key in spools) kept
-// across a restart, once: load calls add with each.
+// preload takes in the reservations a spool store (named by its directory)
+// kept across a restart, once: load calls add with each.
 func (s *memoryStore) preload(key string, load func(add func(id uuid.UUID, expires time.Time)) error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()

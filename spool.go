@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -65,6 +66,47 @@ type Spool struct {
 	// for an answer. Default: 20s.
 	AttemptTimeout caddy.Duration `json:"attempt_timeout,omitempty"`
 }
+
+func init() {
+	caddy.RegisterModule(spoolApp{})
+}
+
+// spoolApp opens the spool stores of a config when the config starts. The
+// handlers make their stores at provision, but do not open them there:
+// `caddy validate` provisions a config without starting it, and must not
+// wait for, and fail on, the lock of the store a running Caddy holds. A
+// store that cannot be opened stops the config from starting, with the
+// reason. Nothing in it is configured: the handlers load it.
+type spoolApp struct {
+	stores []*fileSpool
+}
+
+// CaddyModule returns the Caddy module information.
+func (spoolApp) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "trivialsec_webhook",
+		New: func() caddy.Module { return new(spoolApp) },
+	}
+}
+
+func (a *spoolApp) use(s *fileSpool) {
+	if !slices.Contains(a.stores, s) {
+		a.stores = append(a.stores, s)
+	}
+}
+
+// Start opens the stores.
+func (a *spoolApp) Start() error {
+	for _, s := range a.stores {
+		if err := s.open(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Stop does nothing: a store closes with the last config that uses it.
+func (a *spoolApp) Stop() error { return nil }
 
 // Defaults of the spool.
 const (
@@ -342,3 +384,6 @@ func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next c
 	w.WriteHeader(http.StatusAccepted)
 	return nil
 }
+
+// Interface guard
+var _ caddy.App = (*spoolApp)(nil)

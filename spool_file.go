@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -106,10 +107,18 @@ func (e *spoolEntry) size() (int64, []byte, []byte, error) {
 	return e.meta.Size, meta, req, nil
 }
 
-// fileSpool is the file store.
+// fileSpool is the file store. It is made at provision and opened when a
+// config using it starts (spoolApp), or by the first write before that:
+// `caddy validate` provisions a config without starting it, and must not
+// take the lock of the store a running Caddy holds.
 type fileSpool struct {
 	dir string
-	db  *bolt.DB
+
+	openMu   sync.Mutex
+	db       *bolt.DB // nil until open
+	opened   atomic.Bool
+	openErr  error                   // what the last open said, when it failed
+	journals map[string]*memoryStore // account -> the memory replay store to preload
 
 	queueMu   sync.Mutex
 	queue     []*commitOp   // writes waiting for the next commit
@@ -144,7 +153,7 @@ func loadFileSpool(dir string, policy spoolPolicy) (*fileSpool, string, error) {
 	}
 	key := "file:" + abs
 	v, _, err := spools.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return openFileSpool(abs, policy)
+		return newFileSpool(abs, policy), nil
 	})
 	if err != nil {
 		return nil, "", err
@@ -156,20 +165,11 @@ func loadFileSpool(dir string, policy spoolPolicy) (*fileSpool, string, error) {
 	return s, key, nil
 }
 
-// openFileSpool opens (or creates) spool.db in dir, loads the index of its
-// entries, and starts the commit and re-drive loops.
-func openFileSpool(dir string, policy spoolPolicy) (*fileSpool, error) {
-	path := filepath.Join(dir, "spool.db")
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: spoolLockTimeout})
-	switch {
-	case errors.Is(err, bolterrors.ErrTimeout):
-		return nil, fmt.Errorf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", path)
-	case err != nil:
-		return nil, fmt.Errorf("spool store %s cannot be opened: %v", path, err)
-	}
+// newFileSpool makes the store of dir, not opened yet.
+func newFileSpool(dir string, policy spoolPolicy) *fileSpool {
 	s := &fileSpool{
 		dir:       dir,
-		db:        db,
+		journals:  make(map[string]*memoryStore),
 		queued:    make(chan struct{}, 1),
 		committed: make(chan struct{}),
 		policy:    policy,
@@ -179,6 +179,51 @@ func openFileSpool(dir string, policy spoolPolicy) (*fileSpool, error) {
 		inflight:  make(map[uuid.UUID]bool),
 		wake:      make(chan struct{}, 1),
 	}
+	s.stopped, s.stop = context.WithCancel(context.Background())
+	return s
+}
+
+// openFileSpool makes the store of dir and opens it.
+func openFileSpool(dir string, policy spoolPolicy) (*fileSpool, error) {
+	s := newFileSpool(dir, policy)
+	return s, s.open()
+}
+
+// ready opens the store if nobody tried yet, and says whether it is open;
+// after a failed open it answers at once, with that failure.
+func (s *fileSpool) ready() error {
+	if s.opened.Load() {
+		return nil
+	}
+	s.openMu.Lock()
+	err := s.openErr
+	s.openMu.Unlock()
+	if err != nil {
+		return err
+	}
+	return s.open()
+}
+
+// open opens (or creates) spool.db, loads the index of its entries and the
+// replay reservations, and starts the commit and re-drive loops. A failed
+// open can be tried again (the next config start).
+func (s *fileSpool) open() error {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	if s.db != nil {
+		return nil
+	}
+	path := filepath.Join(s.dir, "spool.db")
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: spoolLockTimeout})
+	switch {
+	case errors.Is(err, bolterrors.ErrTimeout):
+		s.openErr = fmt.Errorf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", path)
+		return s.openErr
+	case err != nil:
+		s.openErr = fmt.Errorf("spool store %s cannot be opened: %v", path, err)
+		return s.openErr
+	}
+	s.mu.Lock()
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketMeta, bucketRequest, bucketBody, bucketReplay} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
@@ -199,22 +244,59 @@ func openFileSpool(dir string, policy spoolPolicy) (*fileSpool, error) {
 		})
 	})
 	if err != nil {
+		clear(s.entries)
+		s.bytes, s.due = 0, nil
+		s.mu.Unlock()
 		_ = db.Close()
-		return nil, fmt.Errorf("spool store %s cannot be read: %v", path, err)
+		s.openErr = fmt.Errorf("spool store %s cannot be read: %v", path, err)
+		return s.openErr
 	}
-	s.pruneReplay(time.Now())
 	for _, m := range s.entries {
 		spoolEntries.WithLabelValues(m.State).Inc()
 	}
 	spoolBytes.Add(float64(s.bytes))
-	if n := len(s.entries); n > 0 {
+	n := len(s.entries)
+	s.mu.Unlock()
+	s.db, s.openErr = db, nil
+	s.pruneReplay(time.Now())
+	for account, store := range s.journals {
+		if err := s.preload(account, store); err != nil {
+			return err
+		}
+	}
+	if n > 0 {
 		s.log().Info("spool opened with deliveries to re-drive", zap.Int("entries", n), zap.Int64("bytes", s.bytes))
 	}
-	s.stopped, s.stop = context.WithCancel(context.Background())
 	go s.commitLoop()
 	s.workers.Add(1)
 	go s.redriveLoop()
-	return s, nil
+	s.opened.Store(true)
+	return nil
+}
+
+// keepReservations makes the store keep a memory replay store's
+// reservations, and hands it the ones it kept: now if it is open, else when
+// it opens.
+func (s *fileSpool) keepReservations(account string, store *memoryStore) error {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	s.journals[account] = store
+	if s.db == nil {
+		return nil
+	}
+	return s.preload(account, store)
+}
+
+// preload hands an account's kept reservations to its memory store, once
+// per store. Call with s.openMu held and the database open.
+func (s *fileSpool) preload(account string, store *memoryStore) error {
+	err := store.preload(s.dir, func(add func(uuid.UUID, time.Time)) error {
+		return s.reservations(account, time.Now(), add)
+	})
+	if err != nil {
+		return fmt.Errorf("replay: reading the reservations kept in the spool store %s: %v", s.dir, err)
+	}
+	return nil
 }
 
 // log is the store's logger: Caddy's current one, as the store outlives the
@@ -226,7 +308,12 @@ func (s *fileSpool) log() *zap.Logger {
 // Destruct stops the loops and closes the database, with the last config
 // using the store. Writes queued before it are committed first.
 func (s *fileSpool) Destruct() error {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
 	s.stop()
+	if s.db == nil {
+		return nil
+	}
 	s.workers.Wait()
 	s.queueMu.Lock()
 	s.closing = true
@@ -249,11 +336,15 @@ type commitOp struct {
 	journal bool                 // counted in replay_journal_pending
 }
 
-// errSpoolClosed is what a write gets after Destruct.
-var errSpoolClosed = errors.New("the spool store is closed")
+// errSpoolClosed is what a write gets after Destruct, or when the store
+// could not be opened (as the log said then).
+var errSpoolClosed = errors.New("the spool store is closed, or could not be opened")
 
-// enqueue queues a write for the next commit.
+// enqueue queues a write for the next commit, once the store is open.
 func (s *fileSpool) enqueue(op *commitOp) bool {
+	if s.ready() != nil {
+		return false
+	}
 	s.queueMu.Lock()
 	if s.closing {
 		s.queueMu.Unlock()

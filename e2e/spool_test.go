@@ -77,7 +77,8 @@ func TestSpoolSurvivesSIGKILL(t *testing.T) {
 }
 
 // TestSpoolStoreLocked: a second Caddy on the same spool directory stops at
-// startup with an error that says so, rather than hang.
+// startup with an error that says so, rather than hang; `caddy validate` of
+// that config passes, as it opens no store.
 func TestSpoolStoreLocked(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "spool")
 	env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret}
@@ -94,6 +95,11 @@ func TestSpoolStoreLocked(t *testing.T) {
 	want := "spool store " + filepath.Join(dir, "spool.db") + " is locked by another process: give each Caddy its own spool directory"
 	if code == 0 || !strings.Contains(errOut, want) {
 		t.Fatalf("the second Caddy exited %d; want %q in:\n%s", code, want, errOut)
+	}
+	// caddy validate provisions the config without starting it: it does
+	// not touch the store the running Caddy holds.
+	if code, _, errOut := run(t, env, "validate", "--config", config); code != 0 {
+		t.Fatalf("validate beside a running Caddy exited %d:\n%s", code, logMessages(errOut))
 	}
 	if strings.Contains(first.logs(), "error") {
 		t.Errorf("the first Caddy logged an error:\n%s", first.logs())
