@@ -18,7 +18,7 @@ import (
 // Each gets its expected status, never a 5xx; what is refused never reaches
 // the upstream, and what passes reaches it byte for byte.
 func TestAdversarialCorpus(t *testing.T) {
-	base, up := startDefaultProxy(t)
+	base, up := startProxy(t, "")
 	addr := strings.TrimPrefix(base, "http://")
 	now := time.Now()
 
@@ -257,14 +257,7 @@ func rawStatus(t *testing.T, addr, raw string, halfClose bool) int {
 // them the token, reaches the upstream as the verified bytes with a
 // Content-Length and the request's own headers: no trailer, no token.
 func TestTrailersDoNotPass(t *testing.T) {
-	up := startUpstream(t)
-	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
-	base := startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
-		account %s
-		secret {env.TRIVIALSEC_IT_SECRET}
-		strip_authorization
-	}
-	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	base, up := startProxy(t, "strip_authorization")
 	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
 	body := d.body()
 	raw := "POST /webhook/trivialsec HTTP/1.1\r\nHost: " + strings.TrimPrefix(base, "http://") + "\r\nConnection: close\r\n" +

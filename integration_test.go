@@ -75,17 +75,18 @@ func freePort(t *testing.T) int {
 	return port
 }
 
-// startDefaultProxy runs the module with its defaults in front of an
-// upstream that records what it receives.
-func startDefaultProxy(t *testing.T) (base string, up *upstream) {
+// startProxy runs the module, with settings beside account and secret, in
+// front of an upstream that records what it receives.
+func startProxy(t *testing.T, settings string) (base string, up *upstream) {
 	t.Helper()
 	up = startUpstream(t)
 	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
 	base = startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
 		account %s
 		secret {env.TRIVIALSEC_IT_SECRET}
+		%s
 	}
-	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	reverse_proxy %s`, testAccount, settings, up.Listener.Addr()))
 	return base, up
 }
 
@@ -271,14 +272,7 @@ func TestIntegrationReverseProxy(t *testing.T) {
 // TestIntegrationRedeliveryAfterUpstreamFailure: with the spool off, a
 // delivery the upstream failed is not remembered, so it can come again.
 func TestIntegrationRedeliveryAfterUpstreamFailure(t *testing.T) {
-	up := startUpstream(t)
-	t.Setenv("TRIVIALSEC_IT_SECRET", testSecret)
-	base := startCaddy(t, fmt.Sprintf(`	trivialsec_webhook {
-		account %s
-		secret {env.TRIVIALSEC_IT_SECRET}
-		spool off
-	}
-	reverse_proxy %s`, testAccount, up.Listener.Addr()))
+	base, up := startProxy(t, "spool off")
 	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
 	for i, want := range []int{http.StatusBadGateway, http.StatusAccepted, http.StatusConflict} {
 		req, _ := http.NewRequest(http.MethodPost, base+"/", strings.NewReader(d.body()))

@@ -324,9 +324,14 @@ func TestSpoolHungUpstream(t *testing.T) {
 func TestSpoolClientHangsUp(t *testing.T) {
 	g := startSpoolRig(t, "")
 	answered := make(chan struct{})
-	g.up.Answer(func(*http.Request) int {
-		time.Sleep(500 * time.Millisecond)
+	var cancelled atomic.Bool
+	g.up.Answer(func(r *http.Request) int {
 		defer close(answered)
+		select {
+		case <-time.After(500 * time.Millisecond):
+		case <-r.Context().Done(): // Caddy gave up on the upstream
+			cancelled.Store(true)
+		}
 		return http.StatusOK
 	})
 	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
@@ -340,7 +345,10 @@ func TestSpoolClientHangsUp(t *testing.T) {
 	select {
 	case <-answered:
 	case <-time.After(10 * time.Second):
-		t.Fatal("the upstream never answered: the attempt ended with the client")
+		t.Fatal("the upstream never answered")
+	}
+	if cancelled.Load() {
+		t.Fatal("the attempt ended with the client: Caddy closed its request to the upstream")
 	}
 	g.waitFor("the upstream's answer is recorded", func() bool { return g.up.Taken()[d.eventID] == 1 })
 	if n := len(g.list()); n != 0 {
