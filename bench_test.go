@@ -91,10 +91,7 @@ func BenchmarkServeHTTP(b *testing.B) {
 				h.Spool = &Spool{Mode: tc.spool}
 				h.Spool.setDefaults()
 				h.policy = h.Spool.policy()
-				spool, err := openFileSpool(b.TempDir(), h.policy)
-				if err != nil {
-					b.Fatal(err)
-				}
+				spool := openTestSpool(b, b.TempDir(), h.policy)
 				defer spool.Destruct()
 				h.spool, h.journal = spool, replay == "memory"
 			}

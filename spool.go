@@ -265,7 +265,11 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 	mark := markHeader(w.Header()) // what a 202 goes out with
 	buf := failureBuffers.Get().(*bytes.Buffer)
 	buf.Reset()
-	defer failureBuffers.Put(buf)
+	defer func() {
+		if buf.Cap() <= 64<<10 { // a large failed answer is not kept for the next
+			failureBuffers.Put(buf)
+		}
+	}()
 	rec := caddyhttp.NewResponseRecorder(w, buf, func(status int, _ http.Header) bool { return retryable(status) })
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), h.policy.attemptTimeout)
 	defer cancel()

@@ -183,12 +183,6 @@ func newFileSpool(dir string, policy spoolPolicy) *fileSpool {
 	return s
 }
 
-// openFileSpool makes the store of dir and opens it.
-func openFileSpool(dir string, policy spoolPolicy) (*fileSpool, error) {
-	s := newFileSpool(dir, policy)
-	return s, s.open()
-}
-
 // ready opens the store if nobody tried yet, and says whether it is open;
 // after a failed open it answers at once, with that failure.
 func (s *fileSpool) ready() error {
@@ -318,7 +312,7 @@ func (s *fileSpool) Destruct() error {
 	s.queueMu.Lock()
 	s.closing = true
 	s.queueMu.Unlock()
-	s.wakeCommitter()
+	poke(s.queued)
 	<-s.committed
 	s.mu.Lock()
 	for _, m := range s.entries {
@@ -355,15 +349,8 @@ func (s *fileSpool) enqueue(op *commitOp) bool {
 	if op.journal {
 		replayJournalPending.Inc()
 	}
-	s.wakeCommitter()
+	poke(s.queued)
 	return true
-}
-
-func (s *fileSpool) wakeCommitter() {
-	select {
-	case s.queued <- struct{}{}:
-	default:
-	}
 }
 
 // commit runs fn in a write transaction and returns once it is on stable
@@ -526,9 +513,13 @@ func (s *fileSpool) add(e *spoolEntry) error {
 
 // signal wakes the re-drive loop. Call with s.mu held, or not: it never
 // blocks.
-func (s *fileSpool) signal() {
+func (s *fileSpool) signal() { poke(s.wake) }
+
+// poke wakes the loop that waits on ch, a channel of capacity 1, unless it
+// is woken already.
+func poke(ch chan struct{}) {
 	select {
-	case s.wake <- struct{}{}:
+	case ch <- struct{}{}:
 	default:
 	}
 }

@@ -15,10 +15,12 @@ import (
 
 var testPolicy = spoolPolicy{backoffMin: time.Second, backoffMax: time.Minute, maxAge: time.Hour, maxSize: 1 << 20, attemptTimeout: time.Second}
 
-func openTestSpool(t *testing.T, dir string, policy spoolPolicy) *fileSpool {
+// openTestSpool makes the store of dir and opens it, as a config that
+// starts does.
+func openTestSpool(t testing.TB, dir string, policy spoolPolicy) *fileSpool {
 	t.Helper()
-	s, err := openFileSpool(dir, policy)
-	if err != nil {
+	s := newFileSpool(dir, policy)
+	if err := s.open(); err != nil {
 		t.Fatal(err)
 	}
 	return s
@@ -189,7 +191,7 @@ func TestFileSpoolPermissions(t *testing.T) {
 			t.Errorf("%s: %v %v, want %v", path, info.Mode(), err, want)
 		}
 	}
-	if _, err := openFileSpool(abs, testPolicy); err == nil || err.Error() != fmt.Sprintf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", filepath.Join(abs, "spool.db")) {
+	if err := newFileSpool(abs, testPolicy).open(); err == nil || err.Error() != fmt.Sprintf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", filepath.Join(abs, "spool.db")) {
 		t.Errorf("a second open: %v", err)
 	}
 }

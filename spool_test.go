@@ -79,9 +79,12 @@ func (g *spoolRig) caddyfile(name string) string {
 }
 
 // reload loads the same site again, with another X-Trivialsec-Config.
-func (g *spoolRig) reload(name string) {
+func (g *spoolRig) reload(name string) { g.load(g.caddyfile(name)) }
+
+// load replaces the running config with caddyfile, as `caddy reload` does.
+func (g *spoolRig) load(caddyfile string) {
 	g.t.Helper()
-	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(g.caddyfile(name)), nil)
+	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
 	if err != nil {
 		g.t.Fatal(err)
 	}
@@ -259,7 +262,7 @@ func TestSpoolRetriesUntilTaken(t *testing.T) {
 	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 50ms\n\t\t}")
 	var mu sync.Mutex
 	seen := map[string]int{}
-	g.up.Answer(func(r *http.Request) int {
+	g.up.Answer(func(_ http.Header, r *http.Request) int {
 		mu.Lock()
 		defer mu.Unlock()
 		seen[r.Header.Get("X-Trivialsec-Event-Id")]++
@@ -281,7 +284,7 @@ func TestSpoolRetriesUntilTaken(t *testing.T) {
 // sender, and nothing is spooled; the event ID stays taken.
 func TestSpoolPassesRefusals(t *testing.T) {
 	g := startSpoolRig(t, "")
-	g.up.Answer(func(*http.Request) int { return http.StatusUnprocessableEntity })
+	g.up.Answer(func(http.Header, *http.Request) int { return http.StatusUnprocessableEntity })
 	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
 	if status := g.send(d); status != http.StatusUnprocessableEntity {
 		t.Fatalf("status %d, want 422", status)
@@ -302,7 +305,7 @@ func TestSpoolHungUpstream(t *testing.T) {
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) })
 	var first atomic.Bool
-	g.up.Answer(func(*http.Request) int {
+	g.up.Answer(func(http.Header, *http.Request) int {
 		if first.CompareAndSwap(false, true) {
 			<-release // hangs
 		}
@@ -325,7 +328,7 @@ func TestSpoolClientHangsUp(t *testing.T) {
 	g := startSpoolRig(t, "")
 	answered := make(chan struct{})
 	var cancelled atomic.Bool
-	g.up.Answer(func(r *http.Request) int {
+	g.up.Answer(func(_ http.Header, r *http.Request) int {
 		defer close(answered)
 		select {
 		case <-time.After(500 * time.Millisecond):
@@ -361,7 +364,7 @@ func TestSpoolClientHangsUp(t *testing.T) {
 func TestSpoolAlways(t *testing.T) {
 	g := startSpoolRig(t, "spool {\n\t\t\tmode always\n\t\t}")
 	release := make(chan struct{})
-	g.up.Answer(func(*http.Request) int {
+	g.up.Answer(func(http.Header, *http.Request) int {
 		<-release
 		return http.StatusOK
 	})
@@ -379,7 +382,7 @@ func TestSpoolAlways(t *testing.T) {
 func TestSpoolDeadLetters(t *testing.T) {
 	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 20ms 40ms\n\t\t\tmax_age 300ms\n\t\t}")
 	before := scrape(t, g.base+"/metrics")
-	g.up.Answer(func(*http.Request) int { return http.StatusServiceUnavailable })
+	g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
 	aged, _ := g.deliver()
 	deleted, _ := g.deliver()
 	g.waitFor("both are dead letters", func() bool {
@@ -393,7 +396,7 @@ func TestSpoolDeadLetters(t *testing.T) {
 	}
 	// A 4xx on a re-drive is a dead letter at once.
 	var refused atomic.Bool
-	g.up.Answer(func(*http.Request) int {
+	g.up.Answer(func(http.Header, *http.Request) int {
 		if refused.CompareAndSwap(false, true) {
 			return http.StatusServiceUnavailable
 		}
@@ -562,7 +565,7 @@ func TestRetryable(t *testing.T) {
 // is delivered once.
 func TestSpoolWithReplayOff(t *testing.T) {
 	g := startSpoolRig(t, "replay off\n\t\tspool {\n\t\t\tmax_size 1KB\n\t\t\tbackoff 10ms 50ms\n\t\t}")
-	g.up.Answer(func(*http.Request) int { return http.StatusServiceUnavailable })
+	g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
 	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
 	d.payload = `{"pad": "` + strings.Repeat("x", 2000) + `"}`
 	if status := g.send(d); status != http.StatusServiceUnavailable {
@@ -585,16 +588,7 @@ func TestSpoolWaitsForItsAccount(t *testing.T) {
 	ids := g.deliverSpooled(2)
 	acme := g.caddyfile("first")
 	other := strings.Replace(acme, "account "+testAccount, "account other", 1)
-	load := func(caddyfile string) {
-		cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := caddy.Load(cfg, true); err != nil {
-			t.Fatal(err)
-		}
-	}
-	load(other)
+	g.load(other)
 	// An attempt begun through the old config may still be under way; once
 	// the attempts stop counting for several backoffs, both entries wait.
 	attempts := func() (n int) {
@@ -617,6 +611,40 @@ func TestSpoolWaitsForItsAccount(t *testing.T) {
 	if l := g.list(); len(l) != 2 || l[0].State != statePending {
 		t.Fatalf("listing %+v", l)
 	}
-	load(acme)
+	g.load(acme)
 	g.checkTakenOnce(ids)
+}
+
+// TestSpool202IsClean: the 202 that stands in for a failed answer carries
+// the headers the response had before the attempt, none of the failed
+// answer's, and no body.
+func TestSpool202IsClean(t *testing.T) {
+	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	var failed atomic.Bool
+	g.up.Answer(func(h http.Header, _ *http.Request) int {
+		if failed.CompareAndSwap(false, true) {
+			h.Set("Retry-After", "120")
+			h.Set("X-Upstream", "down for maintenance")
+			h.Add("Server", "upstream")
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusOK
+	})
+	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+	g.sent[d.eventID] = d.body()
+	req, _ := http.NewRequest(http.MethodPost, g.url, strings.NewReader(d.body()))
+	req.Header.Set("Authorization", d.authorization())
+	resp, err := senderClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := readAll(t, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted || body != "" {
+		t.Fatalf("%d %q, want an empty 202", resp.StatusCode, body)
+	}
+	if resp.Header.Get("Retry-After") != "" || resp.Header.Get("X-Upstream") != "" || len(resp.Header.Values("Server")) != 1 {
+		t.Errorf("the 202 carries the failed answer's headers: %v", resp.Header)
+	}
+	g.checkTakenOnce([]string{d.eventID})
 }

@@ -18,7 +18,7 @@ type Upstream struct {
 
 	mu       sync.Mutex
 	server   *http.Server
-	answer   func(*http.Request) int
+	answer   func(http.Header, *http.Request) int
 	received []Received
 }
 
@@ -41,8 +41,8 @@ func StartUpstream() (*Upstream, error) {
 }
 
 // Answer sets how the upstream answers: the status fn returns, after
-// whatever fn waits for. nil answers 200.
-func (u *Upstream) Answer(fn func(*http.Request) int) {
+// whatever fn waits for, with the response headers fn sets. nil answers 200.
+func (u *Upstream) Answer(fn func(header http.Header, r *http.Request) int) {
 	u.mu.Lock()
 	u.answer = fn
 	u.mu.Unlock()
@@ -90,7 +90,7 @@ func (u *Upstream) serve(w http.ResponseWriter, r *http.Request) {
 	u.mu.Unlock()
 	status := http.StatusOK
 	if answer != nil {
-		status = answer(r)
+		status = answer(w.Header(), r)
 	}
 	var fields struct {
 		EventID string `json:"event_id"`
