@@ -93,7 +93,10 @@ func BenchmarkServeHTTP(b *testing.B) {
 				h.policy = h.Spool.policy()
 				spool := openTestSpool(b, b.TempDir(), h.policy)
 				defer spool.Destruct()
-				h.spool, h.journal = spool, replay == "memory"
+				h.spool = spool
+				if replay == "memory" {
+					h.journal = spool
+				}
 			}
 			if replay == "memory" {
 				h.store = newMemoryStore(defaultReplayMaxEntries)

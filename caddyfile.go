@@ -1,6 +1,7 @@
 package trivialsecwebhook
 
 import (
+	"errors"
 	"strconv"
 	"strings"
 
@@ -38,7 +39,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		strip_authorization
 //		spool    off
 //		spool {
-//			store    file [<dir>]
+//			store    file [<dir>] | redis <url> [<key_prefix>]
+//			claim_after <duration>
 //			mode     fallback | always
 //			backoff  <min> <max>
 //			max_age  <duration>
@@ -144,8 +146,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				h.Replay.MaxEntries = n
 			case args[0] == "redis" && (len(args) == 2 || len(args) == 3):
-				if !strings.HasPrefix(args[1], "redis://") && !strings.HasPrefix(args[1], "rediss://") && !secretPlaceholder.MatchString(args[1]) {
-					return d.Errf("replay redis: the URL must start with redis:// or rediss://, or be a placeholder such as {env.REDIS_URL}")
+				if err := checkRedisURL(args[1]); err != nil {
+					return d.Errf("replay redis: %v", err)
 				}
 				h.Replay.URL = args[1]
 				if len(args) == 3 {
@@ -182,6 +184,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 // Interface guard
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
 
+// checkRedisURL checks the form of a Redis URL; Provision parses it.
+func checkRedisURL(raw string) error {
+	if !strings.HasPrefix(raw, "redis://") && !strings.HasPrefix(raw, "rediss://") && !secretPlaceholder.MatchString(raw) {
+		return errors.New("the URL must start with redis:// or rediss://, or be a placeholder such as {env.REDIS_URL}")
+	}
+	return nil
+}
+
 // parseSpool reads `spool off`, or a spool block.
 func parseSpool(d *caddyfile.Dispenser) (*Spool, error) {
 	s := new(Spool)
@@ -192,6 +202,7 @@ func parseSpool(d *caddyfile.Dispenser) (*Spool, error) {
 		return nil, d.Errf("spool takes off, or its settings in a block: found %q", strings.Join(args, " "))
 	}
 	seen := make(map[string]bool)
+	var claimErr error // claim_after without store redis, at its line
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		sub := d.Val()
 		if s.Store == "off" {
@@ -216,8 +227,16 @@ func parseSpool(d *caddyfile.Dispenser) (*Spool, error) {
 			if len(args) == 2 {
 				s.Dir = args[1]
 			}
+		case sub == "store" && len(args) >= 2 && len(args) <= 3 && args[0] == "redis":
+			if err := checkRedisURL(args[1]); err != nil {
+				return nil, d.Errf("spool store redis: %v", err)
+			}
+			s.Store, s.URL = "redis", args[1]
+			if len(args) == 3 {
+				s.KeyPrefix = args[2]
+			}
 		case sub == "store":
-			return nil, d.Errf("spool store takes file [<dir>]: found %q", strings.Join(args, " "))
+			return nil, d.Errf("spool store takes file [<dir>] or redis <url> [<key_prefix>]: found %q", strings.Join(args, " "))
 		case sub == "mode" && len(args) == 1:
 			s.Mode = args[0]
 		case sub == "backoff" && len(args) == 2:
@@ -227,15 +246,18 @@ func parseSpool(d *caddyfile.Dispenser) (*Spool, error) {
 					return nil, err
 				}
 			}
-		case (sub == "max_age" || sub == "attempt_timeout") && len(args) == 1:
+		case (sub == "max_age" || sub == "attempt_timeout" || sub == "claim_after") && len(args) == 1:
 			dur, err := duration(args[0])
 			if err != nil {
 				return nil, err
 			}
-			if sub == "max_age" {
+			switch sub {
+			case "max_age":
 				s.MaxAge = dur
-			} else {
+			case "attempt_timeout":
 				s.AttemptTimeout = dur
+			default:
+				s.ClaimAfter = dur
 			}
 		case sub == "max_size" && len(args) == 1:
 			size, err := humanize.ParseBytes(args[0])
@@ -243,14 +265,20 @@ func parseSpool(d *caddyfile.Dispenser) (*Spool, error) {
 				return nil, d.Errf("spool max_size %q is not a size: write it like 1GiB", args[0])
 			}
 			s.MaxSize = int64(size)
-		case sub == "mode" || sub == "backoff" || sub == "max_age" || sub == "attempt_timeout" || sub == "max_size":
+		case sub == "mode" || sub == "backoff" || sub == "max_age" || sub == "attempt_timeout" || sub == "max_size" || sub == "claim_after":
 			return nil, d.ArgErr()
 		default:
-			return nil, d.Errf("unknown spool setting %q: use store, mode, backoff, max_age, max_size or attempt_timeout", sub)
+			return nil, d.Errf("unknown spool setting %q: use store, mode, backoff, max_age, max_size, attempt_timeout or claim_after", sub)
 		}
-		if err := s.validate(); err != nil {
+		if sub == "claim_after" && s.Store != "redis" {
+			claimErr = d.Errf("spool claim_after is for store redis: store redis <url> [<key_prefix>]")
+		}
+		if err := s.validateFields(); err != nil {
 			return nil, d.WrapErr(err)
 		}
+	}
+	if claimErr != nil && s.Store != "redis" {
+		return nil, claimErr
 	}
 	return s, nil
 }

@@ -57,6 +57,7 @@ func TestUnmarshalCaddyfileMinimal(t *testing.T) {
 		"spool off":                                `"spool":{"store":"off"}`,
 		"spool {\n store file /var/lib/spool\n mode always\n backoff 2s 1h\n max_age 24h\n max_size 10MiB\n attempt_timeout 5s\n }": `"spool":{"store":"file","dir":"/var/lib/spool","mode":"always","backoff":[2000000000,3600000000000],"max_age":86400000000000,"max_size":10485760,"attempt_timeout":5000000000}`,
 		"spool {\n store file\n }": `"spool":{"store":"file"}`,
+		"spool {\n claim_after 30s\n store redis {env.REDIS_URL} acme:spool:\n }": `"spool":{"store":"redis","url":"{env.REDIS_URL}","key_prefix":"acme:spool:","claim_after":30000000000}`,
 	} {
 		var h Handler
 		d := caddyfile.NewTestDispenser("trivialsec_webhook {\n account acme\n secret {env.S}\n " + input + "\n}")
@@ -97,10 +98,13 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"replay_bad_max", "trivialsec_webhook {\n account a\n secret s\n replay memory -5\n}", `@4@replay memory "-5": max_entries must be a positive whole number`},
 		{"spool_argument", "trivialsec_webhook {\n account a\n secret s\n spool on\n}", `@4@spool takes off, or its settings in a block: found "on"`},
 		{"spool_off_with_block", "trivialsec_webhook {\n account a\n secret s\n spool off {\n mode always\n }\n}", `@5@spool off takes no settings: found "mode"`},
-		{"spool_unknown_setting", "trivialsec_webhook {\n account a\n secret s\n spool {\n retries 5\n }\n}", `@5@unknown spool setting "retries": use store, mode, backoff, max_age, max_size or attempt_timeout`},
+		{"spool_unknown_setting", "trivialsec_webhook {\n account a\n secret s\n spool {\n retries 5\n }\n}", `@5@unknown spool setting "retries": use store, mode, backoff, max_age, max_size, attempt_timeout or claim_after`},
 		{"spool_duplicate_setting", "trivialsec_webhook {\n account a\n secret s\n spool {\n mode always\n mode always\n }\n}", `@6@spool mode is set twice`},
 		{"spool_unknown_mode", "trivialsec_webhook {\n account a\n secret s\n spool {\n mode sometimes\n }\n}", `@5@unknown spool mode "sometimes": use fallback or always`},
-		{"spool_unknown_store", "trivialsec_webhook {\n account a\n secret s\n spool {\n store disk\n }\n}", `@5@spool store takes file [<dir>]: found "disk"`},
+		{"spool_unknown_store", "trivialsec_webhook {\n account a\n secret s\n spool {\n store disk\n }\n}", `@5@spool store takes file [<dir>] or redis <url> [<key_prefix>]: found "disk"`},
+		{"spool_redis_no_url", "trivialsec_webhook {\n account a\n secret s\n spool {\n store redis\n }\n}", `@5@spool store takes file [<dir>] or redis <url> [<key_prefix>]: found "redis"`},
+		{"spool_redis_bad_url", "trivialsec_webhook {\n account a\n secret s\n spool {\n store redis 127.0.0.1:6379\n }\n}", `@5@spool store redis: the URL must start with redis://`},
+		{"spool_claim_after_file", "trivialsec_webhook {\n account a\n secret s\n spool {\n claim_after 1m\n store file\n }\n}", `@5@spool claim_after is for store redis`},
 		{"spool_backoff_one", "trivialsec_webhook {\n account a\n secret s\n spool {\n backoff 1s\n }\n}", `@5@wrong argument count`},
 		{"spool_backoff_reversed", "trivialsec_webhook {\n account a\n secret s\n spool {\n backoff 1m 1s\n }\n}", `@5@spool backoff takes two positive durations, the first no larger than the second`},
 		{"spool_backoff_zero", "trivialsec_webhook {\n account a\n secret s\n spool {\n backoff 0s 1s\n }\n}", `@5@spool backoff "0s" is not a positive duration`},

@@ -23,20 +23,7 @@ var (
 		Help:      "Accepted webhook deliveries by event name.",
 	}, []string{"event_name"})
 
-	// The spool: what it holds, and what it did. Gauges are the sum over
-	// every spool store of the process.
-	spoolEntries = prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Namespace: "caddy",
-		Subsystem: "trivialsec_webhook",
-		Name:      "spool_entries",
-		Help:      "Deliveries held in the spool, by state (pending, dead).",
-	}, []string{"state"})
-	spoolBytes = prometheus.NewGauge(prometheus.GaugeOpts{
-		Namespace: "caddy",
-		Subsystem: "trivialsec_webhook",
-		Name:      "spool_bytes",
-		Help:      "Bytes held in the spool: requests and bodies.",
-	})
+	// The spool: what it holds (spoolGauges), and what it did.
 	replayJournalPending = prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: "caddy",
 		Subsystem: "trivialsec_webhook",
@@ -63,9 +50,35 @@ func init() {
 	for i, name := range eventNames {
 		eventCounters[i] = eventsTotal.WithLabelValues(name)
 	}
-	for _, state := range []string{statePending, stateDead} {
-		spoolEntries.WithLabelValues(state)
-	}
+}
+
+// spoolGauges reports what the spool holds, asked of each store at every
+// scrape: the sum over the spool stores of the process. A Redis store is
+// shared: each instance reports all of it.
+type spoolGauges struct{}
+
+var (
+	spoolEntriesDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_entries",
+		"Deliveries held in the spool, by state (pending, dead).", []string{"state"}, nil)
+	spoolBytesDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_bytes",
+		"Bytes held in the spool: requests and bodies.", nil, nil)
+)
+
+func (spoolGauges) Describe(ch chan<- *prometheus.Desc) {
+	ch <- spoolEntriesDesc
+	ch <- spoolBytesDesc
+}
+
+func (spoolGauges) Collect(ch chan<- prometheus.Metric) {
+	var sum spoolStats
+	eachSpool(func(s spoolStore) bool {
+		st := s.stats()
+		sum.pending, sum.dead, sum.bytes = sum.pending+st.pending, sum.dead+st.dead, sum.bytes+st.bytes
+		return true
+	})
+	ch <- prometheus.MustNewConstMetric(spoolEntriesDesc, prometheus.GaugeValue, float64(sum.pending), statePending)
+	ch <- prometheus.MustNewConstMetric(spoolEntriesDesc, prometheus.GaugeValue, float64(sum.dead), stateDead)
+	ch <- prometheus.MustNewConstMetric(spoolBytesDesc, prometheus.GaugeValue, float64(sum.bytes))
 }
 
 // registerMetrics adds the collectors to a config's registry. The same
@@ -74,7 +87,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 	if registry == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{requestsTotal, eventsTotal, spoolEntries, spoolBytes, replayJournalPending,
+	for _, c := range []prometheus.Collector{requestsTotal, eventsTotal, spoolGauges{}, replayJournalPending,
 		spoolSpooled, spoolRedelivered, spoolDeadLettered, spoolAttempts, spoolCommits} {
 		if err := registry.Register(c); err != nil {
 			if _, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); !ok {

@@ -100,11 +100,11 @@ type Handler struct {
 	verifier *verifier
 	store    replayStore
 	storeKey string // its key in replayStores
-	spool    *fileSpool
+	spool    spoolStore
 	spoolKey string // its key in spools
 	policy   spoolPolicy
-	driver   *driver // re-drives this handler's spooled deliveries
-	journal  bool    // reservations of the memory store are kept in the spool store too
+	driver   *driver    // re-drives this handler's spooled deliveries
+	journal  *fileSpool // keeps the memory store's reservations too, if any
 	logger   *zap.Logger
 	now      func() time.Time
 }
@@ -231,9 +231,23 @@ func (h *Handler) provisionSpool(ctx caddy.Context) error {
 		return fmt.Errorf("spool: %v", err)
 	}
 	h.policy = h.Spool.policy()
-	store, key, err := loadFileSpool(h.Spool.Dir, h.policy)
-	if err != nil {
-		return err
+	var store spoolStore
+	var key string
+	if h.Spool.Store == "redis" {
+		rawURL, err := h.resolveRedisURL("spool", h.Spool.URL)
+		if err != nil {
+			return err
+		}
+		store, key, err = loadRedisSpool(rawURL, h.Spool.KeyPrefix, h.policy)
+		if err != nil {
+			return err
+		}
+	} else {
+		file, fileKey, err := loadFileSpool(h.Spool.Dir, h.policy)
+		if err != nil {
+			return err
+		}
+		store, key = file, fileKey
 	}
 	h.spool, h.spoolKey = store, key
 	app, err := ctx.App("trivialsec_webhook")
@@ -241,7 +255,7 @@ func (h *Handler) provisionSpool(ctx caddy.Context) error {
 		return fmt.Errorf("spool: %v", err)
 	}
 	app.(*spoolApp).use(store)
-	h.driver = &driver{server: server, account: h.Account, spool: store}
+	h.driver = &driver{server: server, account: h.Account}
 	if err := events.(*caddyevents.App).On("started", h.driver); err != nil {
 		return fmt.Errorf("spool: %v", err)
 	}
@@ -262,20 +276,23 @@ func (h *Handler) provisionStore(ctx caddy.Context) error {
 			return err
 		}
 		h.store, h.storeKey = store, key
-		if h.spool != nil {
+		switch file, ok := h.spool.(*fileSpool); {
+		case ok:
 			// The spool store keeps the reservations too, so that a restart
 			// keeps them; the memory store is the cache in front.
-			h.journal = true
-			if err := h.spool.keepReservations(h.Account, store); err != nil {
+			h.journal = file
+			if err := file.keepReservations(h.Account, store); err != nil {
 				return err
 			}
+		case h.spool != nil:
+			h.logger.Warn("replay memory with spool store redis: each instance refuses only the replays it saw itself, and forgets them when it stops; use replay redis beside a shared spool")
 		}
 		return nil
 	case "redis":
 		if h.Replay.URL == "" {
 			return errors.New("replay store redis needs a url: redis://host:port, as {env.NAME} when it holds a password")
 		}
-		rawURL, err := h.resolveRedisURL()
+		rawURL, err := h.resolveRedisURL("replay", h.Replay.URL)
 		if err != nil {
 			return err
 		}
@@ -300,20 +317,19 @@ func (h *Handler) provisionStore(ctx caddy.Context) error {
 	}
 }
 
-// resolveRedisURL resolves a placeholder URL, and warns of a literal one
-// that holds a password.
-func (h *Handler) resolveRedisURL() (string, error) {
-	raw := h.Replay.URL
+// resolveRedisURL resolves a placeholder URL of the replay or spool store,
+// and warns of a literal one that holds a password.
+func (h *Handler) resolveRedisURL(what, raw string) (string, error) {
 	if secretPlaceholder.MatchString(raw) {
 		v, err := resolvePlaceholder(raw)
 		if err != nil {
-			return "", fmt.Errorf("replay redis url: %w", err)
+			return "", fmt.Errorf("%s redis url: %w", what, err)
 		}
 		return v, nil
 	}
 	if u, err := url.Parse(raw); err == nil && u.User != nil {
 		if _, hasPassword := u.User.Password(); hasPassword {
-			h.logger.Warn("the replay redis url holds a password written literally in the config, where the admin API shows it: use {env.NAME} or {file.PATH}")
+			h.logger.Warn("the " + what + " redis url holds a password written literally in the config, where the admin API shows it: use {env.NAME} or {file.PATH}")
 		}
 	}
 	return raw, nil
@@ -477,10 +493,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	expires := tok.ExpiresAt.Add(time.Duration(*h.Leeway))
 	var reserved reservation
-	if h.journal {
+	if h.journal != nil {
 		// The reservations kept on disk are in the memory store once the
 		// spool store is open: before its config started, open it now.
-		_ = h.spool.ready()
+		_ = h.journal.ready()
 	}
 	if h.store != nil {
 		var result replayResult
@@ -498,8 +514,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		case result == replayFull:
 			return h.refuse(w, r, repl, reasonReplayStoreFull, &tok, ev.Name)
 		}
-		if h.journal {
-			h.spool.reserve(h.Account, ev.ID, expires)
+		if h.journal != nil {
+			h.journal.reserve(h.Account, ev.ID, expires)
 		}
 	}
 
@@ -562,8 +578,8 @@ func (h *Handler) release(ctx context.Context, id uuid.UUID, reserved reservatio
 		return // replay off
 	}
 	err := h.store.release(ctx, id, reserved)
-	if err == nil && h.journal {
-		h.spool.unreserve(id, time.Unix(0, reserved.expires))
+	if err == nil && h.journal != nil {
+		h.journal.unreserve(id, time.Unix(0, reserved.expires))
 	}
 	if err != nil {
 		if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the event ID could not be released: a redelivery is refused until the token expires"); c != nil {

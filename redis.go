@@ -35,23 +35,58 @@ end
 return 0`)
 
 type redisStore struct {
-	client *redis.Client
+	client *redisClient
 	prefix string
 }
 
-// newRedisStore makes the client; it connects on first use. Errors never
-// show the URL, which may hold a password.
+// newRedisStore takes the client for the URL; it connects on first use.
 func newRedisStore(rawURL, prefix string) (*redisStore, error) {
-	opts, err := redis.ParseURL(rawURL)
+	client, err := loadRedisClient(rawURL)
 	if err != nil {
-		if urlErr, ok := errors.AsType[*url.Error](err); ok {
-			err = urlErr.Err
-		}
-		return nil, fmt.Errorf("replay redis: the URL does not parse (%v): write it as redis://[user:password@]host:port[/db], or rediss:// for TLS", err)
+		return nil, fmt.Errorf("replay redis: %w", err)
 	}
-	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = redisTimeout, redisTimeout, redisTimeout
-	opts.MaxRetries = 1
-	return &redisStore{client: redis.NewClient(opts), prefix: prefix}, nil
+	return &redisStore{client: client, prefix: prefix}, nil
+}
+
+// redisClient is one Redis client, shared by every store (replay and spool)
+// that names its URL, and kept across reloads.
+type redisClient struct {
+	*redis.Client
+	key string // in redisClients
+}
+
+// Destruct closes the client with the last store using it.
+func (c *redisClient) Destruct() error { return c.Close() }
+
+// redisClients keeps one client per URL.
+var redisClients = caddy.NewUsagePool()
+
+// loadRedisClient takes the client of rawURL over from an earlier config or
+// another store, or makes it. Give it back with release. Errors never show
+// the URL, which may hold a password.
+func loadRedisClient(rawURL string) (*redisClient, error) {
+	v, _, err := redisClients.LoadOrNew(rawURL, func() (caddy.Destructor, error) {
+		opts, err := redis.ParseURL(rawURL)
+		if err != nil {
+			if urlErr, ok := errors.AsType[*url.Error](err); ok {
+				err = urlErr.Err
+			}
+			return nil, fmt.Errorf("the URL does not parse (%v): write it as redis://[user:password@]host:port[/db], or rediss:// for TLS", err)
+		}
+		opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = redisTimeout, redisTimeout, redisTimeout
+		opts.MaxRetries = 1
+		return &redisClient{Client: redis.NewClient(opts), key: rawURL}, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(*redisClient), nil
+}
+
+// release lets go of the client.
+func (c *redisClient) release() error {
+	_, err := redisClients.Delete(c.key)
+	return err
 }
 
 func (s *redisStore) reserve(ctx context.Context, id uuid.UUID, expires, now time.Time) (reservation, replayResult, error) {
@@ -92,8 +127,8 @@ func (s *redisStore) ping(ctx context.Context) error {
 	return s.client.Ping(ctx).Err()
 }
 
-// Destruct closes the client with the last config using it.
-func (s *redisStore) Destruct() error { return s.client.Close() }
+// Destruct lets go of the client, with the last config using the store.
+func (s *redisStore) Destruct() error { return s.client.release() }
 
 // loadRedisStore takes the client for this URL and prefix over from an
 // earlier config, or makes it, and returns it with its key in replayStores.

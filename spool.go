@@ -3,6 +3,7 @@ package trivialsecwebhook
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/google/uuid"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
@@ -23,20 +25,35 @@ import (
 // The sender posts each delivery once and never retries. The spool keeps a
 // verified delivery the next handler could not take, on stable storage, and
 // delivers it again through the same route until it is taken (README: Never
-// lose a delivery). This file is its configuration and the policy every
-// store shares; spool_file.go is the embedded store, spool_redrive.go the
-// re-drive.
+// lose a delivery). This file is its configuration, what an entry holds,
+// and the policy every store shares; spool_file.go is the embedded store,
+// spool_redis.go the one shared by instances, spool_redrive.go the re-drive
+// both use.
 
 // Spool configures the durable spool. It is on by default.
 type Spool struct {
 	// Where spooled deliveries are kept: `file` (default), an embedded
-	// database in Dir, or `off`: a delivery the next handler fails is lost,
-	// as the sender never sends it again.
+	// database in Dir; `redis`, Redis Streams at URL, shared by every
+	// instance that names it; or `off`: a delivery the next handler fails
+	// is lost, as the sender never sends it again.
 	Store string `json:"store,omitempty"`
 
 	// The directory of the file store, created 0700 if it does not exist.
 	// Default: trivialsec_webhook/spool in Caddy's data directory.
 	Dir string `json:"dir,omitempty"`
+
+	// The Redis store's URL (redis:// or rediss://), as for the replay
+	// store: a placeholder such as {env.REDIS_URL} when it holds a password.
+	URL string `json:"url,omitempty"`
+
+	// What the Redis store's keys start with. Default:
+	// "trivialsec_webhook:spool:".
+	KeyPrefix string `json:"key_prefix,omitempty"`
+
+	// How long an entry one instance took may go unfinished before another
+	// instance takes it over (Redis store). The instance that holds it
+	// renews its claim every quarter of this while it lives. Default: 1m.
+	ClaimAfter caddy.Duration `json:"claim_after,omitempty"`
 
 	// `fallback` (default): the delivery goes to the next handler at once,
 	// and is spooled, with a 202 to the sender, only if that fails (an
@@ -71,6 +88,118 @@ func init() {
 	caddy.RegisterModule(spoolApp{})
 }
 
+// spoolMeta is what the store knows of an entry besides its request: the
+// admin API's listing (the JSON names of the listed fields are the
+// listing's), and what the placeholders of a re-drive say.
+type spoolMeta struct {
+	EventID     uuid.UUID `json:"event_id"`
+	EventName   string    `json:"event_name"`
+	State       string    `json:"state"` // "pending" or "dead"
+	Attempts    int       `json:"attempts"`
+	SpooledAt   time.Time `json:"spooled_at"`
+	NextAttempt time.Time `json:"next_attempt"`
+	LastError   string    `json:"last_error"`
+	Size        int64     `json:"size"`
+
+	Account   string    `json:"account"`
+	Timestamp time.Time `json:"timestamp"`
+	IssuedAt  time.Time `json:"issued_at"`
+	ExpiresAt time.Time `json:"expires_at"`
+	Endpoint  *string   `json:"endpoint,omitempty"` // the cep claim; nil when absent
+
+	gen  int    // bumped at each change of schedule: stale heap items are skipped
+	turn string // Redis: the stream message by which this instance holds it
+	rev  int64  // Redis: the entry's revision that message is for
+}
+
+// The states of an entry.
+const (
+	statePending = "pending"
+	stateDead    = "dead"
+)
+
+// spoolRequest is the request a re-drive sends again: the original method
+// and URI, the host, the headers as the next handler saw them (after
+// strip_authorization), the client's address, and its TLS, if any.
+type spoolRequest struct {
+	Method     string      `json:"method"`
+	RequestURI string      `json:"request_uri"`
+	Proto      string      `json:"proto"`
+	Host       string      `json:"host"`
+	Header     http.Header `json:"header"`
+	RemoteAddr string      `json:"remote_addr"`
+	TLS        *spoolTLS   `json:"tls,omitempty"`
+}
+
+type spoolTLS struct {
+	ServerName string `json:"server_name"`
+	Version    uint16 `json:"version"`
+}
+
+// spoolEntry is one delivery to spool.
+type spoolEntry struct {
+	meta    spoolMeta
+	request spoolRequest
+	body    []byte
+}
+
+// size is what an entry counts against max_size.
+func (e *spoolEntry) size() (int64, []byte, []byte, error) {
+	req, err := json.Marshal(&e.request)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	e.meta.Size = int64(len(req) + len(e.body))
+	meta, err := json.Marshal(&e.meta)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	return e.meta.Size, meta, req, nil
+}
+
+// spoolStore is a spool store: the file store (spool_file.go) or the Redis
+// store (spool_redis.go). Each is kept across reloads in spools, and
+// re-drives with its scheduler.
+type spoolStore interface {
+	caddy.Destructor
+	// open starts the store's loops, when a config using it starts.
+	open() error
+	// add spools an entry durably, or says why it could not.
+	add(e *spoolEntry) error
+	// list, retryNow and remove are the admin API's, on the whole store.
+	list() ([]spoolMeta, error)
+	retryNow(id uuid.UUID) (bool, error)
+	remove(id uuid.UUID) (bool, error)
+	// stats is what the metrics report.
+	stats() spoolStats
+	setPolicy(p spoolPolicy)
+	register(d *driver)
+	unregister(d *driver)
+}
+
+// spoolStats is what a store holds.
+type spoolStats struct {
+	pending, dead, bytes int64
+}
+
+func (st *spoolStats) count(state string, size int64) {
+	if state == stateDead {
+		st.dead++
+	} else {
+		st.pending++
+	}
+	st.bytes += size
+}
+
+// spools keeps each store across config reloads, as replayStores does.
+var spools = caddy.NewUsagePool()
+
+// eachSpool calls fn with each spool store of the process, until fn
+// returns false.
+func eachSpool(fn func(spoolStore) bool) {
+	spools.Range(func(_, v any) bool { return fn(v.(spoolStore)) })
+}
+
 // spoolApp opens the spool stores of a config when the config starts. The
 // handlers make their stores at provision, but do not open them there:
 // `caddy validate` provisions a config without starting it, and must not
@@ -78,7 +207,7 @@ func init() {
 // store that cannot be opened stops the config from starting, with the
 // reason. Nothing in it is configured: the handlers load it.
 type spoolApp struct {
-	stores []*fileSpool
+	stores []spoolStore
 }
 
 // CaddyModule returns the Caddy module information.
@@ -89,7 +218,7 @@ func (spoolApp) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-func (a *spoolApp) use(s *fileSpool) {
+func (a *spoolApp) use(s spoolStore) {
 	if !slices.Contains(a.stores, s) {
 		a.stores = append(a.stores, s)
 	}
@@ -116,6 +245,8 @@ const (
 	defaultSpoolMaxAge    = 72 * time.Hour
 	defaultSpoolMaxSize   = 1 << 30
 	defaultAttemptTimeout = 20 * time.Second
+	defaultClaimAfter     = time.Minute
+	defaultSpoolKeyPrefix = "trivialsec_webhook:spool:"
 )
 
 // setDefaults fills in what the configuration leaves out.
@@ -141,15 +272,39 @@ func (s *Spool) setDefaults() {
 	if s.AttemptTimeout == 0 {
 		s.AttemptTimeout = caddy.Duration(defaultAttemptTimeout)
 	}
+	if s.Store == "redis" {
+		if s.KeyPrefix == "" {
+			s.KeyPrefix = defaultSpoolKeyPrefix
+		}
+		if s.ClaimAfter == 0 {
+			s.ClaimAfter = caddy.Duration(defaultClaimAfter)
+		}
+	}
 }
 
-// validate checks the spool settings. The Caddyfile and Validate both call
-// it, the Caddyfile before any default is set.
+// validate checks the spool settings, before any default is set.
 func (s *Spool) validate() error {
+	switch {
+	case s.Store == "redis" && s.URL == "":
+		return errors.New("spool store redis needs a url: store redis redis://host:port, as {env.NAME} when it holds a password")
+	case s.Store == "redis" && s.Dir != "":
+		return errors.New("spool dir is for store file, not redis")
+	case s.Store != "redis" && (s.URL != "" || s.KeyPrefix != "" || s.ClaimAfter != 0):
+		return errors.New("spool url, key_prefix and claim_after are for store redis: store redis <url> [<key_prefix>]")
+	}
+	return s.validateFields()
+}
+
+// validateFields checks each setting on its own: the Caddyfile calls it
+// after each line.
+func (s *Spool) validateFields() error {
 	switch s.Store {
-	case "", "file", "off":
+	case "", "file", "off", "redis":
 	default:
-		return fmt.Errorf("unknown spool store %q: use file or off", s.Store)
+		return fmt.Errorf("unknown spool store %q: use file, redis or off", s.Store)
+	}
+	if s.ClaimAfter < 0 || (s.ClaimAfter > 0 && time.Duration(s.ClaimAfter) < time.Second) {
+		return errors.New("spool claim_after must be at least 1s: write it like 1m")
 	}
 	switch s.Mode {
 	case "", "fallback", "always":
@@ -177,6 +332,7 @@ type spoolPolicy struct {
 	maxAge                 time.Duration
 	maxSize                int64
 	attemptTimeout         time.Duration
+	claimAfter             time.Duration // the Redis store's
 }
 
 func (s *Spool) policy() spoolPolicy {
@@ -186,6 +342,7 @@ func (s *Spool) policy() spoolPolicy {
 		maxAge:         time.Duration(s.MaxAge),
 		maxSize:        s.MaxSize,
 		attemptTimeout: time.Duration(s.AttemptTimeout),
+		claimAfter:     time.Duration(s.ClaimAfter),
 	}
 }
 

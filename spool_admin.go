@@ -1,10 +1,12 @@
 package trivialsecwebhook
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2"
@@ -16,7 +18,8 @@ func init() {
 }
 
 // adminSpool is the admin API of the spool: list what it holds, and retry
-// or delete an entry. It acts on every spool store of the process.
+// or delete an entry. It acts on every spool store of the process, and on
+// the whole of a Redis store, which other instances share.
 //
 //	GET    /trivialsec_webhook/spool                   the entries, oldest first
 //	POST   /trivialsec_webhook/spool/<event_id>/retry  re-drive one now, a dead letter too
@@ -57,25 +60,35 @@ func (adminSpool) list(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: use GET")}
 	}
-	out := []spoolListing{}
-	eachSpool(func(s *fileSpool) bool {
-		for _, m := range s.list() {
-			l := spoolListing{
-				EventID:   m.EventID.String(),
-				EventName: m.EventName,
-				State:     m.State,
-				Attempts:  m.Attempts,
-				SpooledAt: m.SpooledAt.UTC().Format(rfc3339Millis),
-				LastError: m.LastError,
-				Size:      m.Size,
-			}
-			if m.State == statePending {
-				l.NextAttempt = m.NextAttempt.UTC().Format(rfc3339Millis)
-			}
-			out = append(out, l)
-		}
-		return true
+	var all []spoolMeta
+	var listErr error
+	eachSpool(func(s spoolStore) bool {
+		metas, err := s.list()
+		all, listErr = append(all, metas...), err
+		return err == nil
 	})
+	if listErr != nil {
+		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: listErr}
+	}
+	slices.SortFunc(all, func(a, b spoolMeta) int {
+		return cmp.Or(a.SpooledAt.Compare(b.SpooledAt), slices.Compare(a.EventID[:], b.EventID[:]))
+	})
+	out := make([]spoolListing, 0, len(all))
+	for _, m := range all {
+		l := spoolListing{
+			EventID:   m.EventID.String(),
+			EventName: m.EventName,
+			State:     m.State,
+			Attempts:  m.Attempts,
+			SpooledAt: m.SpooledAt.UTC().Format(rfc3339Millis),
+			LastError: m.LastError,
+			Size:      m.Size,
+		}
+		if m.State == statePending {
+			l.NextAttempt = m.NextAttempt.UTC().Format(rfc3339Millis)
+		}
+		out = append(out, l)
+	}
 	w.Header().Set("Content-Type", "application/json")
 	return json.NewEncoder(w).Encode(out)
 }
@@ -89,12 +102,12 @@ func (adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 	if err != nil || len(idText) != 36 {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("not an event ID: %q", idText)}
 	}
-	var do func(*fileSpool) (bool, error)
+	var do func(spoolStore) (bool, error)
 	switch {
 	case action == "retry" && r.Method == http.MethodPost:
-		do = func(s *fileSpool) (bool, error) { return s.retryNow(id) }
+		do = func(s spoolStore) (bool, error) { return s.retryNow(id) }
 	case action == "" && r.Method == http.MethodDelete:
-		do = func(s *fileSpool) (bool, error) { return s.remove(id) }
+		do = func(s spoolStore) (bool, error) { return s.remove(id) }
 	case action == "retry" || action == "":
 		return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: errors.New("method not allowed: POST .../retry, or DELETE")}
 	default:
@@ -102,7 +115,7 @@ func (adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 	}
 	found := false
 	var doErr error
-	eachSpool(func(s *fileSpool) bool {
+	eachSpool(func(s spoolStore) bool {
 		found, doErr = do(s)
 		return !found && doErr == nil
 	})
@@ -118,11 +131,6 @@ func (adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 		w.WriteHeader(http.StatusNoContent)
 	}
 	return nil
-}
-
-// eachSpool calls fn with each open spool store, until fn returns false.
-func eachSpool(fn func(*fileSpool) bool) {
-	spools.Range(func(_, v any) bool { return fn(v.(*fileSpool)) })
 }
 
 // Interface guard

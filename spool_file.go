@@ -1,14 +1,11 @@
 package trivialsecwebhook
 
 import (
-	"cmp"
 	"container/heap"
-	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -40,73 +37,6 @@ var (
 // lock on it before it gives up.
 const spoolLockTimeout = 2 * time.Second
 
-// spoolMeta is what the store knows of an entry besides its request: the
-// admin API's listing (the JSON names of the listed fields are the
-// listing's), and what the placeholders of a re-drive say.
-type spoolMeta struct {
-	EventID     uuid.UUID `json:"event_id"`
-	EventName   string    `json:"event_name"`
-	State       string    `json:"state"` // "pending" or "dead"
-	Attempts    int       `json:"attempts"`
-	SpooledAt   time.Time `json:"spooled_at"`
-	NextAttempt time.Time `json:"next_attempt"`
-	LastError   string    `json:"last_error"`
-	Size        int64     `json:"size"`
-
-	Account   string    `json:"account"`
-	Timestamp time.Time `json:"timestamp"`
-	IssuedAt  time.Time `json:"issued_at"`
-	ExpiresAt time.Time `json:"expires_at"`
-	Endpoint  *string   `json:"endpoint,omitempty"` // the cep claim; nil when absent
-
-	gen int // bumped at each change of schedule: stale heap items are skipped
-}
-
-// The states of an entry.
-const (
-	statePending = "pending"
-	stateDead    = "dead"
-)
-
-// spoolRequest is the request a re-drive sends again: the original method
-// and URI, the host, the headers as the next handler saw them (after
-// strip_authorization), the client's address, and its TLS, if any.
-type spoolRequest struct {
-	Method     string      `json:"method"`
-	RequestURI string      `json:"request_uri"`
-	Proto      string      `json:"proto"`
-	Host       string      `json:"host"`
-	Header     http.Header `json:"header"`
-	RemoteAddr string      `json:"remote_addr"`
-	TLS        *spoolTLS   `json:"tls,omitempty"`
-}
-
-type spoolTLS struct {
-	ServerName string `json:"server_name"`
-	Version    uint16 `json:"version"`
-}
-
-// spoolEntry is one delivery to spool.
-type spoolEntry struct {
-	meta    spoolMeta
-	request spoolRequest
-	body    []byte
-}
-
-// size is what an entry counts against max_size.
-func (e *spoolEntry) size() (int64, []byte, []byte, error) {
-	req, err := json.Marshal(&e.request)
-	if err != nil {
-		return 0, nil, nil, err
-	}
-	e.meta.Size = int64(len(req) + len(e.body))
-	meta, err := json.Marshal(&e.meta)
-	if err != nil {
-		return 0, nil, nil, err
-	}
-	return e.meta.Size, meta, req, nil
-}
-
 // fileSpool is the file store. It is made at provision and opened when a
 // config using it starts (spoolApp), or by the first write before that:
 // `caddy validate` provisions a config without starting it, and must not
@@ -126,23 +56,9 @@ type fileSpool struct {
 	closing   bool
 	committed chan struct{} // closed when commitLoop has written its last
 
-	mu       sync.Mutex
-	policy   spoolPolicy
-	entries  map[uuid.UUID]*spoolMeta
-	bytes    int64 // held by entries, and reserved by writes under way
-	due      dueHeap
-	drivers  map[string][]*driver // account -> handlers able to re-drive, newest last
-	parked   map[string][]dueItem // account -> due entries waiting for a ready handler
-	inflight map[uuid.UUID]bool
-	wake     chan struct{}
-
-	stop    context.CancelFunc
-	stopped context.Context
-	workers sync.WaitGroup
+	*scheduler       // its index: every entry, dead letters too
+	bytes      int64 // held by entries, and reserved by writes under way; under mu
 }
-
-// spools keeps each store across config reloads, as replayStores does.
-var spools = caddy.NewUsagePool()
 
 // loadFileSpool takes the store in dir over from an earlier config, or
 // opens it, and returns it with its key in spools.
@@ -159,9 +75,7 @@ func loadFileSpool(dir string, policy spoolPolicy) (*fileSpool, string, error) {
 		return nil, "", err
 	}
 	s := v.(*fileSpool)
-	s.mu.Lock()
-	s.policy = policy
-	s.mu.Unlock()
+	s.setPolicy(policy)
 	return s, key, nil
 }
 
@@ -172,14 +86,8 @@ func newFileSpool(dir string, policy spoolPolicy) *fileSpool {
 		journals:  make(map[string]*memoryStore),
 		queued:    make(chan struct{}, 1),
 		committed: make(chan struct{}),
-		policy:    policy,
-		entries:   make(map[uuid.UUID]*spoolMeta),
-		drivers:   make(map[string][]*driver),
-		parked:    make(map[string][]dueItem),
-		inflight:  make(map[uuid.UUID]bool),
-		wake:      make(chan struct{}, 1),
 	}
-	s.stopped, s.stop = context.WithCancel(context.Background())
+	s.scheduler = newScheduler(s, false, policy)
 	return s
 }
 
@@ -245,10 +153,6 @@ func (s *fileSpool) open() error {
 		s.openErr = fmt.Errorf("spool store %s cannot be read: %v", path, err)
 		return s.openErr
 	}
-	for _, m := range s.entries {
-		spoolEntries.WithLabelValues(m.State).Inc()
-	}
-	spoolBytes.Add(float64(s.bytes))
 	n := len(s.entries)
 	s.mu.Unlock()
 	s.db, s.openErr = db, nil
@@ -262,8 +166,9 @@ func (s *fileSpool) open() error {
 		s.log().Info("spool opened with deliveries to re-drive", zap.Int("entries", n), zap.Int64("bytes", s.bytes))
 	}
 	go s.commitLoop()
-	s.workers.Add(1)
+	s.workers.Add(2)
 	go s.redriveLoop()
+	go s.pruneLoop()
 	s.opened.Store(true)
 	return nil
 }
@@ -314,12 +219,6 @@ func (s *fileSpool) Destruct() error {
 	s.queueMu.Unlock()
 	poke(s.queued)
 	<-s.committed
-	s.mu.Lock()
-	for _, m := range s.entries {
-		spoolEntries.WithLabelValues(m.State).Dec()
-	}
-	spoolBytes.Sub(float64(s.bytes))
-	s.mu.Unlock()
 	return s.db.Close()
 }
 
@@ -501,31 +400,14 @@ func (s *fileSpool) add(e *spoolEntry) error {
 		s.bytes -= size
 		return err
 	}
-	m := e.meta
-	s.entries[id] = &m
-	heap.Push(&s.due, dueItem{at: m.NextAttempt, id: id})
-	spoolEntries.WithLabelValues(statePending).Inc()
-	spoolBytes.Add(float64(size))
+	s.schedule(e.meta)
 	spoolSpooled.Inc()
-	s.signal()
 	return nil
 }
 
-// signal wakes the re-drive loop. Call with s.mu held, or not: it never
-// blocks.
-func (s *fileSpool) signal() { poke(s.wake) }
-
-// poke wakes the loop that waits on ch, a channel of capacity 1, unless it
-// is woken already.
-func poke(ch chan struct{}) {
-	select {
-	case ch <- struct{}{}:
-	default:
-	}
-}
-
-// load reads an entry's request and body.
-func (s *fileSpool) load(id uuid.UUID) (spoolRequest, []byte, error) {
+// take reads an entry's request and body.
+func (s *fileSpool) take(m *spoolMeta) (spoolRequest, []byte, error) {
+	id := m.EventID
 	var req spoolRequest
 	var body []byte
 	err := s.db.View(func(tx *bolt.Tx) error {
@@ -542,7 +424,10 @@ func (s *fileSpool) load(id uuid.UUID) (spoolRequest, []byte, error) {
 	return req, body, err
 }
 
-// save writes an entry's metadata again, after an attempt.
+// failed saves the outcome of an attempt.
+func (s *fileSpool) failed(m spoolMeta) error { return s.save(m) }
+
+// save writes an entry's metadata again.
 func (s *fileSpool) save(m spoolMeta) error {
 	raw, err := json.Marshal(&m)
 	if err != nil {
@@ -565,10 +450,11 @@ func (s *fileSpool) remove(id uuid.UUID) (bool, error) {
 	return s.unindex(id), nil
 }
 
-// forget deletes a delivered entry: from the index at once, from the disk
-// within laterInterval. A crash in between delivers it again (at least
-// once).
-func (s *fileSpool) forget(id uuid.UUID) {
+// delivered deletes a delivered entry: from the index at once, from the
+// disk within laterInterval. A crash in between delivers it again (at
+// least once).
+func (s *fileSpool) delivered(m spoolMeta) {
+	id := m.EventID
 	s.unindex(id)
 	s.commitLater(func(tx *bolt.Tx) error { return deleteEntry(tx, id) }, false)
 }
@@ -584,32 +470,34 @@ func deleteEntry(tx *bolt.Tx, id uuid.UUID) error {
 
 // unindex takes an entry out of the index, and reports whether it was in.
 func (s *fileSpool) unindex(id uuid.UUID) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	m, ok := s.entries[id]
-	if !ok {
-		return false
+	m, ok := s.drop(id)
+	if ok {
+		s.mu.Lock()
+		s.bytes -= m.Size
+		s.mu.Unlock()
 	}
-	delete(s.entries, id)
-	m.gen++ // its heap item, if any, is stale now
-	s.bytes -= m.Size
-	spoolEntries.WithLabelValues(m.State).Dec()
-	spoolBytes.Sub(float64(m.Size))
-	return true
+	return ok
 }
 
-// list returns the entries' metadata, oldest first.
-func (s *fileSpool) list() []spoolMeta {
+// list returns the entries' metadata.
+func (s *fileSpool) list() ([]spoolMeta, error) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	out := make([]spoolMeta, 0, len(s.entries))
 	for _, m := range s.entries {
 		out = append(out, *m)
 	}
-	s.mu.Unlock()
-	slices.SortFunc(out, func(a, b spoolMeta) int {
-		return cmp.Or(a.SpooledAt.Compare(b.SpooledAt), slices.Compare(a.EventID[:], b.EventID[:]))
-	})
-	return out
+	return out, nil
+}
+
+// stats counts the entries by state, and their bytes.
+func (s *fileSpool) stats() (st spoolStats) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range s.entries {
+		st.count(m.State, m.Size)
+	}
+	return st
 }
 
 // retryNow makes an entry, pending or dead, due at once. It reports
@@ -630,10 +518,6 @@ func (s *fileSpool) retryNow(id uuid.UUID) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if m, ok = s.entries[id]; ok {
-		if m.State == stateDead {
-			spoolEntries.WithLabelValues(stateDead).Dec()
-			spoolEntries.WithLabelValues(statePending).Inc()
-		}
 		m.State, m.NextAttempt = statePending, updated.NextAttempt
 		m.gen++
 		heap.Push(&s.due, dueItem{at: m.NextAttempt, id: id, gen: m.gen})
@@ -660,6 +544,25 @@ func (s *fileSpool) reserve(account string, id uuid.UUID, expires time.Time) {
 	s.commitLater(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketReplay).Put(key, []byte(account))
 	}, true)
+}
+
+// replayPruneInterval is how often expired replay reservations leave the
+// journal.
+const replayPruneInterval = 10 * time.Minute
+
+// pruneLoop deletes expired replay reservations every replayPruneInterval.
+func (s *fileSpool) pruneLoop() {
+	defer s.workers.Done()
+	prune := time.NewTicker(replayPruneInterval)
+	defer prune.Stop()
+	for {
+		select {
+		case <-s.stopped.Done():
+			return
+		case <-prune.C:
+			s.pruneReplay(time.Now())
+		}
+	}
 }
 
 // unreserve queues the deletion of a reservation, so that a redelivery
@@ -702,24 +605,4 @@ func (s *fileSpool) pruneReplay(now time.Time) {
 	if err != nil {
 		s.log().Warn("spool: expired replay reservations could not be deleted", zap.Error(err))
 	}
-}
-
-// dueItem is a pending entry's turn.
-type dueItem struct {
-	at  time.Time
-	id  uuid.UUID
-	gen int
-}
-
-type dueHeap []dueItem
-
-func (h dueHeap) Len() int           { return len(h) }
-func (h dueHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
-func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueItem)) }
-func (h *dueHeap) Pop() any {
-	old := *h
-	e := old[len(old)-1]
-	*h = old[:len(old)-1]
-	return e
 }

@@ -38,6 +38,16 @@ func testEntry(body string) *spoolEntry {
 	}
 }
 
+// listed is what a store lists.
+func listed(t testing.TB, s spoolStore) []spoolMeta {
+	t.Helper()
+	l, err := s.list()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
 // TestFileSpoolKeepsEntries: what is added is there, byte for byte, after
 // the store is closed and opened again; sizes add up; remove and retry act
 // on one entry.
@@ -59,11 +69,11 @@ func TestFileSpoolKeepsEntries(t *testing.T) {
 
 	s = openTestSpool(t, dir, testPolicy)
 	defer s.Destruct()
-	list := s.list()
+	list := listed(t, s)
 	if len(list) != 2 || s.bytes != a.meta.Size+b.meta.Size {
 		t.Fatalf("%d entries, %d bytes, after reopening", len(list), s.bytes)
 	}
-	req, body, err := s.load(b.meta.EventID)
+	req, body, err := s.take(&b.meta)
 	if err != nil || string(body) != `{"b": "caf\u00e9"}` || req.RequestURI != "/webhook?x=1" || req.Header["X-A"][1] != "2" || req.RemoteAddr != "192.0.2.1:1234" {
 		t.Fatalf("loaded %+v %q %v", req, body, err)
 	}
@@ -83,7 +93,7 @@ func TestFileSpoolKeepsEntries(t *testing.T) {
 	if found, err := s.retryNow(b.meta.EventID); !found || err != nil {
 		t.Fatalf("retry: %v %v", found, err)
 	}
-	if l := s.list(); len(l) != 1 || l[0].NextAttempt.After(time.Now()) || s.bytes != b.meta.Size {
+	if l := listed(t, s); len(l) != 1 || l[0].NextAttempt.After(time.Now()) || s.bytes != b.meta.Size {
 		t.Errorf("after remove and retry: %+v, %d bytes", l, s.bytes)
 	}
 }
@@ -105,8 +115,8 @@ func TestFileSpoolFull(t *testing.T) {
 	if err := s.add(testEntry("{}")); err != errSpoolFull {
 		t.Fatalf("the second entry: %v, want errSpoolFull", err)
 	}
-	if len(s.list()) != 1 || s.bytes != small.meta.Size {
-		t.Errorf("%d entries, %d bytes", len(s.list()), s.bytes)
+	if len(listed(t, s)) != 1 || s.bytes != small.meta.Size {
+		t.Errorf("%d entries, %d bytes", len(listed(t, s)), s.bytes)
 	}
 }
 
@@ -135,8 +145,8 @@ func TestFileSpoolGroupCommit(t *testing.T) {
 	}
 	commits := testutil.ToFloat64(spoolCommits) - before
 	t.Logf("%d concurrent writes, %v commits", n, commits)
-	if len(s.list()) != n || commits >= n {
-		t.Fatalf("%d entries in %v commits", len(s.list()), commits)
+	if len(listed(t, s)) != n || commits >= n {
+		t.Fatalf("%d entries in %v commits", len(listed(t, s)), commits)
 	}
 }
 

@@ -5,15 +5,18 @@ import (
 	"container/heap"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/google/uuid"
 	"go.uber.org/zap"
 )
 
@@ -41,6 +44,110 @@ func redriveOf(r *http.Request) *redrive {
 	return rd
 }
 
+// scheduler re-drives the entries of a store: a heap of their turns, the
+// handlers able to send them, and at most redriveWorkers attempts at once.
+// Both stores use it; what is stored, and how, is theirs (redriveStore).
+type scheduler struct {
+	store redriveStore
+	// shared: the store is shared with other instances (Redis). entries
+	// then holds only the entries this instance holds, and a dead letter
+	// leaves it. Otherwise (file) entries is every entry of the store.
+	shared bool
+
+	mu       sync.Mutex
+	policy   spoolPolicy
+	entries  map[uuid.UUID]*spoolMeta
+	due      dueHeap
+	drivers  map[string][]*driver // account -> handlers able to re-drive, newest last
+	parked   map[string][]dueItem // account -> due entries waiting for a ready handler
+	inflight map[uuid.UUID]bool
+	wake     chan struct{}
+
+	stop    context.CancelFunc
+	stopped context.Context
+	workers sync.WaitGroup
+}
+
+// redriveStore is what the scheduler needs of a store.
+type redriveStore interface {
+	// take reads what an attempt at m sends. A shared store first makes
+	// sure this instance still holds m: errNotHeld if not (another took it
+	// over, or it was deleted or retried meanwhile), errStoreDown if the
+	// store does not answer.
+	take(m *spoolMeta) (spoolRequest, []byte, error)
+	// delivered deletes an entry the next handler took.
+	delivered(m spoolMeta)
+	// failed saves the outcome of a failed attempt: m as it is now.
+	failed(m spoolMeta) error
+	log() *zap.Logger
+}
+
+// What take may fail with, besides the entry being unreadable (which
+// counts as a failed attempt).
+var (
+	errNotHeld   = errors.New("the entry is no longer this instance's to deliver")
+	errStoreDown = errors.New("the spool store does not answer")
+)
+
+func newScheduler(store redriveStore, shared bool, policy spoolPolicy) *scheduler {
+	s := &scheduler{
+		store:    store,
+		shared:   shared,
+		policy:   policy,
+		entries:  make(map[uuid.UUID]*spoolMeta),
+		drivers:  make(map[string][]*driver),
+		parked:   make(map[string][]dueItem),
+		inflight: make(map[uuid.UUID]bool),
+		wake:     make(chan struct{}, 1),
+	}
+	s.stopped, s.stop = context.WithCancel(context.Background())
+	return s
+}
+
+// setPolicy applies the Spool settings of the config that uses the store
+// last.
+func (s *scheduler) setPolicy(p spoolPolicy) {
+	s.mu.Lock()
+	s.policy = p
+	s.mu.Unlock()
+}
+
+// schedule adds an entry to the index, due at m.NextAttempt, or puts it
+// in place of the one there. Call with s.mu held.
+func (s *scheduler) schedule(m spoolMeta) {
+	if old, ok := s.entries[m.EventID]; ok {
+		m.gen = old.gen + 1 // its heap item, if any, is stale now
+	}
+	s.entries[m.EventID] = &m
+	heap.Push(&s.due, dueItem{at: m.NextAttempt, id: m.EventID, gen: m.gen})
+	s.signal()
+}
+
+// drop takes an entry out of the index, and returns it.
+func (s *scheduler) drop(id uuid.UUID) (spoolMeta, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.entries[id]
+	if !ok {
+		return spoolMeta{}, false
+	}
+	delete(s.entries, id)
+	m.gen++ // its heap item, if any, is stale now
+	return *m, true
+}
+
+// signal wakes the re-drive loop. It never blocks.
+func (s *scheduler) signal() { poke(s.wake) }
+
+// poke wakes the loop that waits on ch, a channel of capacity 1, unless it
+// is woken already.
+func poke(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
 // driver is a handler's server, able to run a request through the routes
 // once the config it belongs to has started. It is told so by Caddy's
 // "started" event.
@@ -48,14 +155,14 @@ type driver struct {
 	server  *caddyhttp.Server
 	account string
 	ready   atomic.Bool
-	spool   *fileSpool
+	sched   *scheduler
 }
 
 // Handle marks the driver ready: its config's apps have started. The
 // account's entries that waited for a handler are due again.
 func (d *driver) Handle(context.Context, caddy.Event) error {
 	d.ready.Store(true)
-	s := d.spool
+	s := d.sched
 	s.mu.Lock()
 	for _, it := range s.parked[d.account] {
 		heap.Push(&s.due, it)
@@ -67,14 +174,15 @@ func (d *driver) Handle(context.Context, caddy.Event) error {
 }
 
 // register adds a handler's driver for its account.
-func (s *fileSpool) register(d *driver) {
+func (s *scheduler) register(d *driver) {
+	d.sched = s
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.drivers[d.account] = append(s.drivers[d.account], d)
 }
 
 // unregister removes it, when its config is cleaned up.
-func (s *fileSpool) unregister(d *driver) {
+func (s *scheduler) unregister(d *driver) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	account := d.account
@@ -92,7 +200,7 @@ func (s *fileSpool) unregister(d *driver) {
 
 // driverFor returns the newest ready driver of an account, or nil. Call
 // with s.mu held.
-func (s *fileSpool) driverFor(account string) *driver {
+func (s *scheduler) driverFor(account string) *driver {
 	ds := s.drivers[account]
 	for i := len(ds) - 1; i >= 0; i-- {
 		if ds[i].ready.Load() {
@@ -102,19 +210,13 @@ func (s *fileSpool) driverFor(account string) *driver {
 	return nil
 }
 
-// replayPruneInterval is how often expired replay reservations leave the
-// journal.
-const replayPruneInterval = 10 * time.Minute
-
 // redriveLoop hands due entries to re-drive workers, at most redriveWorkers
 // at once, until the store is destroyed. An entry whose account has no
 // ready handler waits until one registers.
-func (s *fileSpool) redriveLoop() {
+func (s *scheduler) redriveLoop() {
 	defer s.workers.Done()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	prune := time.NewTicker(replayPruneInterval)
-	defer prune.Stop()
 	for {
 		wait := s.dispatch(time.Now())
 		timer.Reset(wait)
@@ -123,8 +225,6 @@ func (s *fileSpool) redriveLoop() {
 			return
 		case <-s.wake:
 		case <-timer.C:
-		case <-prune.C:
-			s.pruneReplay(time.Now())
 		}
 	}
 }
@@ -132,7 +232,7 @@ func (s *fileSpool) redriveLoop() {
 // dispatch starts the entries due at now, and returns how long to wait for
 // the next one. A due entry whose account has no ready handler is parked
 // until one is ready.
-func (s *fileSpool) dispatch(now time.Time) time.Duration {
+func (s *scheduler) dispatch(now time.Time) time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for s.due.Len() > 0 {
@@ -161,16 +261,21 @@ func (s *fileSpool) dispatch(now time.Time) time.Duration {
 	return time.Hour
 }
 
+// storeDownWait is how long an entry waits when its store did not answer
+// before an attempt: not an attempt, no backoff.
+const storeDownWait = time.Second
+
 // attempt re-drives one entry and records what came of it.
 //
-// The entry stays in s.inflight until its outcome is in the index, heap
-// item and all: dispatch drops the heap items of entries in flight.
-func (s *fileSpool) attempt(m spoolMeta, d *driver) {
+// The entry stays in s.inflight until land has put its outcome in the
+// index, heap item and all: dispatch drops the heap items of entries in
+// flight.
+func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	defer s.workers.Done()
 	defer s.signal() // a worker is free
 	landed := false
 	defer func() {
-		if !landed {
+		if !landed { // Caddy is stopping, or send panicked
 			s.mu.Lock()
 			delete(s.inflight, m.EventID)
 			s.mu.Unlock()
@@ -180,16 +285,34 @@ func (s *fileSpool) attempt(m spoolMeta, d *driver) {
 	policy := s.policy
 	s.mu.Unlock()
 
-	status, failure := s.send(m, d, policy.attemptTimeout)
+	req, body, err := s.store.take(&m)
+	var status int
+	var failure string
+	switch {
+	case errors.Is(err, errNotHeld):
+		s.land(m, true, time.Time{})
+		landed = true
+		return
+	case errors.Is(err, errStoreDown):
+		s.land(m, false, time.Now().Add(storeDownWait))
+		landed = true
+		return
+	case err != nil:
+		status, failure = http.StatusInternalServerError, err.Error()
+	default:
+		status, failure = s.send(m, d, req, body, policy.attemptTimeout)
+	}
 	if s.stopped.Err() != nil {
-		return // Caddy is stopping: not an attempt; the entry stays as it is
+		return // not an attempt; the entry stays as it is
 	}
 	spoolAttempts.Inc()
 	now := time.Now()
-	log := s.log().With(zap.String("event_id", m.EventID.String()), zap.String("event_name", m.EventName),
+	log := s.store.log().With(zap.String("event_id", m.EventID.String()), zap.String("event_name", m.EventName),
 		zap.Int("attempts", m.Attempts+1))
 	if failure == "" {
-		s.forget(m.EventID)
+		s.store.delivered(m)
+		s.land(m, true, time.Time{})
+		landed = true
 		spoolRedelivered.Inc()
 		log.Info("spool: redelivered", zap.Int("status", status), zap.Duration("spooled_for", now.Sub(m.SpooledAt)))
 		return
@@ -197,35 +320,18 @@ func (s *fileSpool) attempt(m spoolMeta, d *driver) {
 
 	m.Attempts++
 	m.LastError = failure
-	state := statePending
-	var dead bool
+	dead := true
 	if retryable(status) {
 		m.NextAttempt, dead = policy.retryAt(now, m.SpooledAt, m.Attempts)
-	} else {
-		dead = true
 	}
 	if dead {
-		state, m.NextAttempt = stateDead, time.Time{}
+		m.State, m.NextAttempt = stateDead, time.Time{}
 	}
-	m.State = state
-	if err := s.save(m); err != nil {
+	if err := s.store.failed(m); err != nil {
 		log.Error("spool: the outcome of an attempt could not be saved", zap.Error(err))
 	}
-	s.mu.Lock()
-	delete(s.inflight, m.EventID)
+	s.land(m, false, m.NextAttempt)
 	landed = true
-	if cur, ok := s.entries[m.EventID]; ok {
-		if cur.State != state {
-			spoolEntries.WithLabelValues(cur.State).Dec()
-			spoolEntries.WithLabelValues(state).Inc()
-		}
-		cur.State, cur.Attempts, cur.LastError, cur.NextAttempt = state, m.Attempts, m.LastError, m.NextAttempt
-		cur.gen++
-		if state == statePending {
-			heap.Push(&s.due, dueItem{at: cur.NextAttempt, id: cur.EventID, gen: cur.gen})
-		}
-	}
-	s.mu.Unlock()
 	if dead {
 		spoolDeadLettered.Inc()
 		log.Error("spool: dead letter: kept, and not retried until an operator retries or deletes it",
@@ -235,13 +341,36 @@ func (s *fileSpool) attempt(m spoolMeta, d *driver) {
 	log.Warn("spool: attempt failed, will retry", zap.String("last_error", failure), zap.Time("next_attempt", m.NextAttempt))
 }
 
+// land ends an attempt at m: the index drops the entry (remove, or a dead
+// letter of a shared store), or takes m's outcome, due again at next if it
+// is pending. An entry that a newer turn replaced meanwhile (a Redis
+// entry retried through the admin API) keeps its own schedule.
+func (s *scheduler) land(m spoolMeta, remove bool, next time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.inflight, m.EventID)
+	cur, ok := s.entries[m.EventID]
+	switch {
+	case !ok:
+		return
+	case cur.turn != m.turn:
+		next = cur.NextAttempt
+	case remove || (m.State == stateDead && s.shared):
+		delete(s.entries, m.EventID)
+		cur.gen++
+		return
+	default:
+		cur.State, cur.Attempts, cur.LastError, cur.NextAttempt = m.State, m.Attempts, m.LastError, m.NextAttempt
+	}
+	cur.gen++
+	if cur.State == statePending {
+		heap.Push(&s.due, dueItem{at: next, id: cur.EventID, gen: cur.gen})
+	}
+}
+
 // send runs one entry through its server's routes and returns the status it
 // was answered with, and what failed ("" when it was taken).
-func (s *fileSpool) send(m spoolMeta, d *driver, timeout time.Duration) (int, string) {
-	req, body, err := s.load(m.EventID)
-	if err != nil {
-		return http.StatusInternalServerError, err.Error()
-	}
+func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, timeout time.Duration) (int, string) {
 	rd := &redrive{account: m.Account, ev: m.event()}
 	ctx, cancel := context.WithTimeout(context.WithValue(s.stopped, redriveKey{}, rd), timeout)
 	defer cancel()
@@ -259,6 +388,26 @@ func (s *fileSpool) send(m spoolMeta, d *driver, timeout time.Duration) (int, st
 		return status, ""
 	}
 	return status, describeFailure(status, rd.err)
+}
+
+// dueItem is a pending entry's turn.
+type dueItem struct {
+	at  time.Time
+	id  uuid.UUID
+	gen int
+}
+
+type dueHeap []dueItem
+
+func (h dueHeap) Len() int           { return len(h) }
+func (h dueHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
+func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueItem)) }
+func (h *dueHeap) Pop() any {
+	old := *h
+	e := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return e
 }
 
 // describeFailure says what an attempt failed with: the error the next

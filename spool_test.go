@@ -17,6 +17,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testredis"
 )
 
 // The spool's tests run a real Caddy in this process, with its admin API on
@@ -45,6 +46,17 @@ http://127.0.0.1:%d {
 	}
 }
 `
+
+// eachStore runs a spool test on the file store, then on a Redis store of
+// its own: store is the spool block's first line, "" for the default
+// store.
+func eachStore(t *testing.T, test func(t *testing.T, store string)) {
+	t.Run("file", func(t *testing.T) { test(t, "") })
+	t.Run("redis", func(t *testing.T) {
+		srv := testredis.Start(t)
+		test(t, "store redis "+srv.URL()+"\n\t\t\t")
+	})
+}
 
 // spoolRig is a Caddy with the spool in front of an upstream.
 type spoolRig struct {
@@ -211,73 +223,77 @@ func (g *spoolRig) checkTakenOnce(ids []string) {
 // them, without bodies or headers; once the upstream is back, each arrives
 // exactly once, byte for byte, through the same route.
 func TestSpoolUpstreamDown(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 20ms 200ms\n\t\t}")
-	before := scrape(t, g.base+"/metrics")
-	g.up.Down()
-	ids := g.deliverSpooled(20)
-	copyOf := productionDelivery().withEventID(ids[0]).at(time.Now())
-	if status := g.send(copyOf); status != http.StatusConflict {
-		t.Errorf("a copy of a spooled delivery: %d, want 409", status)
-	}
-
-	listing := g.list()
-	if len(listing) != 20 {
-		t.Fatalf("the listing holds %d entries", len(listing))
-	}
-	raw, _ := json.Marshal(listing)
-	for _, l := range listing {
-		if l.State != statePending || l.Attempts < 1 || !strings.HasPrefix(l.LastError, "502") || l.Size == 0 || l.EventName != "report_created" {
-			t.Errorf("listed %+v", l)
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 20ms 200ms\n\t\t}")
+		before := scrape(t, g.base+"/metrics")
+		g.up.Down()
+		ids := g.deliverSpooled(20)
+		copyOf := productionDelivery().withEventID(ids[0]).at(time.Now())
+		if status := g.send(copyOf); status != http.StatusConflict {
+			t.Errorf("a copy of a spooled delivery: %d, want 409", status)
 		}
-	}
-	if strings.Contains(string(raw), "report_id") || strings.Contains(string(raw), productionDelivery().token()[:30]) {
-		t.Errorf("the listing shows a body or a token: %s", raw)
-	}
-	if got := scrape(t, g.base+"/metrics")[`caddy_trivialsec_webhook_spool_entries{state="pending"}`]; got != 20 {
-		t.Errorf("spool_entries{pending} = %v", got)
-	}
 
-	if err := g.up.Up(); err != nil {
-		t.Fatal(err)
-	}
-	g.checkTakenOnce(ids)
-	after := scrape(t, g.base+"/metrics")
-	for series, want := range map[string]float64{
-		"caddy_trivialsec_webhook_spool_spooled_total":     20,
-		"caddy_trivialsec_webhook_spool_redelivered_total": 20,
-		"caddy_trivialsec_webhook_spool_bytes":             0,
-	} {
-		if got := after[series] - before[series]; got != want {
-			t.Errorf("%s rose by %v, want %v", series, got, want)
+		listing := g.list()
+		if len(listing) != 20 {
+			t.Fatalf("the listing holds %d entries", len(listing))
 		}
-	}
-	if after[`caddy_trivialsec_webhook_spool_entries{state="pending"}`] != 0 {
-		t.Error("entries left pending")
-	}
+		raw, _ := json.Marshal(listing)
+		for _, l := range listing {
+			if l.State != statePending || l.Attempts < 1 || !strings.HasPrefix(l.LastError, "502") || l.Size == 0 || l.EventName != "report_created" {
+				t.Errorf("listed %+v", l)
+			}
+		}
+		if strings.Contains(string(raw), "report_id") || strings.Contains(string(raw), productionDelivery().token()[:30]) {
+			t.Errorf("the listing shows a body or a token: %s", raw)
+		}
+		if got := scrape(t, g.base+"/metrics")[`caddy_trivialsec_webhook_spool_entries{state="pending"}`]; got != 20 {
+			t.Errorf("spool_entries{pending} = %v", got)
+		}
+
+		if err := g.up.Up(); err != nil {
+			t.Fatal(err)
+		}
+		g.checkTakenOnce(ids)
+		after := scrape(t, g.base+"/metrics")
+		for series, want := range map[string]float64{
+			"caddy_trivialsec_webhook_spool_spooled_total":     20,
+			"caddy_trivialsec_webhook_spool_redelivered_total": 20,
+			"caddy_trivialsec_webhook_spool_bytes":             0,
+		} {
+			if got := after[series] - before[series]; got != want {
+				t.Errorf("%s rose by %v, want %v", series, got, want)
+			}
+		}
+		if after[`caddy_trivialsec_webhook_spool_entries{state="pending"}`] != 0 {
+			t.Error("entries left pending")
+		}
+	})
 }
 
 // TestSpoolRetriesUntilTaken: an upstream that answers 503 twice for each
 // event, then takes it.
 func TestSpoolRetriesUntilTaken(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 50ms\n\t\t}")
-	var mu sync.Mutex
-	seen := map[string]int{}
-	g.up.Answer(func(_ http.Header, r *http.Request) int {
-		mu.Lock()
-		defer mu.Unlock()
-		seen[r.Header.Get("X-Trivialsec-Event-Id")]++
-		if seen[r.Header.Get("X-Trivialsec-Event-Id")] <= 2 {
-			return http.StatusServiceUnavailable
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 10ms 50ms\n\t\t}")
+		var mu sync.Mutex
+		seen := map[string]int{}
+		g.up.Answer(func(_ http.Header, r *http.Request) int {
+			mu.Lock()
+			defer mu.Unlock()
+			seen[r.Header.Get("X-Trivialsec-Event-Id")]++
+			if seen[r.Header.Get("X-Trivialsec-Event-Id")] <= 2 {
+				return http.StatusServiceUnavailable
+			}
+			return http.StatusOK
+		})
+		ids := g.deliverSpooled(5)
+		g.checkTakenOnce(ids)
+		for _, id := range ids {
+			if seen[id] != 3 {
+				t.Errorf("event %s tried %d times, want 3", id, seen[id])
+			}
 		}
-		return http.StatusOK
 	})
-	ids := g.deliverSpooled(5)
-	g.checkTakenOnce(ids)
-	for _, id := range ids {
-		if seen[id] != 3 {
-			t.Errorf("event %s tried %d times, want 3", id, seen[id])
-		}
-	}
 }
 
 // TestSpoolPassesRefusals: a 4xx the upstream means (422) goes back to the
@@ -301,24 +317,26 @@ func TestSpoolPassesRefusals(t *testing.T) {
 // attempt_timeout gets the delivery again later; the sender gets 202
 // meanwhile, not its own read timeout.
 func TestSpoolHungUpstream(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tattempt_timeout 300ms\n\t\t\tbackoff 10ms 50ms\n\t\t}")
-	release := make(chan struct{})
-	t.Cleanup(func() { close(release) })
-	var first atomic.Bool
-	g.up.Answer(func(http.Header, *http.Request) int {
-		if first.CompareAndSwap(false, true) {
-			<-release // hangs
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"attempt_timeout 300ms\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+		release := make(chan struct{})
+		t.Cleanup(func() { close(release) })
+		var first atomic.Bool
+		g.up.Answer(func(http.Header, *http.Request) int {
+			if first.CompareAndSwap(false, true) {
+				<-release // hangs
+			}
+			return http.StatusOK
+		})
+		id, status := g.deliver()
+		if status != http.StatusAccepted {
+			t.Fatalf("status %d, want 202", status)
 		}
-		return http.StatusOK
+		if _, err := g.up.WaitTaken([]string{id}, 20*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		g.drained()
 	})
-	id, status := g.deliver()
-	if status != http.StatusAccepted {
-		t.Fatalf("status %d, want 202", status)
-	}
-	if _, err := g.up.WaitTaken([]string{id}, 20*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	g.drained()
 }
 
 // TestSpoolClientHangsUp: the sender giving up on its answer does not end
@@ -362,140 +380,148 @@ func TestSpoolClientHangsUp(t *testing.T) {
 // TestSpoolAlways: mode always answers 202 before the upstream has the
 // delivery, then delivers it.
 func TestSpoolAlways(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tmode always\n\t\t}")
-	release := make(chan struct{})
-	g.up.Answer(func(http.Header, *http.Request) int {
-		<-release
-		return http.StatusOK
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"mode always\n\t\t}")
+		release := make(chan struct{})
+		g.up.Answer(func(http.Header, *http.Request) int {
+			<-release
+			return http.StatusOK
+		})
+		ids := g.deliverSpooled(3)
+		if n := len(g.up.Received()); n != 0 {
+			t.Fatalf("the upstream answered %d deliveries while it was held", n)
+		}
+		close(release)
+		g.checkTakenOnce(ids)
 	})
-	ids := g.deliverSpooled(3)
-	if n := len(g.up.Received()); n != 0 {
-		t.Fatalf("the upstream answered %d deliveries while it was held", n)
-	}
-	close(release)
-	g.checkTakenOnce(ids)
 }
 
 // TestSpoolDeadLetters: past max_age, or refused by the upstream with a 4xx,
 // a delivery is a dead letter, kept and not retried; an operator retries or
 // deletes it through the admin API.
 func TestSpoolDeadLetters(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 20ms 40ms\n\t\t\tmax_age 300ms\n\t\t}")
-	before := scrape(t, g.base+"/metrics")
-	g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
-	aged, _ := g.deliver()
-	deleted, _ := g.deliver()
-	g.waitFor("both are dead letters", func() bool {
-		l := g.list()
-		return len(l) == 2 && l[0].State == stateDead && l[1].State == stateDead
-	})
-	for _, l := range g.list() {
-		if l.Attempts < 2 || l.LastError != "503 Service Unavailable" || l.NextAttempt != "" {
-			t.Errorf("dead letter %+v", l)
-		}
-	}
-	// A 4xx on a re-drive is a dead letter at once.
-	var refused atomic.Bool
-	g.up.Answer(func(http.Header, *http.Request) int {
-		if refused.CompareAndSwap(false, true) {
-			return http.StatusServiceUnavailable
-		}
-		return http.StatusGone
-	})
-	gone, _ := g.deliver()
-	g.waitFor("the 410 is a dead letter", func() bool {
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 20ms 40ms\n\t\t\tmax_age 300ms\n\t\t}")
+		before := scrape(t, g.base+"/metrics")
+		g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
+		aged, _ := g.deliver()
+		deleted, _ := g.deliver()
+		g.waitFor("both are dead letters", func() bool {
+			l := g.list()
+			return len(l) == 2 && l[0].State == stateDead && l[1].State == stateDead
+		})
 		for _, l := range g.list() {
-			if l.EventID == gone {
-				return l.State == stateDead && l.LastError == "410 Gone" && l.Attempts == 2
+			if l.Attempts < 2 || l.LastError != "503 Service Unavailable" || l.NextAttempt != "" {
+				t.Errorf("dead letter %+v", l)
 			}
 		}
-		return false
-	})
-	n := len(g.up.Received())
-	time.Sleep(200 * time.Millisecond) // several backoffs: a dead letter is not retried on its own
-	if m := len(g.up.Received()); m != n {
-		t.Fatalf("dead letters were retried: %d requests, then %d", n, m)
-	}
+		// A 4xx on a re-drive is a dead letter at once.
+		var refused atomic.Bool
+		g.up.Answer(func(http.Header, *http.Request) int {
+			if refused.CompareAndSwap(false, true) {
+				return http.StatusServiceUnavailable
+			}
+			return http.StatusGone
+		})
+		gone, _ := g.deliver()
+		g.waitFor("the 410 is a dead letter", func() bool {
+			for _, l := range g.list() {
+				if l.EventID == gone {
+					return l.State == stateDead && l.LastError == "410 Gone" && l.Attempts == 2
+				}
+			}
+			return false
+		})
+		n := len(g.up.Received())
+		time.Sleep(200 * time.Millisecond) // several backoffs: a dead letter is not retried on its own
+		if m := len(g.up.Received()); m != n {
+			t.Fatalf("dead letters were retried: %d requests, then %d", n, m)
+		}
 
-	g.up.Answer(nil)
-	if status := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+aged+"/retry"); status != http.StatusAccepted {
-		t.Fatalf("retry: %d", status)
-	}
-	if _, err := g.up.WaitTaken([]string{aged}, 20*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	for _, id := range []string{deleted, gone} {
-		if status := g.adminDo(http.MethodDelete, "/trivialsec_webhook/spool/"+id); status != http.StatusNoContent {
-			t.Fatalf("delete: %d", status)
+		g.up.Answer(nil)
+		if status := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+aged+"/retry"); status != http.StatusAccepted {
+			t.Fatalf("retry: %d", status)
 		}
-	}
-	g.drained()
-	for path, want := range map[string]int{
-		"/trivialsec_webhook/spool/" + deleted:                     http.StatusNotFound,
-		"/trivialsec_webhook/spool/" + uuid.NewString() + "/retry": http.StatusNotFound,
-		"/trivialsec_webhook/spool/not-a-uuid":                     http.StatusNotFound,
-	} {
-		method := http.MethodDelete
-		if strings.HasSuffix(path, "/retry") {
-			method = http.MethodPost
+		if _, err := g.up.WaitTaken([]string{aged}, 20*time.Second); err != nil {
+			t.Fatal(err)
 		}
-		if status := g.adminDo(method, path); status != want {
-			t.Errorf("%s %s: %d, want %d", method, path, status, want)
+		for _, id := range []string{deleted, gone} {
+			if status := g.adminDo(http.MethodDelete, "/trivialsec_webhook/spool/"+id); status != http.StatusNoContent {
+				t.Fatalf("delete: %d", status)
+			}
 		}
-	}
-	if taken := g.up.Taken(); taken[deleted] != 0 || taken[gone] != 0 || taken[aged] != 1 {
-		t.Errorf("taken: %v", taken)
-	}
-	after := scrape(t, g.base+"/metrics")
-	if got := after["caddy_trivialsec_webhook_spool_dead_lettered_total"] - before["caddy_trivialsec_webhook_spool_dead_lettered_total"]; got < 3 {
-		t.Errorf("dead_lettered_total rose by %v, want at least 3", got)
-	}
+		g.drained()
+		for path, want := range map[string]int{
+			"/trivialsec_webhook/spool/" + deleted:                     http.StatusNotFound,
+			"/trivialsec_webhook/spool/" + uuid.NewString() + "/retry": http.StatusNotFound,
+			"/trivialsec_webhook/spool/not-a-uuid":                     http.StatusNotFound,
+		} {
+			method := http.MethodDelete
+			if strings.HasSuffix(path, "/retry") {
+				method = http.MethodPost
+			}
+			if status := g.adminDo(method, path); status != want {
+				t.Errorf("%s %s: %d, want %d", method, path, status, want)
+			}
+		}
+		if taken := g.up.Taken(); taken[deleted] != 0 || taken[gone] != 0 || taken[aged] != 1 {
+			t.Errorf("taken: %v", taken)
+		}
+		after := scrape(t, g.base+"/metrics")
+		if got := after["caddy_trivialsec_webhook_spool_dead_lettered_total"] - before["caddy_trivialsec_webhook_spool_dead_lettered_total"]; got < 3 {
+			t.Errorf("dead_lettered_total rose by %v, want at least 3", got)
+		}
+	})
 }
 
 // TestSpoolReload: a reload keeps the spool and its re-drive; what was
 // spooled under the old config goes through the new one.
 func TestSpoolReload(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 20ms 100ms\n\t\t}")
-	g.up.Down()
-	ids := g.deliverSpooled(5)
-	g.reload("second")
-	if n := len(g.list()); n != 5 {
-		t.Fatalf("%d entries after the reload, want 5", n)
-	}
-	if status := g.send(productionDelivery().withEventID(ids[0]).at(time.Now())); status != http.StatusConflict {
-		t.Errorf("a copy after the reload: %d, want 409", status)
-	}
-	if err := g.up.Up(); err != nil {
-		t.Fatal(err)
-	}
-	g.checkTakenOnce(ids)
-	for _, r := range g.up.Received() {
-		if r.Status == 200 && r.Header.Get("X-Trivialsec-Config") != "second" {
-			t.Errorf("event %s went through config %q", r.EventID, r.Header.Get("X-Trivialsec-Config"))
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 20ms 100ms\n\t\t}")
+		g.up.Down()
+		ids := g.deliverSpooled(5)
+		g.reload("second")
+		if n := len(g.list()); n != 5 {
+			t.Fatalf("%d entries after the reload, want 5", n)
 		}
-	}
+		if status := g.send(productionDelivery().withEventID(ids[0]).at(time.Now())); status != http.StatusConflict {
+			t.Errorf("a copy after the reload: %d, want 409", status)
+		}
+		if err := g.up.Up(); err != nil {
+			t.Fatal(err)
+		}
+		g.checkTakenOnce(ids)
+		for _, r := range g.up.Received() {
+			if r.Status == 200 && r.Header.Get("X-Trivialsec-Config") != "second" {
+				t.Errorf("event %s went through config %q", r.EventID, r.Header.Get("X-Trivialsec-Config"))
+			}
+		}
+	})
 }
 
 // TestSpoolFull: a delivery that does not fit in max_size is not spooled:
 // the sender gets the failure, and the event ID is released, so that a
 // redelivery can pass.
 func TestSpoolFull(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tmax_size 1KB\n\t\t}")
-	g.up.Down()
-	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
-	d.payload = `{"pad": "` + strings.Repeat("x", 2000) + `"}`
-	if status := g.send(d); status != http.StatusBadGateway {
-		t.Fatalf("status %d, want the upstream's 502", status)
-	}
-	if n := len(g.list()); n != 0 {
-		t.Fatalf("%d entries", n)
-	}
-	if err := g.up.Up(); err != nil {
-		t.Fatal(err)
-	}
-	if status := g.send(d); status != http.StatusOK {
-		t.Errorf("the redelivery: %d", status)
-	}
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"max_size 1KB\n\t\t}")
+		g.up.Down()
+		d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+		d.payload = `{"pad": "` + strings.Repeat("x", 2000) + `"}`
+		if status := g.send(d); status != http.StatusBadGateway {
+			t.Fatalf("status %d, want the upstream's 502", status)
+		}
+		if n := len(g.list()); n != 0 {
+			t.Fatalf("%d entries", n)
+		}
+		if err := g.up.Up(); err != nil {
+			t.Fatal(err)
+		}
+		if status := g.send(d); status != http.StatusOK {
+			t.Errorf("the redelivery: %d", status)
+		}
+	})
 }
 
 // TestSpoolDirUnusable: a store directory that cannot be made stops Caddy
@@ -564,55 +590,59 @@ func TestRetryable(t *testing.T) {
 // cannot take goes back to the sender (nothing to release), and one it can
 // is delivered once.
 func TestSpoolWithReplayOff(t *testing.T) {
-	g := startSpoolRig(t, "replay off\n\t\tspool {\n\t\t\tmax_size 1KB\n\t\t\tbackoff 10ms 50ms\n\t\t}")
-	g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
-	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
-	d.payload = `{"pad": "` + strings.Repeat("x", 2000) + `"}`
-	if status := g.send(d); status != http.StatusServiceUnavailable {
-		t.Fatalf("too large to spool: %d, want the upstream's 503", status)
-	}
-	g.up.Answer(nil)
-	g.up.Down()
-	ids := g.deliverSpooled(1)
-	if err := g.up.Up(); err != nil {
-		t.Fatal(err)
-	}
-	g.checkTakenOnce(ids)
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "replay off\n\t\tspool {\n\t\t\t"+store+"max_size 1KB\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+		g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
+		d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+		d.payload = `{"pad": "` + strings.Repeat("x", 2000) + `"}`
+		if status := g.send(d); status != http.StatusServiceUnavailable {
+			t.Fatalf("too large to spool: %d, want the upstream's 503", status)
+		}
+		g.up.Answer(nil)
+		g.up.Down()
+		ids := g.deliverSpooled(1)
+		if err := g.up.Up(); err != nil {
+			t.Fatal(err)
+		}
+		g.checkTakenOnce(ids)
+	})
 }
 
 // TestSpoolWaitsForItsAccount: a delivery spooled for an account that no
 // handler of the running config serves waits, and goes once one does.
 func TestSpoolWaitsForItsAccount(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 20ms\n\t\t}")
-	g.up.Down()
-	ids := g.deliverSpooled(2)
-	acme := g.caddyfile("first")
-	other := strings.Replace(acme, "account "+testAccount, "account other", 1)
-	g.load(other)
-	// An attempt begun through the old config may still be under way; once
-	// the attempts stop counting for several backoffs, both entries wait.
-	attempts := func() (n int) {
-		for _, l := range g.list() {
-			n += l.Attempts
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 10ms 20ms\n\t\t}")
+		g.up.Down()
+		ids := g.deliverSpooled(2)
+		acme := g.caddyfile("first")
+		other := strings.Replace(acme, "account "+testAccount, "account other", 1)
+		g.load(other)
+		// An attempt begun through the old config may still be under way; once
+		// the attempts stop counting for several backoffs, both entries wait.
+		attempts := func() (n int) {
+			for _, l := range g.list() {
+				n += l.Attempts
+			}
+			return n
 		}
-		return n
-	}
-	for last := -1; last != attempts(); {
-		last = attempts()
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err := g.up.Up(); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(300 * time.Millisecond) // many backoffs: room for a delivery that should not happen
-	if n := len(g.up.Received()); n != 0 {
-		t.Fatalf("the upstream got %d requests with no handler for the account", n)
-	}
-	if l := g.list(); len(l) != 2 || l[0].State != statePending {
-		t.Fatalf("listing %+v", l)
-	}
-	g.load(acme)
-	g.checkTakenOnce(ids)
+		for last := -1; last != attempts(); {
+			last = attempts()
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err := g.up.Up(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond) // many backoffs: room for a delivery that should not happen
+		if n := len(g.up.Received()); n != 0 {
+			t.Fatalf("the upstream got %d requests with no handler for the account", n)
+		}
+		if l := g.list(); len(l) != 2 || l[0].State != statePending {
+			t.Fatalf("listing %+v", l)
+		}
+		g.load(acme)
+		g.checkTakenOnce(ids)
+	})
 }
 
 // TestSpool202IsClean: the 202 that stands in for a failed answer carries
@@ -647,4 +677,78 @@ func TestSpool202IsClean(t *testing.T) {
 		t.Errorf("the 202 carries the failed answer's headers: %v", resp.Header)
 	}
 	g.checkTakenOnce([]string{d.eventID})
+}
+
+// TestSpoolRedisDown: with the Redis store down, a delivery the next
+// handler fails gets that failure, never a 202, with a WARN line; nothing
+// is re-driven meanwhile; once Redis is back (with what it acknowledged,
+// as the README asks), the re-drive resumes and delivers each entry once.
+func TestSpoolRedisDown(t *testing.T) {
+	srv := testredis.StartDurable(t)
+	g := startSpoolRig(t, "spool {\n\t\t\tstore redis "+srv.URL()+"\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	g.load(strings.Replace(g.caddyfile("first"), "persist_config off", "persist_config off\n\tlog {\n\t\toutput file "+logFile+"\n\t\tformat json\n\t}", 1))
+	g.up.Down()
+	ids := g.deliverSpooled(3)
+	srv.Stop()
+	failed, status := g.deliver()
+	if status != http.StatusBadGateway {
+		t.Fatalf("with Redis down: %d, want the upstream's 502", status)
+	}
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // many backoffs
+	if n := len(g.up.Received()); n != 0 {
+		t.Fatalf("%d deliveries re-driven while Redis was down", n)
+	}
+	srv.Restart()
+	g.checkTakenOnce(ids)
+	if g.up.Taken()[failed] != 0 {
+		t.Error("the delivery answered 502 was delivered too")
+	}
+	raw, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	levels := map[string]string{} // message -> level
+	for _, line := range strings.Split(strings.TrimSpace(string(raw)), "\n") {
+		var entry struct {
+			Level   string `json:"level"`
+			Msg     string `json:"msg"`
+			EventID string `json:"event_id"`
+		}
+		if json.Unmarshal([]byte(line), &entry) == nil && (entry.EventID == "" || entry.EventID == failed) {
+			levels[entry.Msg] = entry.Level
+		}
+	}
+	for msg, level := range map[string]string{
+		"the next handler failed, and the delivery could not be spooled: the sender gets the failure":                                   "warn",
+		"spool: redis does not answer: re-drive waits for it, and deliveries that need the spool get the failure the next handler gave": "warn",
+		"spool: redis answers again: re-drive resumes":                                                                                  "info",
+	} {
+		if levels[msg] != level {
+			t.Errorf("the log has %q at %q, want %q:\n%s", msg, levels[msg], level, raw)
+		}
+	}
+}
+
+// TestSpoolRedisSharesItsClient: the replay store and the spool on one
+// Redis URL share one client, and reloads keep it: one client, whatever the
+// number of reloads, and deliveries spooled before them still delivered.
+func TestSpoolRedisSharesItsClient(t *testing.T) {
+	srv := testredis.Start(t)
+	g := startSpoolRig(t, "replay redis "+srv.URL()+"\n\t\tspool {\n\t\t\tstore redis "+srv.URL()+"\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	g.up.Down()
+	ids := g.deliverSpooled(3)
+	for i := range 5 {
+		g.reload(fmt.Sprint("reload-", i))
+	}
+	if n, ok := redisClients.References(srv.URL()); n != 2 || !ok {
+		t.Fatalf("the Redis URL's client has %d users (%v), want 2: the replay store and the spool", n, ok)
+	}
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	g.checkTakenOnce(ids)
 }

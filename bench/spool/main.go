@@ -6,6 +6,7 @@
 // per delivery, and the spool's commits per delivery (spool_commits_total;
 // each bbolt commit is two fdatasync calls). In mode always, a round also
 // waits until the upstream has every delivery, and reports that rate too.
+// With -redis, it also measures the Redis stores, replay and spool, there.
 //
 // Run from the repository: go run ./bench/spool -caddy bench/out/caddy
 // (build it with go build -o bench/out/caddy ./cmd/caddy).
@@ -57,7 +58,16 @@ func main() {
 	rounds := flag.Int("rounds", 5, "rounds")
 	profile := flag.String("profile", "", "write a 10 s CPU profile of Caddy, taken during the first round, to this file")
 	only := flag.String("only", "", "measure only the target of this name")
+	redisURL := flag.String("redis", "", "also measure the Redis stores on this redis:// URL (configure it as the README asks: appendonly yes, appendfsync always)")
 	flag.Parse()
+	if *redisURL != "" {
+		benchRedisURL = *redisURL
+		targets = append(targets,
+			&target{name: "redis replay, no spool", settings: "replay redis {env.BENCH_REDIS_URL} bench:replay:\n\t\tspool off"},
+			&target{name: "redis replay, redis fallback", settings: "replay redis {env.BENCH_REDIS_URL} bench:replay:\n\t\tspool {\n\t\t\tstore redis {env.BENCH_REDIS_URL} bench:spool:\n\t\t}"},
+			&target{name: "always, redis", settings: "replay off\n\t\tspool {\n\t\t\tstore redis {env.BENCH_REDIS_URL} bench:always:\n\t\t\tmode always\n\t\t}"},
+		)
+	}
 	profileTo = *profile
 	if *only != "" {
 		targets = slices.DeleteFunc(targets, func(t *target) bool { return t.name != *only })
@@ -108,14 +118,14 @@ func run(caddyBin string, n, conc, rounds int) error {
 	}
 	reverse_proxy %s
 }
-`, t.port, account, strings.ReplaceAll(t.settings, "spool {", fmt.Sprintf("spool {\n\t\t\tstore file %s", filepath.Join(dir, strconv.Itoa(i)))), up.Addr)
+`, t.port, account, strings.ReplaceAll(t.settings, "spool {\n\t\t\tmode", fmt.Sprintf("spool {\n\t\t\tstore file %s\n\t\t\tmode", filepath.Join(dir, strconv.Itoa(i)))), up.Addr)
 	}
 	config := filepath.Join(dir, "Caddyfile")
 	cf := fmt.Sprintf("{\n\tadmin 127.0.0.1:%d\n\tpersist_config off\n\tmetrics\n}\n%s", admin, sites.String())
 	if err := os.WriteFile(config, []byte(cf), 0o600); err != nil {
 		return err
 	}
-	env := append(os.Environ(), "TRIVIALSEC_WEBHOOK_SECRET="+secret, "XDG_DATA_HOME="+filepath.Join(dir, "data"))
+	env := append(os.Environ(), "TRIVIALSEC_WEBHOOK_SECRET="+secret, "XDG_DATA_HOME="+filepath.Join(dir, "data"), "BENCH_REDIS_URL="+benchRedisURL)
 	caddy, err := testkit.StartCaddy(caddyBin, config, env, nil, fmt.Sprintf("127.0.0.1:%d", targets[0].port))
 	if err != nil {
 		return err
@@ -185,7 +195,7 @@ func run(caddyBin string, n, conc, rounds int) error {
 				drainRPS: float64(n) / drained.Seconds(),
 			}
 			results[t.name] = append(results[t.name], r)
-			fmt.Printf("round %d %-26s %8.0f deliveries/s answered, %8.0f /s taken by the upstream, %6.1f µs CPU each, %.3f commits each\n",
+			fmt.Printf("round %d %-30s %8.0f deliveries/s answered, %8.0f /s taken by the upstream, %6.1f µs CPU each, %.3f commits each\n",
 				round, t.name, r.rps, r.drainRPS, r.cpuUS, r.commits)
 		}
 	}
@@ -210,11 +220,17 @@ func run(caddyBin string, n, conc, rounds int) error {
 	cpu := func(r result) float64 { return r.cpuUS }
 	fmt.Printf("\nmedians over %d rounds of %d deliveries at concurrency %d:\n", rounds, n, conc)
 	for _, t := range targets {
-		fmt.Printf("  %-26s %8.0f deliveries/s, %6.1f µs CPU, %.3f commits per delivery\n",
+		fmt.Printf("  %-30s %8.0f deliveries/s, %6.1f µs CPU, %.3f commits per delivery\n",
 			t.name, median(t.name, rps), median(t.name, cpu), median(t.name, func(r result) float64 { return r.commits }))
 	}
 	if len(targets) < 5 {
 		return nil
+	}
+	if benchRedisURL != "" {
+		fmt.Printf("  always, redis, taken by the upstream: %.0f deliveries/s\n", median("always, redis", func(r result) float64 { return r.drainRPS }))
+		fmt.Printf("  redis replay, redis fallback / redis replay, no spool: requests/s %.3f, CPU %.3f\n",
+			ratio("redis replay, redis fallback", "redis replay, no spool", rps), ratio("redis replay, redis fallback", "redis replay, no spool", cpu))
+		fmt.Printf("  always, redis / always (file):                requests/s %.3f, CPU %.3f\n", ratio("always, redis", "always", rps), ratio("always, redis", "always", cpu))
 	}
 	fmt.Printf("  always, taken by the upstream: %.0f deliveries/s\n", median("always", func(r result) float64 { return r.drainRPS }))
 	fmt.Printf("ratios within a round (median):\n")
@@ -227,6 +243,9 @@ func run(caddyBin string, n, conc, rounds int) error {
 
 // profileTo is where -profile writes.
 var profileTo string
+
+// benchRedisURL is -redis.
+var benchRedisURL string
 
 // ticksPerSecond is the kernel's USER_HZ, 100 on Linux.
 const ticksPerSecond = 100

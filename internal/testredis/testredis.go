@@ -17,12 +17,26 @@ import (
 type Server struct {
 	t    testing.TB
 	Port int
+	dir  string // where a durable server keeps its append-only file
 	cmd  *exec.Cmd
 	done chan struct{}
 }
 
 // Start runs redis-server without persistence on a free loopback port.
 func Start(t testing.TB) *Server {
+	t.Helper()
+	return start(t, "")
+}
+
+// StartDurable runs redis-server as the README asks for a shared spool:
+// every write in its append-only file, fsync'd before Redis answers. What
+// it acknowledged survives Stop (a SIGKILL) and Restart.
+func StartDurable(t testing.TB) *Server {
+	t.Helper()
+	return start(t, t.TempDir())
+}
+
+func start(t testing.TB, dir string) *Server {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Fatal("redis-server is not installed: apt-get install redis-server (.ci/run does)")
@@ -31,7 +45,7 @@ func Start(t testing.TB) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{t: t, Port: l.Addr().(*net.TCPAddr).Port}
+	s := &Server{t: t, Port: l.Addr().(*net.TCPAddr).Port, dir: dir}
 	l.Close()
 	s.Restart()
 	t.Cleanup(s.Stop)
@@ -44,8 +58,13 @@ func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.P
 // Restart starts the server again on the same port after Stop.
 func (s *Server) Restart() {
 	s.t.Helper()
-	s.cmd = exec.Command("redis-server", "--port", fmt.Sprint(s.Port), "--bind", "127.0.0.1",
-		"--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning")
+	args := []string{"--port", fmt.Sprint(s.Port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no", "--loglevel", "warning"}
+	if s.dir != "" {
+		args = append(args, "--dir", s.dir, "--appendonly", "yes", "--appendfsync", "always")
+	} else {
+		args = append(args, "--appendonly", "no")
+	}
+	s.cmd = exec.Command("redis-server", args...)
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("redis-server: %v", err)
 	}

@@ -1,0 +1,301 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testredis"
+)
+
+// The shared spool's tests run several Caddy processes on one Redis, as a
+// cluster behind a load balancer does: replay protection and the spool in
+// Redis, each process with its own data directory (its own instance ID)
+// and admin API.
+
+// clusterClaimAfter is the tests' claim_after: short, so that a takeover
+// comes within seconds, and long enough for a loaded CI machine to renew
+// its claims (every quarter of it) in time.
+const clusterClaimAfter = 2 * time.Second
+
+// instance is one Caddy of the cluster.
+type instance struct {
+	*server
+	url, admin string
+}
+
+// startInstance runs a Caddy sharing redisURL, in front of upstream, with
+// the spool's backoff. data is Caddy's data directory, "" for its own.
+func startInstance(t *testing.T, redisURL, upstream, backoff, data string) *instance {
+	t.Helper()
+	port, admin := freePort(t), freePort(t)
+	config := fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	persist_config off
+}
+
+http://127.0.0.1:%d {
+	trivialsec_webhook {
+		account acme
+		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
+		replay redis {env.TRIVIALSEC_REDIS_URL}
+		spool {
+			store redis {env.TRIVIALSEC_REDIS_URL}
+			claim_after %s
+			backoff %s
+		}
+	}
+	reverse_proxy %s
+}
+`, admin, port, clusterClaimAfter, backoff, upstream)
+	env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret, "TRIVIALSEC_REDIS_URL=" + redisURL}
+	if data != "" {
+		env = append(env, "XDG_DATA_HOME="+data)
+	}
+	return &instance{
+		server: startServer(t, config, port, env),
+		url:    fmt.Sprintf("http://127.0.0.1:%d/", port),
+		admin:  fmt.Sprintf("http://127.0.0.1:%d", admin),
+	}
+}
+
+// listed is one entry of the admin API's listing.
+type listed struct {
+	EventID  string `json:"event_id"`
+	State    string `json:"state"`
+	Attempts int    `json:"attempts"`
+}
+
+// list is the instance's listing of the shared spool.
+func (in *instance) list(t *testing.T) []listed {
+	t.Helper()
+	resp, err := sender.Get(in.admin + "/trivialsec_webhook/spool")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out []listed
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("listing: %d %v", resp.StatusCode, err)
+	}
+	return out
+}
+
+// adminDo sends an admin API request and returns its status.
+func (in *instance) adminDo(t *testing.T, method, path string) int {
+	t.Helper()
+	req, _ := http.NewRequest(method, in.admin+path, nil)
+	resp, err := sender.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// spoolAt sends n new deliveries to in, each of which must be answered 202,
+// and returns their event IDs and requests.
+func spoolAt(t *testing.T, in *instance, n int) (ids []string, copies [][2]string) {
+	t.Helper()
+	for range n {
+		id := uuid.NewString()
+		auth, body := mint(secret, "acme", id, time.Now())
+		if status := post(t, in.url, auth, body); status != 202 {
+			t.Fatalf("with the upstream down: %d, want 202", status)
+		}
+		ids = append(ids, id)
+		copies = append(copies, [2]string{auth, body})
+	}
+	return ids, copies
+}
+
+// downUpstream is the service behind the cluster, down until the test
+// brings it up.
+func downUpstream(t *testing.T) *testkit.Upstream {
+	t.Helper()
+	up, err := testkit.StartUpstream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(up.Close)
+	up.Down()
+	return up
+}
+
+// waitUntil polls ok every 50 ms for at most timeout.
+func waitUntil(t *testing.T, timeout time.Duration, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("still not so after %s: %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// takenOnce waits until the upstream took each of ids, then waits two
+// claim_after more, room for a second delivery by another instance, and
+// checks that each was taken exactly once, and nothing else was. It
+// returns when the last was taken.
+func takenOnce(t *testing.T, up *testkit.Upstream, ids []string) time.Time {
+	t.Helper()
+	if _, err := up.WaitTaken(ids, 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	all := time.Now()
+	time.Sleep(2 * clusterClaimAfter)
+	taken := up.Taken()
+	for _, id := range ids {
+		if taken[id] != 1 {
+			t.Errorf("event %s taken %d times", id, taken[id])
+		}
+	}
+	if len(taken) != len(ids) {
+		t.Errorf("the upstream took %d events, want %d", len(taken), len(ids))
+	}
+	return all
+}
+
+// TestClusterSpoolOutlivesAnInstance: deliveries A spooled while the
+// upstream was down, and held, are delivered by B once A is killed for
+// good, after claim_after, each exactly once; copies sent to B are refused
+// as replays; B's admin API lists and deletes what A holds.
+func TestClusterSpoolOutlivesAnInstance(t *testing.T) {
+	redis := testredis.Start(t)
+	up := downUpstream(t)
+	a := startInstance(t, redis.URL(), up.Addr, "50ms 200ms", "")
+	ids, copies := spoolAt(t, a, 20)
+	// A alone: it reads every turn, and holds every entry.
+	waitUntil(t, 20*time.Second, "A tried every entry again", func() bool {
+		l := a.list(t)
+		for _, e := range l {
+			if e.Attempts < 2 {
+				return false
+			}
+		}
+		return len(l) == 20
+	})
+
+	b := startInstance(t, redis.URL(), up.Addr, "50ms 200ms", "")
+	for _, c := range copies {
+		if status := post(t, b.url, c[0], c[1]); status != 409 {
+			t.Fatalf("a copy of a spooled delivery at B: %d, want 409", status)
+		}
+	}
+	if n := len(b.list(t)); n != 20 {
+		t.Fatalf("B lists %d entries of the shared spool, want 20", n)
+	}
+	if status := b.adminDo(t, http.MethodDelete, "/trivialsec_webhook/spool/"+ids[0]); status != 204 {
+		t.Fatalf("B deleting an entry A holds: %d", status)
+	}
+	deleted, ids := ids[0], ids[1:]
+
+	a.Kill()
+	killed := time.Now()
+	if err := up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	all := takenOnce(t, up, ids)
+	if up.Taken()[deleted] != 0 {
+		t.Error("the deleted entry was delivered")
+	}
+	if waited := all.Sub(killed); waited < clusterClaimAfter {
+		t.Errorf("B delivered A's entries %s after A died, before claim_after", waited)
+	}
+	if !strings.Contains(b.logs(), "took over deliveries another instance left unfinished") {
+		t.Errorf("B's log does not say it took A's deliveries over:\n%s", b.logs())
+	}
+	if n := len(b.list(t)); n != 0 {
+		t.Errorf("B lists %d entries after the redelivery", n)
+	}
+	t.Logf("A killed; its 19 deliveries taken by B within %s (claim_after %s)", all.Sub(killed).Round(time.Millisecond), clusterClaimAfter)
+}
+
+// TestClusterEachDeliveredOnce: with both instances running, deliveries
+// spooled at either, held through several claim_after of failures, and
+// one retried through the admin API, are each delivered once, never by
+// both; even when the two have the same instance ID.
+func TestClusterEachDeliveredOnce(t *testing.T) {
+	redis := testredis.Start(t)
+	up := downUpstream(t)
+	// Retries further apart than claim_after: only the renewals keep the
+	// entries with the instance that holds them. The two share Caddy's data
+	// directory, and so its instance ID: one takes another consumer name.
+	data := t.TempDir()
+	a := startInstance(t, redis.URL(), up.Addr, "3s 3s", data)
+	b := startInstance(t, redis.URL(), up.Addr, "3s 3s", data)
+	var ids []string
+	for range 10 {
+		for _, in := range []*instance{a, b} {
+			more, _ := spoolAt(t, in, 2)
+			ids = append(ids, more...)
+		}
+	}
+	if status := a.adminDo(t, http.MethodPost, "/trivialsec_webhook/spool/"+ids[1]+"/retry"); status != 202 {
+		t.Fatalf("retry: %d", status)
+	}
+	// Failures for longer than claim_after: the entries stay with the
+	// instance that holds them, and are not taken over.
+	time.Sleep(2 * clusterClaimAfter)
+	if err := up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	takenOnce(t, up, ids)
+	for _, in := range []*instance{a, b} {
+		if n := len(in.list(t)); n != 0 {
+			t.Errorf("%d entries left", n)
+		}
+		if strings.Contains(in.logs(), "took over deliveries") {
+			t.Errorf("an instance took over deliveries while the other was alive:\n%s", in.logs())
+		}
+	}
+	renamed := 0 // the one that came second to the name, whichever that was
+	for _, in := range []*instance{a, b} {
+		renamed += strings.Count(in.logs(), "another live process uses this instance's consumer name")
+	}
+	if renamed != 1 {
+		t.Errorf("%d instances say they took another consumer name, want 1", renamed)
+	}
+}
+
+// TestClusterRedisRestarts: Redis killed while the instances re-drive, and
+// started again (with the append-only file the README asks for): nothing
+// is delivered while it is down, and every entry is delivered once when it
+// is back.
+func TestClusterRedisRestarts(t *testing.T) {
+	redis := testredis.StartDurable(t)
+	up := downUpstream(t)
+	a := startInstance(t, redis.URL(), up.Addr, "50ms 200ms", "")
+	b := startInstance(t, redis.URL(), up.Addr, "50ms 200ms", "")
+	var ids []string
+	for _, in := range []*instance{a, b} {
+		more, _ := spoolAt(t, in, 10)
+		ids = append(ids, more...)
+	}
+	redis.Stop()
+	if err := up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	auth, body := mint(secret, "acme", uuid.NewString(), time.Now())
+	if status := post(t, a.url, auth, body); status != 503 {
+		t.Errorf("a delivery with Redis down: %d, want 503 (replay protection fails closed)", status)
+	}
+	time.Sleep(clusterClaimAfter + time.Second) // past claim_after: the claims lapse meanwhile
+	if n := len(up.Received()); n != 0 {
+		t.Fatalf("%d deliveries while Redis was down", n)
+	}
+	redis.Restart()
+	takenOnce(t, up, ids)
+	for _, in := range []*instance{a, b} {
+		if !strings.Contains(in.logs(), "redis does not answer") || !strings.Contains(in.logs(), "redis answers again") {
+			t.Errorf("the outage is not in the log:\n%s", in.logs())
+		}
+	}
+}
