@@ -35,6 +35,7 @@ var (
 	spoolDeadLettered = spoolCounter("spool_dead_lettered_total", "Spooled deliveries turned into dead letters.")
 	spoolAttempts     = spoolCounter("spool_attempts_total", "Re-drives of spooled deliveries.")
 	spoolCommits      = spoolCounter("spool_commits_total", "Commits (each with its fsyncs) of the spool's file store; writes made at once share one.")
+	spoolTakenOver    = spoolCounter("spool_taken_over_total", "Spooled deliveries this instance took over from another that left them unfinished for claim_after (Redis store).")
 
 	// The counters of every label value, resolved once: no lookup on the
 	// hot path, and every series present from the start.
@@ -88,7 +89,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{requestsTotal, eventsTotal, spoolGauges{}, replayJournalPending,
-		spoolSpooled, spoolRedelivered, spoolDeadLettered, spoolAttempts, spoolCommits} {
+		spoolSpooled, spoolRedelivered, spoolDeadLettered, spoolAttempts, spoolCommits, spoolTakenOver} {
 		if err := registry.Register(c); err != nil {
 			if _, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); !ok {
 				return err

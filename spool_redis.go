@@ -637,11 +637,11 @@ func (s *redisSpool) startReading(consumer string, accounts []string) error {
 }
 
 // hold takes the entries of turns this instance just read or claimed into
-// its index; turns of entries gone, dead or retried since are acknowledged
-// and deleted.
-func (s *redisSpool) hold(account string, msgs []redis.XMessage) {
+// its index, and returns how many; turns of entries gone, dead or retried
+// since are acknowledged and deleted.
+func (s *redisSpool) hold(account string, msgs []redis.XMessage) (held int) {
 	if len(msgs) == 0 {
-		return
+		return 0
 	}
 	ctx, cancel := s.ctx()
 	defer cancel()
@@ -656,8 +656,8 @@ func (s *redisSpool) hold(account string, msgs []redis.XMessage) {
 		return nil
 	})
 	if err != nil && !errors.Is(err, redis.Nil) {
-		s.failing(err) // the turns stay ours: the next renewal or claim reads them again
-		return
+		s.failing(err) // the turns stay in our pending list: claimed again after claim_after
+		return 0
 	}
 	var stale []string
 	for i, msg := range msgs {
@@ -673,8 +673,10 @@ func (s *redisSpool) hold(account string, msgs []redis.XMessage) {
 		}
 		s.schedule(m)
 		s.mu.Unlock()
+		held++
 	}
 	s.ack(account, stale)
+	return held
 }
 
 // ack ends turns that name nothing to deliver.
@@ -836,9 +838,9 @@ func (s *redisSpool) claim(consumer, account string, claimAfter time.Duration) e
 			}
 			return err
 		}
-		if len(msgs) > 0 {
-			s.log().Info("spool: took over deliveries another instance left unfinished for claim_after", zap.Int("entries", len(msgs)))
-			s.hold(account, msgs)
+		if held := s.hold(account, msgs); held > 0 {
+			spoolTakenOver.Add(float64(held))
+			s.log().Info("spool: took over deliveries another instance left unfinished for claim_after", zap.Int("entries", held))
 		}
 		if next == "0-0" {
 			break

@@ -1,6 +1,7 @@
 package trivialsecwebhook
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -15,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/google/uuid"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testredis"
@@ -747,6 +749,36 @@ func TestSpoolRedisSharesItsClient(t *testing.T) {
 	if n, ok := redisClients.References(srv.URL()); n != 2 || !ok {
 		t.Fatalf("the Redis URL's client has %d users (%v), want 2: the replay store and the spool", n, ok)
 	}
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	g.checkTakenOnce(ids)
+}
+
+// TestSpoolRedisLeaseLost: an instance whose consumer name was taken from
+// it (its lease overwritten, as when Redis lost its data or did not answer
+// for claim_after) lets go of what it held, takes another name, and the
+// deliveries it held are delivered all the same, each once, after
+// claim_after.
+func TestSpoolRedisLeaseLost(t *testing.T) {
+	srv := testredis.Start(t)
+	g := startSpoolRig(t, "spool {\n\t\t\tstore redis "+srv.URL()+"\n\t\t\tclaim_after 1s\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	g.up.Down()
+	ids := g.deliverSpooled(3)
+	client := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", srv.Port)})
+	defer client.Close()
+	ctx := context.Background()
+	leases, err := client.Keys(ctx, defaultSpoolKeyPrefix+"consumer:*").Result()
+	if err != nil || len(leases) != 1 {
+		t.Fatalf("leases %v, %v", leases, err)
+	}
+	if err := client.Set(ctx, leases[0], "another process", 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	g.waitFor("the instance takes another consumer name", func() bool {
+		n, _ := client.Keys(ctx, defaultSpoolKeyPrefix+"consumer:*").Result()
+		return len(n) == 2
+	})
 	if err := g.up.Up(); err != nil {
 		t.Fatal(err)
 	}
