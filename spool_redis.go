@@ -170,22 +170,49 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// Destruct stops the loops, gives up the consumer name, and lets go of the
-// client, with the last config using the store. The turns this instance
-// held stay in its pending list: it takes them back if it starts again
-// under the same name, and any instance takes them over after claim_after.
+// Destruct stops the loops, hands the turns this instance held back to the
+// other instances, gives up the consumer name, and lets go of the client,
+// with the last config using the store. A turn it could not hand back (Redis
+// did not answer) is taken over after claim_after.
 func (s *redisSpool) Destruct() error {
 	s.stop()
-	s.workers.Wait()
+	s.workers.Wait() // no attempt is under way now
 	s.mu.Lock()
 	consumer := s.consumer
+	held := make([]spoolMeta, 0, len(s.entries))
+	for _, m := range s.entries {
+		held = append(held, *m)
+	}
 	s.mu.Unlock()
 	if consumer != "" {
-		ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+		ctx, cancel := context.WithTimeout(context.Background(), handBackTimeout)
+		n := s.handBack(ctx, consumer, held)
+		if n > 0 {
+			s.log().Info("spool: handed the deliveries this instance held back to the other instances", zap.Int("entries", n))
+		}
 		_ = releaseScript.Run(ctx, s.client, []string{s.prefix + "consumer:" + consumer}, s.lease).Err()
 		cancel()
 	}
 	return s.client.release()
+}
+
+// handBackTimeout bounds the hand-back when the store stops.
+const handBackTimeout = 5 * time.Second
+
+// handBack ends the turns of held, none of them in flight, and adds a new
+// turn for each, which any instance may read at once. It returns how many
+// it handed back.
+func (s *redisSpool) handBack(ctx context.Context, consumer string, held []spoolMeta) (n int) {
+	for _, m := range held {
+		id := m.EventID.String()
+		ok, err := redisHandBackScript.Run(ctx, s.client, []string{s.streamKey(m.Account), s.entryKey(id)},
+			redisSpoolGroup, consumer, m.turn, m.rev, id).Int()
+		if err != nil {
+			return n
+		}
+		n += ok
+	}
+	return n
 }
 
 // The scripts. Each acts on one entry and its turn at once, so that no
@@ -312,6 +339,19 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 	end
 end
 return 0`)
+
+	// KEYS: stream, entry. ARGV: group, consumer, turn, rev, event ID.
+	// Ends a turn this consumer holds and, if it is the entry's current
+	// one, adds a new turn for the same rev, which any consumer may read.
+	redisHandBackScript = redis.NewScript(`
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+local cur = redis.call('HMGET', KEYS[2], 'rev', 'state')
+if cur[1] ~= ARGV[4] or cur[2] ~= 'pending' then return 0 end
+redis.call('XADD', KEYS[1], '*', 'id', ARGV[5], 'rev', ARGV[4])
+return 1`)
 
 	// KEYS: the lease. ARGV: its value, its time to live in ms.
 	redisLeaseScript = redis.NewScript(`
@@ -774,19 +814,27 @@ func (s *redisSpool) keepLease(claimAfter time.Duration) (string, error) {
 }
 
 // renew renews the claims on the turns this instance holds, and lets go of
-// those that are stale, another's, or of an account it no longer serves.
+// those that are stale or another's. Those of an account it no longer
+// serves (a reload dropped it) it hands back.
 func (s *redisSpool) renew(consumer string) error {
 	byAccount := make(map[string][]spoolMeta)
+	var unserved []spoolMeta
 	s.mu.Lock()
 	for _, m := range s.entries {
-		if len(s.drivers[m.Account]) == 0 {
-			delete(s.entries, m.EventID) // another instance takes it over after claim_after
-			m.gen++
+		if len(s.drivers[m.Account]) > 0 || s.inflight[m.EventID] {
+			byAccount[m.Account] = append(byAccount[m.Account], *m)
 			continue
 		}
-		byAccount[m.Account] = append(byAccount[m.Account], *m)
+		delete(s.entries, m.EventID)
+		m.gen++
+		unserved = append(unserved, *m)
 	}
 	s.mu.Unlock()
+	if len(unserved) > 0 {
+		ctx, cancel := context.WithTimeout(s.stopped, handBackTimeout)
+		s.handBack(ctx, consumer, unserved)
+		cancel()
+	}
 	for account, held := range byAccount {
 		for chunk := range slices.Chunk(held, redisBatch) {
 			keys := []string{s.streamKey(account)}

@@ -30,9 +30,12 @@ type instance struct {
 	url, admin string
 }
 
+// clusterSpool is the spool's settings in most cluster tests.
+var clusterSpool = fmt.Sprintf("claim_after %s\n\t\t\tbackoff 50ms 200ms", clusterClaimAfter)
+
 // startInstance runs a Caddy sharing redisURL, in front of upstream, with
-// the spool's backoff. data is Caddy's data directory, "" for its own.
-func startInstance(t *testing.T, redisURL, upstream, backoff, data string) *instance {
+// these spool settings. data is Caddy's data directory, "" for its own.
+func startInstance(t *testing.T, redisURL, upstream, settings, data string) *instance {
 	t.Helper()
 	port, admin := freePort(t), freePort(t)
 	config := fmt.Sprintf(`{
@@ -47,13 +50,12 @@ http://127.0.0.1:%d {
 		replay redis {env.TRIVIALSEC_REDIS_URL}
 		spool {
 			store redis {env.TRIVIALSEC_REDIS_URL}
-			claim_after %s
-			backoff %s
+			%s
 		}
 	}
 	reverse_proxy %s
 }
-`, admin, port, clusterClaimAfter, backoff, upstream)
+`, admin, port, settings, upstream)
 	env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret, "TRIVIALSEC_REDIS_URL=" + redisURL}
 	if data != "" {
 		env = append(env, "XDG_DATA_HOME="+data)
@@ -97,6 +99,21 @@ func (in *instance) adminDo(t *testing.T, method, path string) int {
 	}
 	resp.Body.Close()
 	return resp.StatusCode
+}
+
+// triedAll waits until the spool holds n entries, each tried again since
+// it was spooled: by in, when it runs alone.
+func (in *instance) triedAll(t *testing.T, n int) {
+	t.Helper()
+	waitUntil(t, 20*time.Second, "every entry tried again", func() bool {
+		l := in.list(t)
+		for _, e := range l {
+			if e.Attempts < 2 {
+				return false
+			}
+		}
+		return len(l) == n
+	})
 }
 
 // spoolAt sends n new deliveries to in, each of which must be answered 202,
@@ -170,20 +187,11 @@ func takenOnce(t *testing.T, up *testkit.Upstream, ids []string) time.Time {
 func TestClusterSpoolOutlivesAnInstance(t *testing.T) {
 	redis := testredis.Start(t)
 	up := downUpstream(t)
-	a := startInstance(t, redis.URL(), up.Addr, "50ms 200ms", "")
+	a := startInstance(t, redis.URL(), up.Addr, clusterSpool, "")
 	ids, copies := spoolAt(t, a, 20)
-	// A alone: it reads every turn, and holds every entry.
-	waitUntil(t, 20*time.Second, "A tried every entry again", func() bool {
-		l := a.list(t)
-		for _, e := range l {
-			if e.Attempts < 2 {
-				return false
-			}
-		}
-		return len(l) == 20
-	})
+	a.triedAll(t, 20) // A alone: it reads every turn, and holds every entry
 
-	b := startInstance(t, redis.URL(), up.Addr, "50ms 200ms", "")
+	b := startInstance(t, redis.URL(), up.Addr, clusterSpool, "")
 	for _, c := range copies {
 		if status := post(t, b.url, c[0], c[1]); status != 409 {
 			t.Fatalf("a copy of a spooled delivery at B: %d, want 409", status)
@@ -235,8 +243,9 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 	// entries with the instance that holds them. The two share Caddy's data
 	// directory, and so its instance ID: one takes another consumer name.
 	data := t.TempDir()
-	a := startInstance(t, redis.URL(), up.Addr, "3s 3s", data)
-	b := startInstance(t, redis.URL(), up.Addr, "3s 3s", data)
+	settings := fmt.Sprintf("claim_after %s\n\t\t\tbackoff 3s 3s", clusterClaimAfter)
+	a := startInstance(t, redis.URL(), up.Addr, settings, data)
+	b := startInstance(t, redis.URL(), up.Addr, settings, data)
 	var ids []string
 	for range 10 {
 		for _, in := range []*instance{a, b} {
@@ -278,8 +287,8 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 func TestClusterRedisRestarts(t *testing.T) {
 	redis := testredis.StartDurable(t)
 	up := downUpstream(t)
-	a := startInstance(t, redis.URL(), up.Addr, "50ms 200ms", "")
-	b := startInstance(t, redis.URL(), up.Addr, "50ms 200ms", "")
+	a := startInstance(t, redis.URL(), up.Addr, clusterSpool, "")
+	b := startInstance(t, redis.URL(), up.Addr, clusterSpool, "")
 	var ids []string
 	for _, in := range []*instance{a, b} {
 		more, _ := spoolAt(t, in, 10)
@@ -303,5 +312,33 @@ func TestClusterRedisRestarts(t *testing.T) {
 		if !strings.Contains(in.logs(), "redis does not answer") || !strings.Contains(in.logs(), "redis answers again") {
 			t.Errorf("the outage is not in the log:\n%s", in.logs())
 		}
+	}
+}
+
+// TestClusterHandsBackOnStop: an instance stopped gracefully (SIGTERM, a
+// rolling deploy) hands what it held back: another instance delivers it at
+// once, each once, not after claim_after (a minute here).
+func TestClusterHandsBackOnStop(t *testing.T) {
+	redis := testredis.Start(t)
+	up := downUpstream(t)
+	settings := "claim_after 1m\n\t\t\tbackoff 50ms 200ms"
+	a := startInstance(t, redis.URL(), up.Addr, settings, "")
+	ids, _ := spoolAt(t, a, 10)
+	a.triedAll(t, 10)
+	b := startInstance(t, redis.URL(), up.Addr, settings, "")
+	a.Stop()
+	if !strings.Contains(a.logs(), `"msg":"spool: handed the deliveries this instance held back to the other instances","spool":"redis","key_prefix":"trivialsec_webhook:spool:","entries":10`) {
+		t.Errorf("A does not say it handed 10 deliveries back:\n%s", a.logs())
+	}
+	stopped := time.Now()
+	if err := up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	all := takenOnce(t, up, ids)
+	if waited := all.Sub(stopped); waited > 30*time.Second {
+		t.Errorf("B delivered what A handed back %s after A stopped", waited)
+	}
+	if n := metric(t, b.admin+"/metrics", "caddy_trivialsec_webhook_spool_taken_over_total"); n != 0 {
+		t.Errorf("B took over %v deliveries: A handed none back", n)
 	}
 }
