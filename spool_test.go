@@ -784,3 +784,56 @@ func TestSpoolRedisLeaseLost(t *testing.T) {
 	}
 	g.checkTakenOnce(ids)
 }
+
+// spoolACL is the least a Redis user needs for the replay store and the
+// spool, as SECURITY.md gives it.
+var spoolACL = []any{"~trivialsec_webhook:*", "resetchannels", "-@all", "+@connection", "+@read", "+@write", "+@scripting", "-@dangerous"}
+
+// TestSpoolRedisLeastPrivilege: the replay store and the spool work as a
+// Redis user limited as SECURITY.md says, through every path (spool, copy
+// refused, listing, delete, retry, renewals, claims, consumer clean-up,
+// delivery, hand-back on stop), and Redis refuses none of their commands.
+func TestSpoolRedisLeastPrivilege(t *testing.T) {
+	srv := testredis.Start(t)
+	admin := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", srv.Port)})
+	defer admin.Close()
+	ctx := context.Background()
+	if err := admin.Do(ctx, append([]any{"ACL", "SETUSER", "trivialsec", "on", ">acl-test"}, spoolACL...)...).Err(); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TRIVIALSEC_IT_REDIS", fmt.Sprintf("redis://trivialsec:acl-test@127.0.0.1:%d/0", srv.Port))
+	g := startSpoolRig(t, "replay redis {env.TRIVIALSEC_IT_REDIS}\n\t\tspool {\n\t\t\tstore redis {env.TRIVIALSEC_IT_REDIS}\n\t\t\tclaim_after 1s\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	g.up.Down()
+	ids := g.deliverSpooled(3)
+	if status := g.send(productionDelivery().withEventID(ids[0]).at(time.Now())); status != http.StatusConflict {
+		t.Errorf("a copy: %d, want 409", status)
+	}
+	if n := len(g.list()); n != 3 {
+		t.Fatalf("listing %d entries", n)
+	}
+	if status := g.adminDo(http.MethodDelete, "/trivialsec_webhook/spool/"+ids[2]); status != http.StatusNoContent {
+		t.Fatalf("delete: %d", status)
+	}
+	if status := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+ids[1]+"/retry"); status != http.StatusAccepted {
+		t.Fatalf("retry: %d", status)
+	}
+	time.Sleep(600 * time.Millisecond) // two rounds of renewals, claims and clean-up
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	g.checkTakenOnce(ids[:2])
+	g.up.Down()
+	held := g.deliverSpooled(1)
+	g.spool = "replay redis {env.TRIVIALSEC_IT_REDIS}\n\t\tspool off"
+	g.reload("no spool") // the Redis spool stops: a hand-back
+	denied, err := admin.Do(ctx, "ACL", "LOG").Slice()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(denied) != 0 {
+		t.Errorf("Redis refused %d commands of the user SECURITY.md describes: %v", len(denied), denied)
+	}
+	if n, _ := admin.XLen(ctx, defaultSpoolKeyPrefix+"stream:"+testAccount).Result(); n != 1 {
+		t.Errorf("the stream holds %d turns after the hand-back of %s, want 1", n, held[0])
+	}
+}
