@@ -837,3 +837,21 @@ func TestSpoolRedisLeastPrivilege(t *testing.T) {
 		t.Errorf("the stream holds %d turns after the hand-back of %s, want 1", n, held[0])
 	}
 }
+
+// TestSpoolRedisDownAtStart: Caddy starts with the Redis store down, and
+// the spool works once Redis answers.
+func TestSpoolRedisDownAtStart(t *testing.T) {
+	srv := testredis.Start(t)
+	srv.Stop()
+	g := startSpoolRig(t, "spool {\n\t\t\tstore redis "+srv.URL()+"\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+	g.up.Down()
+	if _, status := g.deliver(); status != http.StatusBadGateway {
+		t.Fatalf("with Redis down: %d, want the upstream's 502", status)
+	}
+	srv.Restart()
+	ids := g.deliverSpooled(2)
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	g.checkTakenOnce(ids)
+}
