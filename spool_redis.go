@@ -23,7 +23,7 @@ import (
 
 // The Redis store: one spool shared by every instance that names the same
 // Redis and key prefix, so that an instance that dies for good takes no
-// delivery with it (README: Running several instances).
+// delivery with it (README: Several instances).
 //
 // Keys, after the prefix:
 //
@@ -38,8 +38,8 @@ import (
 // Each stream has one consumer group, and each instance is a consumer of
 // it. The instance that reads a turn holds its entry: the turn stays in its
 // pending list, through every backoff, until the entry is delivered or
-// becomes a dead letter, and it renews the claim every quarter of
-// claim_after. A turn left unrenewed for claim_after (its instance died) is
+// becomes a dead letter, or the instance stops and hands it back (a new
+// turn), and it renews the claim every quarter of claim_after. A turn left unrenewed for claim_after (its instance died) is
 // taken over by another instance with XAUTOCLAIM. Every script checks, in
 // Redis, that the turn is still this instance's and still the entry's
 // current one before it acts on it.

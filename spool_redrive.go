@@ -44,7 +44,7 @@ func redriveOf(r *http.Request) *redrive {
 	return rd
 }
 
-// scheduler re-drives the entries of a store: a heap of their turns, the
+// scheduler re-drives the entries of a store: a heap of when each is due, the
 // handlers able to send them, and at most redriveWorkers attempts at once.
 // Both stores use it; what is stored, and how, is theirs (redriveStore).
 type scheduler struct {
@@ -390,7 +390,7 @@ func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, 
 	return status, describeFailure(status, rd.err)
 }
 
-// dueItem is a pending entry's turn.
+// dueItem is when a pending entry is due.
 type dueItem struct {
 	at  time.Time
 	id  uuid.UUID
