@@ -94,9 +94,7 @@ func (s *redisStore) reserve(ctx context.Context, id uuid.UUID, expires, now tim
 	if ttl <= 0 {
 		return reservation{}, replayReserved, nil // nothing to remember
 	}
-	var token [16]byte
-	_, _ = rand.Read(token[:])
-	r := reservation{token: hex.EncodeToString(token[:])}
+	r := reservation{token: randomHex(16)}
 	ctx, cancel := context.WithTimeout(ctx, redisTimeout)
 	defer cancel()
 	ok, err := s.client.SetNX(ctx, s.prefix+id.String(), r.token, ttl).Result()
@@ -118,6 +116,13 @@ func (s *redisStore) release(ctx context.Context, id uuid.UUID, r reservation) e
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), redisTimeout)
 	defer cancel()
 	return releaseScript.Run(ctx, s.client, []string{s.prefix + id.String()}, r.token).Err()
+}
+
+// randomHex is n random bytes, in hex: a lease's or a reservation's value.
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
 }
 
 // ping checks that Redis answers.

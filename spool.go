@@ -182,22 +182,33 @@ type spoolStats struct {
 	pending, dead, bytes int64
 }
 
-func (st *spoolStats) count(state string, size int64) {
+// add counts n entries (n may be negative) of a state and size.
+func (st *spoolStats) add(state string, size, n int64) {
 	if state == stateDead {
-		st.dead++
+		st.dead += n
 	} else {
-		st.pending++
+		st.pending += n
 	}
-	st.bytes += size
+	st.bytes += n * size
 }
 
 // spools keeps each store across config reloads, as replayStores does.
 var spools = caddy.NewUsagePool()
 
 // eachSpool calls fn with each spool store of the process, until fn
-// returns false.
+// returns false. fn runs outside the pool's lock: a Redis store that does
+// not answer must not hold up a reload, which loads and deletes stores.
 func eachSpool(fn func(spoolStore) bool) {
-	spools.Range(func(_, v any) bool { return fn(v.(spoolStore)) })
+	var stores []spoolStore
+	spools.Range(func(_, v any) bool {
+		stores = append(stores, v.(spoolStore))
+		return true
+	})
+	for _, s := range stores {
+		if !fn(s) {
+			return
+		}
+	}
 }
 
 // spoolApp opens the spool stores of a config when the config starts. The

@@ -137,17 +137,14 @@ func (s *fileSpool) open() error {
 			if err := json.Unmarshal(v, m); err != nil {
 				return err
 			}
-			s.entries[m.EventID] = m
+			s.schedule(*m) // a dead letter's heap item is skipped
 			s.bytes += m.Size
-			if m.State == statePending {
-				heap.Push(&s.due, dueItem{at: m.NextAttempt, id: m.EventID})
-			}
 			return nil
 		})
 	})
 	if err != nil {
 		clear(s.entries)
-		s.bytes, s.due = 0, nil
+		s.bytes, s.due, s.tally = 0, nil, spoolStats{}
 		s.mu.Unlock()
 		_ = db.Close()
 		s.openErr = fmt.Errorf("spool store %s cannot be read: %v", path, err)
@@ -470,7 +467,7 @@ func deleteEntry(tx *bolt.Tx, id uuid.UUID) error {
 
 // unindex takes an entry out of the index, and reports whether it was in.
 func (s *fileSpool) unindex(id uuid.UUID) bool {
-	m, ok := s.drop(id)
+	m, ok := s.drop(id, "")
 	if ok {
 		s.mu.Lock()
 		s.bytes -= m.Size
@@ -490,14 +487,11 @@ func (s *fileSpool) list() ([]spoolMeta, error) {
 	return out, nil
 }
 
-// stats counts the entries by state, and their bytes.
-func (s *fileSpool) stats() (st spoolStats) {
+// stats is what the store holds.
+func (s *fileSpool) stats() spoolStats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, m := range s.entries {
-		st.count(m.State, m.Size)
-	}
-	return st
+	return s.tally
 }
 
 // retryNow makes an entry, pending or dead, due at once. It reports
@@ -518,7 +512,8 @@ func (s *fileSpool) retryNow(id uuid.UUID) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if m, ok = s.entries[id]; ok {
-		m.State, m.NextAttempt = statePending, updated.NextAttempt
+		s.restate(m, statePending)
+		m.NextAttempt = updated.NextAttempt
 		m.gen++
 		heap.Push(&s.due, dueItem{at: m.NextAttempt, id: id, gen: m.gen})
 		s.signal()

@@ -2,8 +2,6 @@ package trivialsecwebhook
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -162,12 +160,6 @@ func (s *redisSpool) open() error {
 	go s.readLoop()
 	go s.keepLoop()
 	return nil
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 // Destruct stops the loops, hands the turns this instance held back to the
@@ -791,7 +783,9 @@ func (s *redisSpool) keepLease(claimAfter time.Duration) (string, error) {
 		s.log().Error("spool: this instance lost the lease on its consumer name (redis lost its data, or did not answer for claim_after): it lets go of the deliveries it held, which another instance, or this one, takes over after claim_after", zap.String("consumer", consumer))
 		s.mu.Lock()
 		s.consumer = ""
-		clear(s.entries)
+		for _, m := range s.entries {
+			s.unindex(m)
+		}
 		clear(s.reading)
 		s.mu.Unlock()
 	}
@@ -825,8 +819,7 @@ func (s *redisSpool) renew(consumer string) error {
 			byAccount[m.Account] = append(byAccount[m.Account], *m)
 			continue
 		}
-		delete(s.entries, m.EventID)
-		m.gen++
+		s.unindex(m)
 		unserved = append(unserved, *m)
 	}
 	s.mu.Unlock()
@@ -851,23 +844,12 @@ func (s *redisSpool) renew(consumer string) error {
 			}
 			for i, r := range res {
 				if r != 1 && i < len(chunk) {
-					s.letGo(chunk[i])
+					s.drop(chunk[i].EventID, chunk[i].turn)
 				}
 			}
 		}
 	}
 	return nil
-}
-
-// letGo takes an entry out of the index if it is still there under m's
-// turn. An attempt in flight lands on nothing.
-func (s *redisSpool) letGo(m spoolMeta) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if cur, ok := s.entries[m.EventID]; ok && cur.turn == m.turn {
-		delete(s.entries, m.EventID)
-		cur.gen++
-	}
 }
 
 // claim takes over the turns of an account's stream left unrenewed for

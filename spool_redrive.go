@@ -57,6 +57,7 @@ type scheduler struct {
 	mu       sync.Mutex
 	policy   spoolPolicy
 	entries  map[uuid.UUID]*spoolMeta
+	tally    spoolStats // what entries holds, kept as it changes
 	due      dueHeap
 	drivers  map[string][]*driver // account -> handlers able to re-drive, newest last
 	parked   map[string][]dueItem // account -> due entries waiting for a ready handler
@@ -116,23 +117,40 @@ func (s *scheduler) setPolicy(p spoolPolicy) {
 // in place of the one there. Call with s.mu held.
 func (s *scheduler) schedule(m spoolMeta) {
 	if old, ok := s.entries[m.EventID]; ok {
-		m.gen = old.gen + 1 // its heap item, if any, is stale now
+		s.unindex(old)
+		m.gen = old.gen + 1
 	}
 	s.entries[m.EventID] = &m
+	s.tally.add(m.State, m.Size, 1)
 	heap.Push(&s.due, dueItem{at: m.NextAttempt, id: m.EventID, gen: m.gen})
 	s.signal()
 }
 
-// drop takes an entry out of the index, and returns it.
-func (s *scheduler) drop(id uuid.UUID) (spoolMeta, bool) {
+// unindex takes an entry out of the index. Call with s.mu held.
+func (s *scheduler) unindex(m *spoolMeta) {
+	delete(s.entries, m.EventID)
+	m.gen++ // its heap item, if any, is stale now
+	s.tally.add(m.State, m.Size, -1)
+}
+
+// restate changes the state of an entry of the index. Call with s.mu held.
+func (s *scheduler) restate(m *spoolMeta, state string) {
+	s.tally.add(m.State, m.Size, -1)
+	m.State = state
+	s.tally.add(m.State, m.Size, 1)
+}
+
+// drop takes an entry out of the index if it is still there under turn
+// (always, for the file store), and returns it. An attempt in flight lands
+// on nothing.
+func (s *scheduler) drop(id uuid.UUID, turn string) (spoolMeta, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	m, ok := s.entries[id]
-	if !ok {
+	if !ok || m.turn != turn {
 		return spoolMeta{}, false
 	}
-	delete(s.entries, id)
-	m.gen++ // its heap item, if any, is stale now
+	s.unindex(m)
 	return *m, true
 }
 
@@ -356,11 +374,11 @@ func (s *scheduler) land(m spoolMeta, remove bool, next time.Time) {
 	case cur.turn != m.turn:
 		next = cur.NextAttempt
 	case remove || (m.State == stateDead && s.shared):
-		delete(s.entries, m.EventID)
-		cur.gen++
+		s.unindex(cur)
 		return
 	default:
-		cur.State, cur.Attempts, cur.LastError, cur.NextAttempt = m.State, m.Attempts, m.LastError, m.NextAttempt
+		s.restate(cur, m.State)
+		cur.Attempts, cur.LastError, cur.NextAttempt = m.Attempts, m.LastError, m.NextAttempt
 	}
 	cur.gen++
 	if cur.State == statePending {

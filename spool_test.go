@@ -439,6 +439,17 @@ func TestSpoolDeadLetters(t *testing.T) {
 		if m := len(g.up.Received()); m != n {
 			t.Fatalf("dead letters were retried: %d requests, then %d", n, m)
 		}
+		gauges := func(when string, dead, pending float64) {
+			t.Helper()
+			m := scrape(t, g.base+"/metrics")
+			if m[`caddy_trivialsec_webhook_spool_entries{state="dead"}`] != dead || m[`caddy_trivialsec_webhook_spool_entries{state="pending"}`] != pending {
+				t.Errorf("%s: spool_entries dead %v, pending %v; want %v, %v", when, m[`caddy_trivialsec_webhook_spool_entries{state="dead"}`], m[`caddy_trivialsec_webhook_spool_entries{state="pending"}`], dead, pending)
+			}
+			if bytes := m["caddy_trivialsec_webhook_spool_bytes"]; (bytes == 0) != (dead+pending == 0) {
+				t.Errorf("%s: spool_bytes %v for %v entries", when, bytes, dead+pending)
+			}
+		}
+		gauges("three dead letters", 3, 0)
 
 		g.up.Answer(nil)
 		if status := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+aged+"/retry"); status != http.StatusAccepted {
@@ -469,6 +480,7 @@ func TestSpoolDeadLetters(t *testing.T) {
 		if taken := g.up.Taken(); taken[deleted] != 0 || taken[gone] != 0 || taken[aged] != 1 {
 			t.Errorf("taken: %v", taken)
 		}
+		gauges("retried and deleted", 0, 0)
 		after := scrape(t, g.base+"/metrics")
 		if got := after["caddy_trivialsec_webhook_spool_dead_lettered_total"] - before["caddy_trivialsec_webhook_spool_dead_lettered_total"]; got < 3 {
 			t.Errorf("dead_lettered_total rose by %v, want at least 3", got)
@@ -854,4 +866,41 @@ func TestSpoolRedisDownAtStart(t *testing.T) {
 		t.Fatal(err)
 	}
 	g.checkTakenOnce(ids)
+}
+
+// TestEachSpoolHoldsNoLock: what eachSpool calls runs outside the pool's
+// lock, so that a store slow to answer (Redis down, for the admin API or a
+// metrics scrape) cannot hold up a reload, which loads and deletes stores.
+func TestEachSpoolHoldsNoLock(t *testing.T) {
+	_, key, err := loadFileSpool(t.TempDir(), testPolicy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		select {
+		case <-done:
+			_, _ = spools.Delete(key)
+		default: // the pool is locked for good: fail, do not hang
+		}
+	})
+	go func() {
+		defer close(done)
+		eachSpool(func(spoolStore) bool {
+			// a reload meanwhile
+			_, other, err := loadFileSpool(t.TempDir(), testPolicy)
+			if err == nil {
+				_, err = spools.Delete(other)
+			}
+			if err != nil {
+				t.Error(err)
+			}
+			return false
+		})
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a store loaded while eachSpool ran waited for it")
+	}
 }
