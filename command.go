@@ -13,6 +13,7 @@ import (
 	"unicode/utf8"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/dustin/go-humanize"
 	"github.com/golang-jwt/jwt/v5"
 	"github.com/google/uuid"
 	"github.com/spf13/cobra"
@@ -20,7 +21,7 @@ import (
 
 // The `caddy trivialsec-webhook` command mints deliveries exactly as Trivial
 // Security's production sender does, to test a receiver end to end without
-// the SaaS.
+// the SaaS; and salvages a damaged spool store (spool salvage).
 
 // secretEnv is the environment variable the command reads the signing
 // secret from, unless --secret-file is given.
@@ -29,8 +30,8 @@ const secretEnv = "TRIVIALSEC_WEBHOOK_SECRET"
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "trivialsec-webhook",
-		Usage: "sign|send --account <name> [flags]",
-		Short: "Mints or sends a Trivial Security webhook delivery",
+		Usage: "sign|send --account <name> [flags] | spool salvage <dir>",
+		Short: "Mints or sends a Trivial Security webhook delivery; salvages a damaged spool",
 		Long: `
 Mints a webhook delivery exactly as Trivial Security's production sender does:
 a bare HS256 token (no "Bearer"), sub as 32 hex digits, aud an array, nbf 3 s
@@ -46,17 +47,29 @@ as urn:uuid:..., aud a string, no evn or cep.
 The signing secret comes from the file named by --secret-file, or from the
 TRIVIALSEC_WEBHOOK_SECRET environment variable; never from a flag value,
 which other users could read in the process list.
+
+  spool salvage <dir>
+         copies every readable delivery and replay reservation of the damaged
+         spool store <dir>/spool.db into a new spool.db, and keeps the damaged
+         file beside it as spool.db.damaged-<time>; prints what it copied and
+         what it could not read, and exits 0 once the new file is in place.
+         Caddy says when a spool store is damaged, and runs without it until
+         it opens; a Caddy running with the store open holds its lock, and
+         the store is then not damaged: salvage refuses it.
+
+A usage mistake (an unknown flag or subcommand, a stray argument, a bad value)
+gives one line on stderr and exit status 1.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			sign := &cobra.Command{
 				Use:   "sign --account <name> [flags]",
 				Short: "Prints a signed delivery: the Authorization value, then the body",
-				Args:  cobra.NoArgs,
+				Args:  noArgs,
 			}
 			send := &cobra.Command{
 				Use:   "send --url <url> --account <name> [flags]",
 				Short: "Posts a signed delivery to a receiver, as the production sender does",
-				Args:  cobra.NoArgs,
+				Args:  noArgs,
 			}
 			for _, c := range []*cobra.Command{sign, send} {
 				f := c.Flags()
@@ -70,8 +83,6 @@ which other users could read in the process list.
 				f.String("endpoint", "", "the cep claim (default: --url for send, none for sign)")
 				f.Duration("lifetime", 24*time.Hour, "the token's lifetime: exp = iat + lifetime")
 				f.String("secret-file", "", "a file holding the signing secret (default: $"+secretEnv+")")
-				c.SilenceErrors = true
-				c.SilenceUsage = true
 			}
 			send.Flags().String("url", "", "the receiver's URL (required)")
 			sign.RunE = func(c *cobra.Command, _ []string) error {
@@ -101,7 +112,59 @@ which other users could read in the process list.
 				}
 				return nil
 			}
-			cmd.AddCommand(sign, send)
+
+			spool := &cobra.Command{
+				Use:   "spool salvage <dir>",
+				Short: "Salvages a damaged spool store: spool salvage <dir>",
+				Args:  cobra.ArbitraryArgs,
+				RunE:  subcommandMissing("salvage"),
+			}
+			salvage := &cobra.Command{
+				Use:   "salvage <dir>",
+				Short: "Copies what can be read of a damaged spool store into a new one",
+				Long: `
+Copies every readable delivery (its metadata, request and body, all three
+sound) and every unexpired replay reservation of <dir>/spool.db into a new
+spool.db, and keeps the old file as spool.db.damaged-<time> (UTC), beside it.
+spool.db is never missing meanwhile: a Caddy that keeps trying to open the
+damaged store opens the new one at its next try. Prints what it copied and
+what it could not read; exits 0 once the new spool.db is in place, 1 when
+nothing was changed. A spool store that a running Caddy holds open is not
+damaged (Caddy keeps no damaged store open), and is refused.
+`,
+				Args: func(c *cobra.Command, args []string) error {
+					switch {
+					case len(args) == 0:
+						return usageError(c, errors.New("which spool directory? give the one that holds spool.db"))
+					case len(args) > 1:
+						return usageError(c, fmt.Errorf("one spool directory, not %d: %q", len(args), args))
+					}
+					return nil
+				},
+				RunE: func(c *cobra.Command, args []string) error {
+					report, err := salvageSpool(args[0], time.Now())
+					if err != nil {
+						return commandError(c, err)
+					}
+					fmt.Fprint(c.OutOrStdout(), salvageSummary(report))
+					return nil
+				},
+			}
+			spool.AddCommand(salvage)
+			cmd.AddCommand(sign, send, spool)
+
+			// Every mistake is said here, once, as one line on stderr;
+			// cobra says none (Caddy's root prints a returned error as
+			// "Error: ..." unless the command silences it), and Caddy's
+			// Main exits 1 on the error returned.
+			cmd.Args = cobra.ArbitraryArgs
+			cmd.RunE = subcommandMissing("sign, send or spool salvage")
+			cmd.SuggestionsMinimumDistance = 2
+			cmd.SetFlagErrorFunc(usageError) // the subcommands' too
+			for _, c := range []*cobra.Command{cmd, sign, send, spool, salvage} {
+				c.SilenceErrors = true
+				c.SilenceUsage = true
+			}
 		},
 	})
 }
@@ -110,6 +173,83 @@ which other users could read in the process list.
 func commandError(c *cobra.Command, err error) error {
 	fmt.Fprintf(c.ErrOrStderr(), "%s: %v\n", c.CommandPath(), err)
 	return err
+}
+
+// usageError prints a usage mistake as one line on stderr, with where to
+// read the usage; Caddy then exits 1.
+func usageError(c *cobra.Command, err error) error {
+	return commandError(c, fmt.Errorf("%w (see \"%s --help\")", err, c.CommandPath()))
+}
+
+// noArgs refuses arguments: the commands that take flags only.
+func noArgs(c *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usageError(c, fmt.Errorf("unexpected argument %q: %s takes flags only", args[0], c.Name()))
+	}
+	return nil
+}
+
+// subcommandMissing is the RunE of a command that only has subcommands
+// (named in names): it runs when none of them was given, or an unknown one.
+func subcommandMissing(names string) func(*cobra.Command, []string) error {
+	return func(c *cobra.Command, args []string) error {
+		switch {
+		case len(args) == 0:
+			return usageError(c, fmt.Errorf("which subcommand? %s", names))
+		case args[0] == "help":
+			return c.Help()
+		}
+		msg := fmt.Sprintf("unknown subcommand %q: use %s", args[0], names)
+		if s := c.SuggestionsFor(args[0]); len(s) > 0 {
+			msg = fmt.Sprintf("unknown subcommand %q: did you mean %s?", args[0], s[0])
+		}
+		return usageError(c, errors.New(msg))
+	}
+}
+
+// salvageSummary says, in a few lines, what a salvage did.
+func salvageSummary(r salvageReport) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "salvaged %s and %s into %s\n", plural(r.entries, "delivery", "deliveries"),
+		plural(r.reservations, "replay reservation", "replay reservations"), r.path)
+	if r.healthy {
+		b.WriteString("the old file was not damaged: the new one holds all it held\n")
+	}
+	if r.lost > 0 {
+		fmt.Fprintf(&b, "%s could not be read\n", plural(r.lost, "delivery", "deliveries"))
+	}
+	if len(r.unreadable) > 0 {
+		var parts []string
+		for _, name := range spoolBuckets {
+			if n := r.unreadable[string(name)]; n > 0 {
+				parts = append(parts, fmt.Sprintf("%s %d", name, n))
+			}
+		}
+		fmt.Fprintf(&b, "damaged regions, each a page (with all it held) or one entry: %s\n", strings.Join(parts, ", "))
+	}
+	if r.orphans > 0 {
+		fmt.Fprintf(&b, "%s cut off by a damaged page above them were found and read\n", plural(r.orphans, "page", "pages"))
+	}
+	if r.freelistLost && len(r.unreadable) > 0 {
+		b.WriteString("the freelist is damaged too: pages cut off by a damaged page cannot be told from free ones, and were left\n")
+	}
+	if r.expired > 0 {
+		fmt.Fprintf(&b, "%s had expired, and were left out\n", plural(r.expired, "replay reservation", "replay reservations"))
+	}
+	old := "damaged"
+	if r.healthy {
+		old = "old"
+	}
+	fmt.Fprintf(&b, "the %s file is kept as %s\n", old, r.keptAs)
+	return b.String()
+}
+
+// plural writes n things, with thousands separators.
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return humanize.Comma(int64(n)) + " " + many
 }
 
 // mintOptions says what delivery to mint.

@@ -3,11 +3,15 @@ package trivialsecwebhook
 import (
 	"bytes"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/google/uuid"
+	"github.com/spf13/cobra"
 )
 
 func testMintOptions(style string) mintOptions {
@@ -99,5 +103,143 @@ func TestPythonISOFormat(t *testing.T) {
 		if got := pythonISOFormat(in); got != want {
 			t.Errorf("%v: %s, want %s", in, got, want)
 		}
+	}
+}
+
+// runCommand runs `caddy <args...>` in-process: the registered
+// trivialsec-webhook command under a root made as Caddy makes its own
+// (caddycmd: SilenceUsage, and cobra printing a returned error as
+// "Error: ..." unless the command silences it). It returns what went to
+// stdout and stderr, and the error Caddy's Main exits 1 on.
+func runCommand(t *testing.T, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	registered, ok := caddycmd.Commands()["trivialsec-webhook"]
+	if !ok {
+		t.Fatal("trivialsec-webhook is not registered")
+	}
+	root := &cobra.Command{Use: "caddy", SilenceUsage: true}
+	cmd := &cobra.Command{Use: registered.Name + " " + registered.Usage, Short: registered.Short, Long: registered.Long}
+	registered.CobraFunc(cmd)
+	root.AddCommand(cmd)
+	var out, errOut bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	root.SetArgs(args)
+	err = root.Execute()
+	return out.String(), errOut.String(), err
+}
+
+// TestCommandUsageMistakes: each usage mistake is one line on stderr that
+// names it and where the usage is, and an error (exit status 1); nothing
+// on stdout, no help.
+func TestCommandUsageMistakes(t *testing.T) {
+	t.Setenv(secretEnv, testSecret)
+	for _, tc := range []struct {
+		args []string
+		want string // the line on stderr
+	}{
+		{[]string{"trivialsec-webhook", "sign", "--account", "acme", "--bogus"},
+			`caddy trivialsec-webhook sign: unknown flag: --bogus (see "caddy trivialsec-webhook sign --help")`},
+		{[]string{"trivialsec-webhook", "send", "-x", "--account", "acme"},
+			`caddy trivialsec-webhook send: unknown shorthand flag: 'x' in -x (see "caddy trivialsec-webhook send --help")`},
+		{[]string{"trivialsec-webhook", "sign", "--account", "acme", "stray"},
+			`caddy trivialsec-webhook sign: unexpected argument "stray": sign takes flags only (see "caddy trivialsec-webhook sign --help")`},
+		{[]string{"trivialsec-webhook", "sign", "--account", "acme", "--lifetime", "soon"},
+			`caddy trivialsec-webhook sign: invalid argument "soon" for "--lifetime" flag: time: invalid duration "soon" (see "caddy trivialsec-webhook sign --help")`},
+		{[]string{"trivialsec-webhook", "sign", "--account"},
+			`caddy trivialsec-webhook sign: flag needs an argument: --account (see "caddy trivialsec-webhook sign --help")`},
+		{[]string{"trivialsec-webhook", "bogus"},
+			`caddy trivialsec-webhook: unknown subcommand "bogus": use sign, send or spool salvage (see "caddy trivialsec-webhook --help")`},
+		{[]string{"trivialsec-webhook", "sing", "--account", "acme"},
+			`caddy trivialsec-webhook: unknown flag: --account (see "caddy trivialsec-webhook --help")`},
+		{[]string{"trivialsec-webhook", "sing"},
+			`caddy trivialsec-webhook: unknown subcommand "sing": did you mean sign? (see "caddy trivialsec-webhook --help")`},
+		{[]string{"trivialsec-webhook"},
+			`caddy trivialsec-webhook: which subcommand? sign, send or spool salvage (see "caddy trivialsec-webhook --help")`},
+		{[]string{"trivialsec-webhook", "--bogus"},
+			`caddy trivialsec-webhook: unknown flag: --bogus (see "caddy trivialsec-webhook --help")`},
+		{[]string{"trivialsec-webhook", "spool"},
+			`caddy trivialsec-webhook spool: which subcommand? salvage (see "caddy trivialsec-webhook spool --help")`},
+		{[]string{"trivialsec-webhook", "spool", "salvag"},
+			`caddy trivialsec-webhook spool: unknown subcommand "salvag": did you mean salvage? (see "caddy trivialsec-webhook spool --help")`},
+		{[]string{"trivialsec-webhook", "spool", "salvage"},
+			`caddy trivialsec-webhook spool salvage: which spool directory? give the one that holds spool.db (see "caddy trivialsec-webhook spool salvage --help")`},
+		{[]string{"trivialsec-webhook", "spool", "salvage", "a", "b"},
+			`caddy trivialsec-webhook spool salvage: one spool directory, not 2: ["a" "b"] (see "caddy trivialsec-webhook spool salvage --help")`},
+		{[]string{"trivialsec-webhook", "spool", "salvage", "--force", "a"},
+			`caddy trivialsec-webhook spool salvage: unknown flag: --force (see "caddy trivialsec-webhook spool salvage --help")`},
+		// Not usage, but bad input: one line too, without the pointer to
+		// the help.
+		{[]string{"trivialsec-webhook", "sign"},
+			`caddy trivialsec-webhook sign: --account is required: the Trivial Security account name`},
+		{[]string{"trivialsec-webhook", "sign", "--account", "acme", "--lifetime", "-1h"},
+			`caddy trivialsec-webhook sign: --lifetime -1h0m0s must be positive`},
+	} {
+		t.Run(strings.Join(tc.args[1:], "_"), func(t *testing.T) {
+			stdout, stderr, err := runCommand(t, tc.args...)
+			if err == nil {
+				t.Error("no error: exit status 0")
+			}
+			if stderr != tc.want+"\n" || stdout != "" {
+				t.Errorf("stderr %q\nwant   %q\nstdout %q", stderr, tc.want+"\n", stdout)
+			}
+		})
+	}
+}
+
+// TestCommandHelpAndSign: help is asked for, and given, exit status 0;
+// sign still prints a delivery.
+func TestCommandHelpAndSign(t *testing.T) {
+	t.Setenv(secretEnv, testSecret)
+	for _, args := range [][]string{
+		{"trivialsec-webhook", "--help"},
+		{"trivialsec-webhook", "help"},
+		{"trivialsec-webhook", "spool", "--help"},
+		{"trivialsec-webhook", "spool", "salvage", "-h"},
+		{"help", "trivialsec-webhook"},
+	} {
+		stdout, stderr, err := runCommand(t, args...)
+		if err != nil || stderr != "" || !strings.Contains(stdout, "Usage:") || !strings.Contains(stdout, "salvage") {
+			t.Errorf("%v: %v, stderr %q, stdout %q", args, err, stderr, stdout)
+		}
+	}
+	stdout, stderr, err := runCommand(t, "trivialsec-webhook", "sign", "--account", "acme", "--event-id", testEventID)
+	if err != nil || stderr != "" || !strings.HasPrefix(stdout, "Authorization: ") || !strings.Contains(stdout, `{"event_id": "`+testEventID+`"`) {
+		t.Errorf("sign: %v, stderr %q, stdout %q", err, stderr, stdout)
+	}
+}
+
+// TestCommandSpoolSalvage: the command salvages a damaged store and says
+// what it copied and lost; one it cannot salvage is one line on stderr,
+// and exit status 1.
+func TestCommandSpoolSalvage(t *testing.T) {
+	dir := t.TempDir()
+	want := writeTestSpoolDB(t, dir, 120, 9)
+	scribbleLeaves(t, filepath.Join(dir, "spool.db"))
+	stdout, stderr, err := runCommand(t, "trivialsec-webhook", "spool", "salvage", dir)
+	if err != nil || stderr != "" {
+		t.Fatalf("%v, stderr %q", err, stderr)
+	}
+	t.Logf("stdout:\n%s", stdout)
+	entries, reservations := salvaged(t, filepath.Join(dir, "spool.db"))
+	lost := len(want.entries) - len(entries)
+	kept, _ := filepath.Glob(filepath.Join(dir, "spool.db.damaged-*"))
+	if lost == 0 || len(kept) != 1 ||
+		!strings.HasPrefix(stdout, "salvaged "+plural(len(entries), "delivery", "deliveries")+" and "+
+			plural(len(reservations), "replay reservation", "replay reservations")+" into "+filepath.Join(dir, "spool.db")+"\n") ||
+		!strings.Contains(stdout, "\n"+plural(lost, "delivery", "deliveries")+" could not be read\n") ||
+		!strings.Contains(stdout, "\ndamaged regions, each a page (with all it held) or one entry: ") ||
+		!strings.HasSuffix(stdout, "\nthe damaged file is kept as "+kept[0]+"\n") {
+		t.Errorf("%d lost, kept %v; stdout:\n%s", lost, kept, stdout)
+	}
+
+	hopeless := t.TempDir()
+	if err := os.WriteFile(filepath.Join(hopeless, "spool.db"), make([]byte, 64<<10), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stdout, stderr, err = runCommand(t, "trivialsec-webhook", "spool", "salvage", hopeless)
+	if err == nil || stdout != "" || strings.Count(stderr, "\n") != 1 ||
+		!strings.HasPrefix(stderr, "caddy trivialsec-webhook spool salvage: "+filepath.Join(hopeless, "spool.db")+" cannot be salvaged: ") {
+		t.Errorf("%v, stdout %q, stderr %q", err, stdout, stderr)
 	}
 }

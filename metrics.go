@@ -60,26 +60,35 @@ type spoolGauges struct{}
 
 var (
 	spoolEntriesDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_entries",
-		"Deliveries held in the spool, by state (pending, dead).", []string{"state"}, nil)
+		"Deliveries held in the spool, by state (pending, parked: no handler serves their account, dead).", []string{"state"}, nil)
 	spoolBytesDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_bytes",
 		"Bytes held in the spool: requests and bodies.", nil, nil)
+	spoolUpDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_up",
+		"1 when every spool store of the process takes deliveries; 0 when one cannot be opened or does not answer, and its routes run without the spool.", nil, nil)
 )
 
 func (spoolGauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- spoolEntriesDesc
 	ch <- spoolBytesDesc
+	ch <- spoolUpDesc
 }
 
 func (spoolGauges) Collect(ch chan<- prometheus.Metric) {
 	var sum spoolStats
+	up := 1.0
 	eachSpool(func(s spoolStore) bool {
 		st := s.stats()
-		sum.pending, sum.dead, sum.bytes = sum.pending+st.pending, sum.dead+st.dead, sum.bytes+st.bytes
+		sum.pending, sum.parked, sum.dead, sum.bytes = sum.pending+st.pending, sum.parked+st.parked, sum.dead+st.dead, sum.bytes+st.bytes
+		if st.down {
+			up = 0
+		}
 		return true
 	})
 	ch <- prometheus.MustNewConstMetric(spoolEntriesDesc, prometheus.GaugeValue, float64(sum.pending), statePending)
+	ch <- prometheus.MustNewConstMetric(spoolEntriesDesc, prometheus.GaugeValue, float64(sum.parked), stateParked)
 	ch <- prometheus.MustNewConstMetric(spoolEntriesDesc, prometheus.GaugeValue, float64(sum.dead), stateDead)
 	ch <- prometheus.MustNewConstMetric(spoolBytesDesc, prometheus.GaugeValue, float64(sum.bytes))
+	ch <- prometheus.MustNewConstMetric(spoolUpDesc, prometheus.GaugeValue, up)
 }
 
 // registerMetrics adds the collectors to a config's registry. The same

@@ -544,7 +544,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 
 	switch {
-	case h.spool == nil:
+	case h.spool == nil || !h.spool.up():
+		// No spool, or its store cannot be used now (the log said so):
+		// the sender gets what the next handler answers.
 		return h.serveReleasing(w, r, next, ev.ID, reserved)
 	case h.Spool.Mode == "always":
 		return h.serveSpoolFirst(w, r, next, a, body, reserved)
@@ -554,8 +556,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 }
 
 // serveReleasing hands the delivery to next, and releases its reservation
-// if next fails (returns an error, panics, or answers 5xx), so that a
-// genuine delivery whose upstream was down could come again.
+// if next fails (returns an error, answers 5xx, or panics before a 2xx
+// began), so that a genuine delivery whose upstream was down could come
+// again.
 func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, id uuid.UUID, reserved reservation) error {
 	if h.store == nil {
 		return next.ServeHTTP(w, r)
@@ -567,10 +570,25 @@ func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next ca
 			h.release(r.Context(), id, reserved, rec.Status())
 		}
 	}()
+	defer func() {
+		if p := recover(); p != nil {
+			// reverse_proxy panics when the upstream breaks off an answer
+			// it began: an answer begun reached the service.
+			succeeded = keeps(finalStatus(rec))
+			panic(p)
+		}
+	}()
 	err := next.ServeHTTP(rec, r)
-	succeeded = err == nil && rec.Status() < 500
+	succeeded = keeps(finalStatus(rec))
 	return err
 }
+
+// keeps reports whether a delivery keeps its reservation once the next
+// handler wrote status (0: none): it does once an answer other than a
+// retryable failure went out, even if an error or a panic followed: the
+// delivery reached the service, which took it or refused it. Without an
+// answer (an error, a panic, nothing at all), it is released.
+func keeps(status int) bool { return status != 0 && !retryable(status) }
 
 // release gives a reservation back, in the store and its journal.
 func (h *Handler) release(ctx context.Context, id uuid.UUID, reserved reservation, status int) {

@@ -94,7 +94,7 @@ func init() {
 type spoolMeta struct {
 	EventID     uuid.UUID `json:"event_id"`
 	EventName   string    `json:"event_name"`
-	State       string    `json:"state"` // "pending" or "dead"
+	State       string    `json:"state"` // "pending" or "dead"; "parked" in the index only
 	Attempts    int       `json:"attempts"`
 	SpooledAt   time.Time `json:"spooled_at"`
 	NextAttempt time.Time `json:"next_attempt"`
@@ -106,16 +106,20 @@ type spoolMeta struct {
 	IssuedAt  time.Time `json:"issued_at"`
 	ExpiresAt time.Time `json:"expires_at"`
 	Endpoint  *string   `json:"endpoint,omitempty"` // the cep claim; nil when absent
+	Server    string    `json:"server,omitempty"`   // serverKey of the server it arrived on
 
 	gen  int    // bumped at each change of schedule: stale heap items are skipped
 	turn string // Redis: the stream message by which this instance holds it
 	rev  int64  // Redis: the entry's revision that message is for
 }
 
-// The states of an entry.
+// The states of an entry. A parked entry is a pending one that no handler
+// of the running config can take (its account is served nowhere): it is
+// stored as pending, and parked in the index only.
 const (
 	statePending = "pending"
 	stateDead    = "dead"
+	stateParked  = "parked"
 )
 
 // spoolRequest is the request a re-drive sends again: the original method
@@ -162,10 +166,18 @@ func (e *spoolEntry) size() (int64, []byte, []byte, error) {
 // re-drives with its scheduler.
 type spoolStore interface {
 	caddy.Destructor
-	// open starts the store's loops, when a config using it starts.
-	open() error
+	// start opens the store and starts its loops, when a config using it
+	// starts. A store that cannot open is not up, and tries again: only
+	// what no retry can mend is an error.
+	start() error
 	// add spools an entry durably, or says why it could not.
 	add(e *spoolEntry) error
+	// up reports whether deliveries should go through the store: not a
+	// file store that could not be opened (it tries again in the
+	// background).
+	up() bool
+	// logFields name the store in log lines.
+	logFields() []zap.Field
 	// list, retryNow and remove are the admin API's, on the whole store.
 	list() ([]spoolMeta, error)
 	retryNow(id uuid.UUID) (bool, error)
@@ -177,16 +189,21 @@ type spoolStore interface {
 	unregister(d *driver)
 }
 
-// spoolStats is what a store holds.
+// spoolStats is what a store holds, and whether it is down: a file store
+// that cannot be opened, a Redis that did not answer the last call.
 type spoolStats struct {
-	pending, dead, bytes int64
+	pending, parked, dead, bytes int64
+	down                         bool
 }
 
 // add counts n entries (n may be negative) of a state and size.
 func (st *spoolStats) add(state string, size, n int64) {
-	if state == stateDead {
+	switch state {
+	case stateDead:
 		st.dead += n
-	} else {
+	case stateParked:
+		st.parked += n
+	default:
 		st.pending += n
 	}
 	st.bytes += n * size
@@ -213,10 +230,12 @@ func eachSpool(fn func(spoolStore) bool) {
 
 // spoolApp opens the spool stores of a config when the config starts. The
 // handlers make their stores at provision, but do not open them there:
-// `caddy validate` provisions a config without starting it, and must not
-// wait for, and fail on, the lock of the store a running Caddy holds. A
-// store that cannot be opened stops the config from starting, with the
-// reason. Nothing in it is configured: the handlers load it.
+// `caddy validate` provisions a config without starting it, and must touch
+// no file, nor wait for, and fail on, the lock of the store a running Caddy
+// holds. A store that cannot open does not stop the config (that would
+// take every site down for a full disk): it degrades the webhook routes
+// that use it, says so, and opens when it can. Nothing in the app is
+// configured: the handlers load it.
 type spoolApp struct {
 	stores []spoolStore
 }
@@ -238,7 +257,7 @@ func (a *spoolApp) use(s spoolStore) {
 // Start opens the stores.
 func (a *spoolApp) Start() error {
 	for _, s := range a.stores {
-		if err := s.open(); err != nil {
+		if err := s.start(); err != nil {
 			return err
 		}
 	}
@@ -415,21 +434,64 @@ func spoolDir(dir string) (string, error) {
 const redriveWorkers = 16
 
 // serveRedriven passes a re-driven delivery on to next, with its event's
-// placeholders set, and reports what next returned.
+// placeholders set, and records on the mark that it reached this handler,
+// and what next wrote and returned: the re-drive is judged by that.
 func (h *Handler) serveRedriven(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, rd *redrive) error {
 	r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer).Map(rd.ev.placeholder)
 	if c := h.logger.Check(zapcore.DebugLevel, "re-driving a spooled delivery"); c != nil {
 		c.Write(zap.String("event_id", rd.ev.ID.String()), zap.String("event_name", rd.ev.Name))
 	}
-	rd.err = next.ServeHTTP(w, r)
+	rd.reached = true
+	rd.err = next.ServeHTTP(redriveRecorder{ResponseWriter: w, rd: rd}, r)
 	return rd.err
 }
 
+// outcome is what an attempt at the handlers after this one came to.
+type outcome uint8
+
+const (
+	taken   outcome = iota // a final status below 400
+	failed                 // an error, a retryable status, no answer: again later
+	refused                // another 4xx: the service refuses the delivery
+)
+
+// errNoAnswer is the failure of an attempt that the handlers after this
+// one neither answered nor failed: the delivery reached no service (a
+// matcher after the module that no longer matches, say), whatever the
+// server then answers.
+var errNoAnswer = errors.New("no handler after the trivialsec_webhook handler answered: the delivery reached no service")
+
+// judge says what an attempt came to from what the handlers after this one
+// wrote (the first final status, 0 for none) and returned: the status it
+// counts as, and the error it failed with. The first attempt and every
+// re-drive are judged by it; a final status written decides before an
+// error returned after it.
+func judge(status int, err error) (outcome, int, error) {
+	switch {
+	case status == 0 && err == nil:
+		return failed, 0, errNoAnswer
+	case status == 0:
+		status = http.StatusInternalServerError
+		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
+			status = he.StatusCode
+		}
+	}
+	switch {
+	case status < 400:
+		return taken, status, err
+	case retryable(status):
+		return failed, status, err
+	}
+	return refused, status, err
+}
+
 // serveFallback hands the delivery to next, as serveReleasing does, but a
-// failure (an error, a retryable status, or no answer within the attempt
-// timeout) is held back from the sender: the delivery is spooled, and the
-// sender gets 202. The sender hanging up does not end the attempt.
-func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, body []byte, reserved reservation) error {
+// failure (an error, a retryable status, a panic before any answer, or no
+// answer within the attempt timeout) is held back from the sender: the
+// delivery is spooled, and the sender gets 202. The sender hanging up does
+// not end the attempt. An informational answer (1xx) goes to the sender and
+// decides nothing: the final status does.
+func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, body []byte, reserved reservation) (err error) {
 	mark := markHeader(w.Header()) // what a 202 goes out with
 	buf := failureBuffers.Get().(*bytes.Buffer)
 	buf.Reset()
@@ -438,53 +500,83 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 			failureBuffers.Put(buf)
 		}
 	}()
-	rec := caddyhttp.NewResponseRecorder(w, buf, func(status int, _ http.Header) bool { return retryable(status) })
+	rec := caddyhttp.NewResponseRecorder(w, buf, func(status int, _ http.Header) bool { return status < 200 || retryable(status) })
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), h.policy.attemptTimeout)
 	defer cancel()
 	done := false
 	defer func() {
-		if !done { // next panicked
-			h.release(r.Context(), a.ev.ID, reserved, http.StatusInternalServerError)
+		if done {
+			return
 		}
+		p := recover()
+		if p == nil { // runtime.Goexit: no answer to give
+			h.release(r.Context(), a.ev.ID, reserved, http.StatusInternalServerError)
+			return
+		}
+		if finalStatus(rec) != 0 && !rec.Buffered() {
+			// An answer had begun (reverse_proxy panics when the upstream
+			// breaks off a 2xx it began): the delivery reached the service,
+			// and keeps its reservation; the connection is aborted.
+			panic(p)
+		}
+		err = h.spoolFailure(w, r, a, body, reserved, rec, &mark, http.StatusInternalServerError,
+			fmt.Errorf("the next handler panicked: %v", p))
 	}()
-	err := next.ServeHTTP(rec, r.WithContext(ctx))
+	err = next.ServeHTTP(rec, r.WithContext(ctx))
 	done = true
 
-	status := rec.Status()
-	switch {
-	case !rec.Buffered():
+	status := finalStatus(rec)
+	if status != 0 && !rec.Buffered() {
 		return err // an answer that is no failure went out, or began to
-	case status == 0 && err == nil:
-		return nil // nothing written: net/http answers 200
-	case status == 0:
-		status = http.StatusInternalServerError
-		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
-			status = he.StatusCode
-		}
-		if !retryable(status) {
-			h.release(r.Context(), a.ev.ID, reserved, status)
-			return err // the next handler refused it: as without the spool
-		}
 	}
+	o, status, failure := judge(status, err)
+	switch o {
+	case taken:
+		return err
+	case refused:
+		h.release(r.Context(), a.ev.ID, reserved, status)
+		return err // the next handler refused it: as without the spool
+	}
+	return h.spoolFailure(w, r, a, body, reserved, rec, &mark, status, failure)
+}
+
+// finalStatus is the final status rec holds: 0 when nothing, or only an
+// informational answer, was written.
+func finalStatus(rec caddyhttp.ResponseRecorder) int {
+	if status := rec.Status(); status >= 200 {
+		return status
+	}
+	return 0
+}
+
+// spoolFailure spools a delivery the next handler failed (status, err) and
+// answers 202 with the headers of before the attempt; or, if it cannot be
+// spooled, gives the sender the failure, and releases the event ID.
+func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accepted, body []byte, reserved reservation,
+	rec caddyhttp.ResponseRecorder, mark *headerMark, status int, err error) error {
 	failure := describeFailure(status, err)
 	now := time.Now()
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, now), request: spoolRequestOf(r), body: body}
+	e.meta.Server = serverKey(h.driver.server)
 	e.meta.Attempts, e.meta.LastError = 1, failure
 	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1)
 	if serr := h.spool.add(e); serr != nil {
 		if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed, and the delivery could not be spooled: the sender gets the failure"); c != nil {
-			c.Write(zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
-				zap.String("failure", failure), zap.Error(serr))
+			c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
+				zap.String("failure", failure), zap.Error(serr))...)
 		}
 		h.release(r.Context(), a.ev.ID, reserved, status)
-		if rec.Status() != 0 {
+		if finalStatus(rec) != 0 {
 			return rec.WriteResponse()
+		}
+		if status == 0 { // no answer at all: the sender gets 502
+			return caddyhttp.Error(http.StatusBadGateway, err)
 		}
 		return err
 	}
 	if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed: spooled the delivery, answered 202; the spool delivers it again"); c != nil {
-		c.Write(zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
-			zap.String("failure", failure), zap.Time("next_attempt", e.meta.NextAttempt))
+		c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
+			zap.String("failure", failure), zap.Time("next_attempt", e.meta.NextAttempt))...)
 	}
 	// The 202 goes out with the headers from before the attempt, none of
 	// the failed answer's.
@@ -493,14 +585,14 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 	return nil
 }
 
-// headerMark is what a response's headers were, so that the headers a
-// failed answer added can be taken off again: the names, and how many
-// values each had. It allocates nothing for up to 8 names.
+// headerMark is what a response's headers were, so that they can be put
+// back after a failed answer changed them: the names, and the values each
+// had. It allocates nothing for up to 8 names.
 type headerMark struct {
-	names [8]string
-	lens  [8]int
-	n     int
-	more  http.Header // a copy, past 8 names
+	names  [8]string
+	values [8][]string // each as it was, cut to its length then
+	n      int
+	more   http.Header // a copy, past 8 names
 }
 
 func markHeader(h http.Header) (m headerMark) {
@@ -509,29 +601,23 @@ func markHeader(h http.Header) (m headerMark) {
 		return m
 	}
 	for name, values := range h {
-		m.names[m.n], m.lens[m.n] = name, len(values)
+		m.names[m.n], m.values[m.n] = name, values[:len(values):len(values)]
 		m.n++
 	}
 	return m
 }
 
-// restore takes off the names h did not have, and the values added to
-// the ones it had.
+// restore puts h back as it was: the names it did not have are taken off,
+// and the ones it had get their values back (reverse_proxy clears every
+// header after an informational answer).
 func (m *headerMark) restore(h http.Header) {
+	clear(h)
 	if m.more != nil {
-		clear(h)
 		maps.Copy(h, m.more)
 		return
 	}
-next:
-	for name, values := range h {
-		for i := range m.n {
-			if m.names[i] == name {
-				h[name] = values[:min(m.lens[i], len(values))]
-				continue next
-			}
-		}
-		delete(h, name)
+	for i := range m.n {
+		h[m.names[i]] = m.values[i]
 	}
 }
 
@@ -544,14 +630,15 @@ var failureBuffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 // as it would without the spool.
 func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, body []byte, reserved reservation) error {
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, time.Now()), request: spoolRequestOf(r), body: body}
+	e.meta.Server = serverKey(h.driver.server)
 	if err := h.spool.add(e); err != nil {
 		if c := h.logger.Check(zapcore.WarnLevel, "the delivery could not be spooled: it goes to the next handler at once"); c != nil {
-			c.Write(zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(err))
+			c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(err))...)
 		}
 		return h.serveReleasing(w, r, next, a.ev.ID, reserved)
 	}
 	if c := h.logger.Check(zapcore.DebugLevel, "spooled the delivery, answered 202"); c != nil {
-		c.Write(zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name))
+		c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name))...)
 	}
 	w.WriteHeader(http.StatusAccepted)
 	return nil

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -15,7 +16,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/google/uuid"
 	bolt "go.etcd.io/bbolt"
-	bolterrors "go.etcd.io/bbolt/errors"
 	"go.uber.org/zap"
 )
 
@@ -37,17 +37,22 @@ var (
 // lock on it before it gives up.
 const spoolLockTimeout = 2 * time.Second
 
-// fileSpool is the file store. It is made at provision and opened when a
-// config using it starts (spoolApp), or by the first write before that:
-// `caddy validate` provisions a config without starting it, and must not
-// take the lock of the store a running Caddy holds.
+// fileSpool is the file store. It is made at provision, without touching
+// the disk (`caddy validate` provisions a config, and must neither create
+// the directory nor take the lock of the store a running Caddy holds), and
+// opened when a config using it starts (spoolApp), or by the first delivery
+// before that. A store that cannot be opened is not up: deliveries go to the
+// next handler without it, and it is tried again in the background.
 type fileSpool struct {
 	dir string
 
 	openMu   sync.Mutex
-	db       *bolt.DB // nil until open
-	opened   atomic.Bool
-	openErr  error                   // what the last open said, when it failed
+	db       *bolt.DB                // nil until open
+	tried    atomic.Bool             // open was called
+	opened   atomic.Bool             // db is open
+	openErr  string                  // what the last failed open said, as logged
+	damaged  os.FileInfo             // spool.db as it was when found damaged: not read again while it is the same
+	damage   error                   // what was found
 	journals map[string]*memoryStore // account -> the memory replay store to preload
 
 	queueMu   sync.Mutex
@@ -61,11 +66,11 @@ type fileSpool struct {
 }
 
 // loadFileSpool takes the store in dir over from an earlier config, or
-// opens it, and returns it with its key in spools.
+// makes it, and returns it with its key in spools.
 func loadFileSpool(dir string, policy spoolPolicy) (*fileSpool, string, error) {
-	abs, err := spoolDir(dir)
+	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return nil, "", err
+		return nil, "", fmt.Errorf("spool directory %s: %v", dir, err)
 	}
 	key := "file:" + abs
 	v, _, err := spools.LoadOrNew(key, func() (caddy.Destructor, error) {
@@ -91,40 +96,127 @@ func newFileSpool(dir string, policy spoolPolicy) *fileSpool {
 	return s
 }
 
-// ready opens the store if nobody tried yet, and says whether it is open;
-// after a failed open it answers at once, with that failure.
+// ready opens the store if nobody tried yet, and says whether it is open.
+// Once open was tried, it answers at once.
 func (s *fileSpool) ready() error {
 	if s.opened.Load() {
 		return nil
 	}
-	s.openMu.Lock()
-	err := s.openErr
-	s.openMu.Unlock()
-	if err != nil {
-		return err
+	if !s.tried.Load() {
+		return s.open()
 	}
-	return s.open()
+	return errSpoolClosed
 }
 
-// open opens (or creates) spool.db, loads the index of its entries and the
-// replay reservations, and starts the commit and re-drive loops. A failed
-// open can be tried again (the next config start).
+// start opens the store when a config using it starts; one that cannot
+// open degrades, and tries again.
+func (s *fileSpool) start() error {
+	_ = s.open()
+	return nil
+}
+
+// spoolReopenInterval is how often a store that could not be opened is
+// tried again.
+var spoolReopenInterval = 10 * time.Second
+
+// open opens the store, the first time it is called. When it cannot (the
+// directory cannot be made, the disk is full, the file is damaged or locked
+// by another process), it says so at ERROR, and tries again every
+// spoolReopenInterval in the background until it opens or the store is
+// destroyed.
 func (s *fileSpool) open() error {
 	s.openMu.Lock()
 	defer s.openMu.Unlock()
-	if s.db != nil {
-		return nil
+	if s.tried.Load() {
+		if s.db != nil {
+			return nil
+		}
+		return errSpoolClosed
+	}
+	if s.stopped.Err() != nil {
+		return errSpoolClosed
+	}
+	err := s.tryOpen()
+	s.tried.Store(true)
+	if err != nil {
+		s.workers.Add(1)
+		go s.reopenLoop()
+	}
+	return err
+}
+
+// reopenLoop tries to open the store every spoolReopenInterval, until it
+// opens or the store is destroyed.
+func (s *fileSpool) reopenLoop() {
+	defer s.workers.Done()
+	for s.pause(spoolReopenInterval) {
+		s.openMu.Lock()
+		var err error = errSpoolClosed
+		if s.stopped.Err() == nil {
+			err = s.tryOpen()
+		}
+		s.openMu.Unlock()
+		if err == nil {
+			return
+		}
+	}
+}
+
+// tryOpen opens (or creates) spool.db, loads the index of its entries and
+// the replay reservations, and starts the commit and re-drive loops; or
+// logs why it could not, at ERROR, once for each new reason. Call with
+// s.openMu held.
+func (s *fileSpool) tryOpen() error {
+	err := s.openUnlessDamaged()
+	if err != nil {
+		if msg := err.Error(); msg != s.openErr {
+			s.openErr = msg
+			s.log().Error("spool: the store cannot be opened: deliveries go to the next handler without the spool, "+
+				"and a failure goes back to the sender, until it opens; it is tried again every "+spoolReopenInterval.String(),
+				zap.Error(err))
+		}
+		return err
+	}
+	if s.openErr != "" {
+		s.log().Info("spool: the store is open: deliveries are spooled again")
+		s.openErr = ""
+	}
+	return nil
+}
+
+// openUnlessDamaged opens the store, unless spool.db is the very file found
+// damaged before (same file, size and modification time): checking a
+// large file again every spoolReopenInterval would read it all each time.
+// Call with s.openMu held.
+func (s *fileSpool) openUnlessDamaged() error {
+	path := filepath.Join(s.dir, "spool.db")
+	if s.damaged != nil {
+		info, err := os.Stat(path)
+		if err == nil && os.SameFile(info, s.damaged) && info.Size() == s.damaged.Size() && info.ModTime().Equal(s.damaged.ModTime()) {
+			return s.damage
+		}
+		s.damaged = nil
+	}
+	err := s.openDB()
+	if errors.Is(err, errSpoolDamaged) {
+		if info, serr := os.Stat(path); serr == nil {
+			s.damaged, s.damage = info, err
+		}
+	}
+	return err
+}
+
+// openDB is tryOpen's work. Call with s.openMu held.
+func (s *fileSpool) openDB() error {
+	if _, err := spoolDir(s.dir); err != nil {
+		return err
 	}
 	path := filepath.Join(s.dir, "spool.db")
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: spoolLockTimeout})
-	switch {
-	case errors.Is(err, bolterrors.ErrTimeout):
-		s.openErr = fmt.Errorf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", path)
-		return s.openErr
-	case err != nil:
-		s.openErr = fmt.Errorf("spool store %s cannot be opened: %v", path, err)
-		return s.openErr
+	db, err := openSpoolDB(path)
+	if err != nil {
+		return err
 	}
+	skipped := 0
 	s.mu.Lock()
 	err = db.Update(func(tx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketMeta, bucketRequest, bucketBody, bucketReplay} {
@@ -132,10 +224,15 @@ func (s *fileSpool) open() error {
 				return err
 			}
 		}
-		return tx.Bucket(bucketMeta).ForEach(func(_, v []byte) error {
+		return tx.Bucket(bucketMeta).ForEach(func(k, v []byte) error {
 			m := new(spoolMeta)
-			if err := json.Unmarshal(v, m); err != nil {
-				return err
+			if err := json.Unmarshal(v, m); err != nil || len(k) != len(m.EventID) || uuid.UUID(k) != m.EventID {
+				// One bad record must not stop the others: it stays on
+				// disk, for salvage or an operator, and is said.
+				skipped++
+				s.log().Error("spool: an entry of the store cannot be read, and is skipped: it is not delivered",
+					zap.String("key", fmt.Sprintf("%x", k)), zap.Error(err))
+				return nil
 			}
 			s.schedule(*m) // a dead letter's heap item is skipped
 			s.bytes += m.Size
@@ -147,22 +244,21 @@ func (s *fileSpool) open() error {
 		s.bytes, s.due, s.tally = 0, nil, spoolStats{}
 		s.mu.Unlock()
 		_ = db.Close()
-		s.openErr = fmt.Errorf("spool store %s cannot be read: %v", path, err)
-		return s.openErr
+		return fmt.Errorf("spool store %s cannot be read: %v", path, err)
 	}
 	n := len(s.entries)
 	s.mu.Unlock()
-	s.db, s.openErr = db, nil
+	s.db = db
 	s.pruneReplay(time.Now())
 	for account, store := range s.journals {
 		if err := s.preload(account, store); err != nil {
-			return err
+			s.log().Error("spool: the replay reservations kept in the store cannot be read: a restart forgets them", zap.Error(err))
 		}
 	}
-	if n > 0 {
-		s.log().Info("spool opened with deliveries to re-drive", zap.Int("entries", n), zap.Int64("bytes", s.bytes))
+	if n > 0 || skipped > 0 {
+		s.log().Info("spool opened with deliveries to re-drive", zap.Int("entries", n), zap.Int64("bytes", s.bytes), zap.Int("unreadable", skipped))
 	}
-	go s.commitLoop()
+	go s.commitLoop() // it ends when Destruct closes the queue
 	s.workers.Add(2)
 	go s.redriveLoop()
 	go s.pruneLoop()
@@ -198,24 +294,33 @@ func (s *fileSpool) preload(account string, store *memoryStore) error {
 // log is the store's logger: Caddy's current one, as the store outlives the
 // config that opened it.
 func (s *fileSpool) log() *zap.Logger {
-	return caddy.Log().Named("http.handlers.trivialsec_webhook").With(zap.String("spool", s.dir))
+	return caddy.Log().Named("http.handlers.trivialsec_webhook").With(s.logFields()...)
 }
+
+func (s *fileSpool) logFields() []zap.Field { return []zap.Field{zap.String("spool", s.dir)} }
+
+// up reports whether the store is open; before a config using it started,
+// it opens it.
+func (s *fileSpool) up() bool { return s.ready() == nil }
 
 // Destruct stops the loops and closes the database, with the last config
 // using the store. Writes queued before it are committed first.
 func (s *fileSpool) Destruct() error {
 	s.openMu.Lock()
+	s.stop() // under openMu: an open under way finishes first, or none starts
+	s.openMu.Unlock()
+	s.workers.Wait()
+	s.openMu.Lock()
 	defer s.openMu.Unlock()
-	s.stop()
 	if s.db == nil {
 		return nil
 	}
-	s.workers.Wait()
 	s.queueMu.Lock()
 	s.closing = true
 	s.queueMu.Unlock()
 	poke(s.queued)
 	<-s.committed
+	s.opened.Store(false)
 	return s.db.Close()
 }
 
@@ -476,8 +581,12 @@ func (s *fileSpool) unindex(id uuid.UUID) bool {
 	return ok
 }
 
-// list returns the entries' metadata.
+// list returns the entries' metadata; an error while the store is not
+// open, whose entries are not known.
 func (s *fileSpool) list() ([]spoolMeta, error) {
+	if !s.opened.Load() {
+		return nil, fmt.Errorf("spool store %s is not open (the log says why): its entries are not known until it opens", s.dir)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]spoolMeta, 0, len(s.entries))
@@ -490,8 +599,10 @@ func (s *fileSpool) list() ([]spoolMeta, error) {
 // stats is what the store holds.
 func (s *fileSpool) stats() spoolStats {
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.tally
+	st := s.tally
+	s.mu.Unlock()
+	st.down = !s.opened.Load()
+	return st
 }
 
 // retryNow makes an entry, pending or dead, due at once. It reports

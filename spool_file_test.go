@@ -201,7 +201,9 @@ func TestFileSpoolPermissions(t *testing.T) {
 			t.Errorf("%s: %v %v, want %v", path, info.Mode(), err, want)
 		}
 	}
-	if err := newFileSpool(abs, testPolicy).open(); err == nil || err.Error() != fmt.Sprintf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", filepath.Join(abs, "spool.db")) {
+	second := newFileSpool(abs, testPolicy)
+	defer second.Destruct()
+	if err := second.open(); err == nil || err.Error() != fmt.Sprintf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", filepath.Join(abs, "spool.db")) {
 		t.Errorf("a second open: %v", err)
 	}
 }

@@ -98,8 +98,16 @@ func (s *redisSpool) streamKey(account string) string { return s.prefix + "strea
 
 // log is the store's logger: Caddy's current one.
 func (s *redisSpool) log() *zap.Logger {
-	return caddy.Log().Named("http.handlers.trivialsec_webhook").With(zap.String("spool", "redis"), zap.String("key_prefix", s.prefix))
+	return caddy.Log().Named("http.handlers.trivialsec_webhook").With(s.logFields()...)
 }
+
+func (s *redisSpool) logFields() []zap.Field {
+	return []zap.Field{zap.String("spool", "redis"), zap.String("key_prefix", s.prefix)}
+}
+
+// up is true: each write tells its caller whether Redis took it, and a
+// delivery Redis did not take gets the next handler's failure.
+func (s *redisSpool) up() bool { return true }
 
 // ctx bounds one Redis call, and ends when the store stops.
 func (s *redisSpool) ctx() (context.Context, context.CancelFunc) {
@@ -124,22 +132,10 @@ func (s *redisSpool) answering() {
 	}
 }
 
-// pause waits d, or until the store stops; it reports whether it may go on.
-func (s *redisSpool) pause(d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-s.stopped.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
-
-// open starts reading turns, renewing claims and taking over those of
+// start starts reading turns, renewing claims and taking over those of
 // instances that died. It needs no answer from Redis: the loops wait for
 // one.
-func (s *redisSpool) open() error {
+func (s *redisSpool) start() error {
 	s.openMu.Lock()
 	defer s.openMu.Unlock()
 	if s.opened {
@@ -512,7 +508,9 @@ func (s *redisSpool) stats() spoolStats {
 	defer cancel()
 	v, err := s.client.HMGet(ctx, s.prefix+"stats", statePending, stateDead, "bytes").Result()
 	if err != nil || len(v) != 3 {
-		return *s.last.Load()
+		st := *s.last.Load()
+		st.down = true
+		return st
 	}
 	n := func(i int) int64 { s, _ := v[i].(string); n, _ := strconv.ParseInt(s, 10, 64); return n }
 	st := &spoolStats{pending: n(0), dead: n(1), bytes: n(2)}
@@ -567,7 +565,7 @@ func (s *redisSpool) accounts() []string {
 	defer s.mu.Unlock()
 	var out []string
 	for account := range s.drivers {
-		if s.driverFor(account) != nil {
+		if s.serves(account) {
 			out = append(out, account)
 		}
 	}

@@ -2,6 +2,7 @@ package trivialsecwebhook
 
 import (
 	"bytes"
+	"cmp"
 	"container/heap"
 	"context"
 	"crypto/tls"
@@ -10,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,16 +28,23 @@ import (
 // (redriveKey is unexported, and a context value never comes from the
 // network); the handler of the same account passes a marked request on to
 // the handlers after it, with the event's placeholders set, without
-// checking it again.
+// checking it again, and records on the mark what those handlers did. The
+// re-drive is judged by that record alone, never by what the server as a
+// whole answered: a route that no longer reaches the handler, or an error
+// page that `handle_errors` answers 200, is not a delivery.
 
 // redriveKey is the context key of the mark.
 type redriveKey struct{}
 
-// redrive is the mark, and what the handler reports back.
+// redrive is the mark, and what the handler of its account records on it.
+// The handlers run in the goroutine of send, which reads it after them.
 type redrive struct {
 	account string
 	ev      event
-	err     error // what the next handler returned
+
+	reached bool  // the handler of the account passed it on
+	status  int   // the first final status the handlers after it wrote; 0: none
+	err     error // what they returned
 }
 
 // redriveOf returns the mark of a re-driven request, or nil.
@@ -61,6 +70,7 @@ type scheduler struct {
 	due      dueHeap
 	drivers  map[string][]*driver // account -> handlers able to re-drive, newest last
 	parked   map[string][]dueItem // account -> due entries waiting for a ready handler
+	orphans  map[string]bool      // accounts with no handler, whose waiting entries were logged
 	inflight map[uuid.UUID]bool
 	wake     chan struct{}
 
@@ -98,6 +108,7 @@ func newScheduler(store redriveStore, shared bool, policy spoolPolicy) *schedule
 		entries:  make(map[uuid.UUID]*spoolMeta),
 		drivers:  make(map[string][]*driver),
 		parked:   make(map[string][]dueItem),
+		orphans:  make(map[string]bool),
 		inflight: make(map[uuid.UUID]bool),
 		wake:     make(chan struct{}, 1),
 	}
@@ -154,6 +165,18 @@ func (s *scheduler) drop(id uuid.UUID, turn string) (spoolMeta, bool) {
 	return *m, true
 }
 
+// pause waits d, or until the store stops; it reports whether it may go on.
+func (s *scheduler) pause(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-s.stopped.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
 // signal wakes the re-drive loop. It never blocks.
 func (s *scheduler) signal() { poke(s.wake) }
 
@@ -176,6 +199,12 @@ type driver struct {
 	sched   *scheduler
 }
 
+// serverKey names the server a delivery arrived on, in its entry, so that
+// it is re-driven through the same server: its listen addresses, which no
+// two servers share, and which stay the same across reloads and restarts
+// when Caddy's generated names (srv0, srv1, ...) may not.
+func serverKey(s *caddyhttp.Server) string { return strings.Join(s.Listen, " ") }
+
 // Handle marks the driver ready: its config's apps have started. The
 // account's entries that waited for a handler are due again.
 func (d *driver) Handle(context.Context, caddy.Event) error {
@@ -183,9 +212,13 @@ func (d *driver) Handle(context.Context, caddy.Event) error {
 	s := d.sched
 	s.mu.Lock()
 	for _, it := range s.parked[d.account] {
+		if m, ok := s.entries[it.id]; ok && m.State == stateParked {
+			s.restate(m, statePending)
+		}
 		heap.Push(&s.due, it)
 	}
 	delete(s.parked, d.account)
+	delete(s.orphans, d.account)
 	s.mu.Unlock()
 	s.signal()
 	return nil
@@ -214,18 +247,47 @@ func (s *scheduler) unregister(d *driver) {
 	if len(s.drivers[account]) == 0 {
 		delete(s.drivers, account)
 	}
+	// Entries that waited for it (a config that never started: its
+	// "started" event never comes) are due again, to wait for another
+	// handler, or to be parked.
+	for _, it := range s.parked[account] {
+		heap.Push(&s.due, it)
+	}
+	delete(s.parked, account)
+	s.signal()
 }
 
-// driverFor returns the newest ready driver of an account, or nil. Call
-// with s.mu held.
-func (s *scheduler) driverFor(account string) *driver {
-	ds := s.drivers[account]
+// driverFor returns the driver to re-drive m through: the newest ready one
+// of its account on the server it arrived on, or, when no handler of the
+// account is on that server any more, the newest ready one on another.
+// nil: none is ready yet, or the account has no handler. Call with s.mu
+// held.
+func (s *scheduler) driverFor(m *spoolMeta) *driver {
+	ds := s.drivers[m.Account]
+	var other *driver
 	for i := len(ds) - 1; i >= 0; i-- {
-		if ds[i].ready.Load() {
-			return ds[i]
+		switch {
+		case m.Server != "" && serverKey(ds[i].server) == m.Server:
+			if ds[i].ready.Load() {
+				return ds[i]
+			}
+			return nil // its own server's handler is on its way: wait for it
+		case other == nil && ds[i].ready.Load():
+			other = ds[i]
 		}
 	}
-	return nil
+	return other
+}
+
+// serves reports whether a ready handler serves the account. Call with
+// s.mu held.
+func (s *scheduler) serves(account string) bool {
+	for _, d := range s.drivers[account] {
+		if d.ready.Load() {
+			return true
+		}
+	}
+	return false
 }
 
 // redriveLoop hands due entries to re-drive workers, at most redriveWorkers
@@ -248,15 +310,16 @@ func (s *scheduler) redriveLoop() {
 }
 
 // dispatch starts the entries due at now, and returns how long to wait for
-// the next one. A due entry whose account has no ready handler is parked
-// until one is ready.
+// the next one. A due entry with no ready handler to take it waits (it is
+// parked) until one is ready; when its account has no handler at all, it is
+// "parked" in the listing, and at its max_age it becomes a dead letter.
 func (s *scheduler) dispatch(now time.Time) time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for s.due.Len() > 0 {
 		it := s.due[0]
 		m, ok := s.entries[it.id]
-		if !ok || m.gen != it.gen || m.State != statePending || s.inflight[it.id] {
+		if !ok || m.gen != it.gen || (m.State != statePending && m.State != stateParked) || s.inflight[it.id] {
 			heap.Pop(&s.due)
 			continue
 		}
@@ -267,23 +330,52 @@ func (s *scheduler) dispatch(now time.Time) time.Duration {
 			return time.Hour // a worker that finishes wakes the loop
 		}
 		heap.Pop(&s.due)
-		d := s.driverFor(m.Account)
-		if d == nil {
-			s.parked[m.Account] = append(s.parked[m.Account], it)
+		d := s.driverFor(m)
+		if d == nil && (s.shared || len(s.drivers[m.Account]) > 0 || now.Before(m.SpooledAt.Add(s.policy.maxAge))) {
+			s.park(m, it)
 			continue
+		}
+		if m.State == stateParked {
+			s.restate(m, statePending)
 		}
 		s.inflight[it.id] = true
 		s.workers.Add(1)
-		go s.attempt(*m, d)
+		go s.attempt(*m, d) // with no driver: a dead letter
 	}
 	return time.Hour
+}
+
+// park makes a due entry wait for a ready handler of its account. When the
+// account has no handler at all, the entry is parked in the listing, is due
+// again at its max_age (when it becomes a dead letter), and the first one
+// says so at ERROR. Call with s.mu held.
+func (s *scheduler) park(m *spoolMeta, it dueItem) {
+	s.parked[m.Account] = append(s.parked[m.Account], it)
+	if len(s.drivers[m.Account]) > 0 || s.shared {
+		// Its handler is not ready yet: it will be. (An instance of a
+		// shared store hands an account it no longer serves back to the
+		// others: renew.)
+		return
+	}
+	if m.State != stateParked {
+		s.restate(m, stateParked)
+	}
+	heap.Push(&s.due, dueItem{at: m.SpooledAt.Add(s.policy.maxAge), id: m.EventID, gen: m.gen})
+	if !s.orphans[m.Account] && !caddy.Exiting() {
+		s.orphans[m.Account] = true
+		s.store.log().Error("spool: deliveries of an account that no trivialsec_webhook handler of the running config serves are waiting: "+
+			"serve the account again, or retry or delete them through the admin API; at max_age they become dead letters",
+			zap.String("account", m.Account), zap.Duration("max_age", s.policy.maxAge))
+	}
 }
 
 // storeDownWait is how long an entry waits when its store did not answer
 // before an attempt: not an attempt, no backoff.
 const storeDownWait = time.Second
 
-// attempt re-drives one entry and records what came of it.
+// attempt re-drives one entry through d and records what came of it. With
+// no d (its account has no handler, and its max_age passed) it makes the
+// entry a dead letter without an attempt.
 //
 // The entry stays in s.inflight until land has put its outcome in the
 // index, heap item and all: dispatch drops the heap items of entries in
@@ -293,7 +385,7 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	defer s.signal() // a worker is free
 	landed := false
 	defer func() {
-		if !landed { // Caddy is stopping, or send panicked
+		if !landed { // Caddy is stopping, or the store panicked
 			s.mu.Lock()
 			delete(s.inflight, m.EventID)
 			s.mu.Unlock()
@@ -303,31 +395,37 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	policy := s.policy
 	s.mu.Unlock()
 
-	req, body, err := s.store.take(&m)
+	var o outcome
 	var status int
 	var failure string
-	switch {
-	case errors.Is(err, errNotHeld):
-		s.land(m, true, time.Time{})
-		landed = true
-		return
-	case errors.Is(err, errStoreDown):
-		s.land(m, false, time.Now().Add(storeDownWait))
-		landed = true
-		return
-	case err != nil:
-		status, failure = http.StatusInternalServerError, err.Error()
-	default:
-		status, failure = s.send(m, d, req, body, policy.attemptTimeout)
+	if d == nil {
+		o, failure = refused, fmt.Sprintf("no trivialsec_webhook handler of the running config serves account %q", m.Account)
+	} else {
+		req, body, err := s.store.take(&m)
+		switch {
+		case errors.Is(err, errNotHeld):
+			s.land(m, true, time.Time{})
+			landed = true
+			return
+		case errors.Is(err, errStoreDown):
+			s.land(m, false, time.Now().Add(storeDownWait))
+			landed = true
+			return
+		case err != nil:
+			o, failure = failed, err.Error()
+		default:
+			o, status, failure = s.send(m, d, req, body, policy.attemptTimeout)
+		}
+		if s.stopped.Err() != nil {
+			return // not an attempt; the entry stays as it is
+		}
+		spoolAttempts.Inc()
+		m.Attempts++
 	}
-	if s.stopped.Err() != nil {
-		return // not an attempt; the entry stays as it is
-	}
-	spoolAttempts.Inc()
 	now := time.Now()
 	log := s.store.log().With(zap.String("event_id", m.EventID.String()), zap.String("event_name", m.EventName),
-		zap.Int("attempts", m.Attempts+1))
-	if failure == "" {
+		zap.Int("attempts", m.Attempts))
+	if o == taken {
 		s.store.delivered(m)
 		s.land(m, true, time.Time{})
 		landed = true
@@ -336,10 +434,9 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 		return
 	}
 
-	m.Attempts++
 	m.LastError = failure
 	dead := true
-	if retryable(status) {
+	if o == failed {
 		m.NextAttempt, dead = policy.retryAt(now, m.SpooledAt, m.Attempts)
 	}
 	if dead {
@@ -386,26 +483,46 @@ func (s *scheduler) land(m spoolMeta, remove bool, next time.Time) {
 	}
 }
 
-// send runs one entry through its server's routes and returns the status it
-// was answered with, and what failed ("" when it was taken).
-func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, timeout time.Duration) (int, string) {
+// send runs one entry through its server's routes and says what came of
+// it, with the status, and what failed ("" when it was taken). It is judged
+// by what the handler of the entry's account and the handlers after it
+// did (judge), as the first attempt was: a request that never reached that
+// handler failed, whatever the server answered.
+func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, timeout time.Duration) (o outcome, status int, failure string) {
 	rd := &redrive{account: m.Account, ev: m.event()}
 	ctx, cancel := context.WithTimeout(context.WithValue(s.stopped, redriveKey{}, rd), timeout)
 	defer cancel()
 	r, err := req.build(ctx, body)
 	if err != nil {
-		return http.StatusBadRequest, err.Error()
+		return failed, 0, err.Error()
 	}
-	w := &redriveWriter{header: make(http.Header)}
+	defer func() {
+		p := recover()
+		if p == nil {
+			return
+		}
+		// A handler panicked: reverse_proxy does (http.ErrAbortHandler)
+		// when the upstream breaks off an answer it had begun. A 2xx begun
+		// reached the service; anything else is tried again.
+		failure = fmt.Sprintf("the handlers panicked: %v", p)
+		if o, status = failed, 0; rd.reached && rd.status != 0 {
+			o, status, _ = judge(rd.status, nil)
+		}
+		if o == taken {
+			failure = ""
+		}
+	}()
+	w := &discardWriter{header: make(http.Header)}
 	d.server.ServeHTTP(w, r)
-	status := w.status
-	if status == 0 {
-		status = http.StatusOK // what net/http answers when no handler writes
+	if !rd.reached {
+		return failed, 0, fmt.Sprintf("the route no longer reaches the trivialsec_webhook handler of account %q (%s %s%s: server %s answered %d)",
+			m.Account, req.Method, req.Host, req.RequestURI, d.server.Name(), cmp.Or(w.status, http.StatusOK))
 	}
-	if status < 400 {
-		return status, ""
+	o, status, err = judge(rd.status, rd.err)
+	if o != taken {
+		failure = describeFailure(status, err)
 	}
-	return status, describeFailure(status, rd.err)
+	return o, status, failure
 }
 
 // dueItem is when a pending entry is due.
@@ -431,6 +548,9 @@ func (h *dueHeap) Pop() any {
 // describeFailure says what an attempt failed with: the error the next
 // handler returned, if any, and the status.
 func describeFailure(status int, err error) string {
+	if status == 0 {
+		return err.Error()
+	}
 	if err != nil {
 		return fmt.Sprintf("%d: %v", status, err)
 	}
@@ -479,25 +599,51 @@ func (q *spoolRequest) build(ctx context.Context, body []byte) (*http.Request, e
 	return r.WithContext(ctx), nil
 }
 
-// redriveWriter takes a re-drive's answer: its status counts, its body
-// does not.
-type redriveWriter struct {
+// discardWriter is where a re-drive's answer goes, as the server as a
+// whole writes it: nowhere, but for its status, which only a failure's
+// message tells. What counts is what the handler of the account recorded
+// (redriveRecorder).
+type discardWriter struct {
 	header http.Header
 	status int
 }
 
-func (w *redriveWriter) Header() http.Header { return w.header }
+func (w *discardWriter) Header() http.Header { return w.header }
 
-func (w *redriveWriter) WriteHeader(status int) {
+func (w *discardWriter) WriteHeader(status int) {
 	if w.status == 0 && status >= 200 {
 		w.status = status
 	}
 }
 
-func (w *redriveWriter) Write(p []byte) (int, error) {
+func (w *discardWriter) Write(p []byte) (int, error) {
 	w.WriteHeader(http.StatusOK)
 	return len(p), nil
 }
+
+// redriveRecorder is what the handlers after this one write a re-drive's
+// answer to: it records the first final status on the mark.
+type redriveRecorder struct {
+	http.ResponseWriter
+	rd *redrive
+}
+
+func (w redriveRecorder) WriteHeader(status int) {
+	if w.rd.status == 0 && status >= 200 {
+		w.rd.status = status
+	}
+	w.ResponseWriter.WriteHeader(status)
+}
+
+func (w redriveRecorder) Write(p []byte) (int, error) {
+	if w.rd.status == 0 {
+		w.rd.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(p)
+}
+
+// Unwrap lets http.ResponseController reach the writer underneath.
+func (w redriveRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // spoolRequestOf is the request a re-drive will send: r as the next handler
 // got it, with the method and URI it arrived with. Handlers before this one
@@ -546,5 +692,8 @@ func spoolMetaOf(account string, ev *event, now time.Time) spoolMeta {
 	return m
 }
 
-// Interface guard
-var _ http.ResponseWriter = (*redriveWriter)(nil)
+// Interface guards
+var (
+	_ http.ResponseWriter = (*discardWriter)(nil)
+	_ http.ResponseWriter = redriveRecorder{}
+)

@@ -69,17 +69,28 @@ type spoolRig struct {
 	admin           string // the admin API
 	adminPort, port int
 	spool           string
+	upstream        string            // where reverse_proxy goes: up, unless the test gives another
 	sent            map[string]string // event ID -> body sent
 }
 
 func startSpoolRig(t *testing.T, spool string) *spoolRig {
+	t.Helper()
+	return startSpoolRigTo(t, spool, "")
+}
+
+// startSpoolRigTo starts a spool rig whose reverse_proxy goes to upstream,
+// an upstream of the test's own, when it is not "".
+func startSpoolRigTo(t *testing.T, spool, upstream string) *spoolRig {
 	t.Helper()
 	up, err := testkit.StartUpstream()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(up.Close)
-	g := &spoolRig{t: t, up: up, adminPort: freePort(t), port: freePort(t), spool: spool, sent: map[string]string{}}
+	if upstream == "" {
+		upstream = up.Addr
+	}
+	g := &spoolRig{t: t, up: up, adminPort: freePort(t), port: freePort(t), spool: spool, upstream: upstream, sent: map[string]string{}}
 	g.base = fmt.Sprintf("http://127.0.0.1:%d", g.port)
 	g.url = g.base + "/webhook"
 	g.admin = fmt.Sprintf("http://127.0.0.1:%d", g.adminPort)
@@ -89,7 +100,7 @@ func startSpoolRig(t *testing.T, spool string) *spoolRig {
 }
 
 func (g *spoolRig) caddyfile(name string) string {
-	return fmt.Sprintf(spoolSite, g.adminPort, g.port, testAccount, g.spool, g.up.Addr, name)
+	return fmt.Sprintf(spoolSite, g.adminPort, g.port, testAccount, g.spool, g.upstream, name)
 }
 
 // reload loads the same site again, with another X-Trivialsec-Config.
@@ -104,6 +115,15 @@ func (g *spoolRig) load(caddyfile string) {
 	}
 	if err := caddy.Load(cfg, true); err != nil {
 		g.t.Fatalf("reload: %v", err)
+	}
+	// A connection accepted while the old config hands the listener over
+	// can be reset (Caddy's own behaviour, README: Reloads): let the
+	// handover end before the test sends what it counts.
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if resp, err := senderClient.Get(g.base + "/"); err == nil {
+			resp.Body.Close()
+			break
+		}
 	}
 }
 
@@ -538,29 +558,6 @@ func TestSpoolFull(t *testing.T) {
 	})
 }
 
-// TestSpoolDirUnusable: a store directory that cannot be made stops Caddy
-// with an error that names it.
-func TestSpoolDirUnusable(t *testing.T) {
-	file := filepath.Join(t.TempDir(), "a-file")
-	if err := os.WriteFile(file, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(file, "spool")
-	caddyfile := fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n}\nhttp://127.0.0.1:%d {\n\ttrivialsec_webhook {\n\t\taccount acme\n\t\tsecret s\n\t\tspool {\n\t\t\tstore file %s\n\t\t}\n\t}\n}\n", freePort(t), dir)
-	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = caddy.Load(cfg, true)
-	if err == nil {
-		_ = caddy.Stop()
-		t.Fatal("Caddy started with a spool directory under a file")
-	}
-	if !strings.Contains(err.Error(), "spool directory "+dir+" cannot be created") {
-		t.Fatalf("error %v", err)
-	}
-}
-
 // TestRetryAt: the n-th retry waits between backoff_min and
 // backoff_min·2^(n-1), at most backoff_max, never past max_age; past it,
 // the entry is dead.
@@ -651,7 +648,9 @@ func TestSpoolWaitsForItsAccount(t *testing.T) {
 		if n := len(g.up.Received()); n != 0 {
 			t.Fatalf("the upstream got %d requests with no handler for the account", n)
 		}
-		if l := g.list(); len(l) != 2 || l[0].State != statePending {
+		// Parked in the file store's listing; the Redis store hands them
+		// back, pending, to an instance that serves the account.
+		if l := g.list(); len(l) != 2 || (l[0].State != stateParked && store == "") || (l[0].State != statePending && store != "") {
 			t.Fatalf("listing %+v", l)
 		}
 		g.load(acme)

@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"crypto/rand"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -35,16 +38,24 @@ http://127.0.0.1:%d {
 `, port, dir, upstream)
 }
 
-// TestSpoolSurvivesSIGKILL: deliveries answered 202 while the upstream is
-// down are on disk: Caddy killed right after the last 202 and started again
-// delivers every one, exactly once, without a new delivery to wake it.
-func TestSpoolSurvivesSIGKILL(t *testing.T) {
+// startDownUpstream starts an upstream, down: its port refuses connections
+// until the test brings it up.
+func startDownUpstream(t *testing.T) *testkit.Upstream {
+	t.Helper()
 	up, err := testkit.StartUpstream()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(up.Close)
 	up.Down()
+	return up
+}
+
+// TestSpoolSurvivesSIGKILL: deliveries answered 202 while the upstream is
+// down are on disk: Caddy killed right after the last 202 and started again
+// delivers every one, exactly once, without a new delivery to wake it.
+func TestSpoolSurvivesSIGKILL(t *testing.T) {
+	up := startDownUpstream(t)
 	dir := filepath.Join(t.TempDir(), "spool")
 	port := freePort(t)
 	env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret}
@@ -76,33 +87,182 @@ func TestSpoolSurvivesSIGKILL(t *testing.T) {
 	}
 }
 
-// TestSpoolStoreLocked: a second Caddy on the same spool directory stops at
-// startup with an error that says so, rather than hang; `caddy validate` of
-// that config passes, as it opens no store.
+// TestSpoolStoreLocked: a second Caddy on the same spool directory starts
+// (its other sites, and its webhook route without the spool), says at
+// ERROR that the store is locked by another process, and takes the store
+// over once the first Caddy stops, delivering what the first one spooled;
+// `caddy validate` of that config passes, as it opens no store.
 func TestSpoolStoreLocked(t *testing.T) {
+	up := startDownUpstream(t)
 	dir := filepath.Join(t.TempDir(), "spool")
 	env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret}
 	port := freePort(t)
-	first := startServer(t, spoolConfig(port, dir, "127.0.0.1:9"), port, env)
-
-	second := spoolConfig(freePort(t), dir, "127.0.0.1:9")
-	config := filepath.Join(t.TempDir(), "Caddyfile")
-	if err := os.WriteFile(config, []byte(second), 0o600); err != nil {
-		t.Fatal(err)
+	first := startServer(t, spoolConfig(port, dir, up.Addr), port, env)
+	var ids []string
+	for range 5 {
+		id := uuid.NewString()
+		auth, body := mint(secret, "acme", id, time.Now())
+		if status := post(t, fmt.Sprintf("http://127.0.0.1:%d/", port), auth, body); status != 202 {
+			t.Fatalf("with the upstream down: %d, want 202", status)
+		}
+		ids = append(ids, id)
 	}
-	code, _, errOut := run(t, env, "run", "--config", config)
-	errOut = logMessages(errOut)
+
+	port2 := freePort(t)
+	secondConfig := spoolConfig(port2, dir, up.Addr)
+	second := startServer(t, secondConfig, port2, env)
+	auth, body := mint(secret, "acme", uuid.NewString(), time.Now())
+	if status := post(t, fmt.Sprintf("http://127.0.0.1:%d/", port2), auth, body); status != 502 {
+		t.Errorf("the second Caddy, its store locked, the upstream down: %d, want the upstream's 502, never a 202", status)
+	}
 	want := "spool store " + filepath.Join(dir, "spool.db") + " is locked by another process: give each Caddy its own spool directory"
-	if code == 0 || !strings.Contains(errOut, want) {
-		t.Fatalf("the second Caddy exited %d; want %q in:\n%s", code, want, errOut)
+	if !strings.Contains(second.logs(), want) {
+		t.Fatalf("the second Caddy's log does not say %q:\n%s", want, second.logs())
 	}
 	// caddy validate provisions the config without starting it: it does
 	// not touch the store the running Caddy holds.
-	if code, _, errOut := run(t, env, "validate", "--config", config); code != 0 {
+	if code, _, errOut := run(t, env, "validate", "--config", second.config); code != 0 {
 		t.Fatalf("validate beside a running Caddy exited %d:\n%s", code, logMessages(errOut))
 	}
-	if strings.Contains(first.logs(), "error") {
-		t.Errorf("the first Caddy logged an error:\n%s", first.logs())
+	for _, line := range strings.Split(first.logs(), "\n") {
+		if strings.Contains(line, `"level":"error"`) && strings.Contains(line, `"logger":"http.handlers.trivialsec_webhook"`) {
+			t.Errorf("the first Caddy's spool logged an error: %s", line)
+		}
+	}
+	first.Stop()
+	if err := up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := up.WaitTaken(ids, 30*time.Second); err != nil {
+		t.Fatalf("the second Caddy did not deliver what the first spooled: %v\n%s", err, second.logs())
+	}
+	time.Sleep(300 * time.Millisecond) // several backoffs: room for a second delivery, if there were one
+	for _, id := range ids {
+		if n := up.Taken()[id]; n != 1 {
+			t.Errorf("event %s taken %d times", id, n)
+		}
+	}
+}
+
+// TestSpoolDamagedStore: a damaged spool.db (truncated, or pages written
+// over) does not take Caddy down: it starts, serves its other sites, runs
+// the webhook route without the spool, and says at ERROR which file is
+// damaged and how to salvage it. `caddy trivialsec-webhook spool salvage`
+// then keeps what can be read, and the running Caddy opens the salvaged
+// store by itself and delivers it.
+func TestSpoolDamagedStore(t *testing.T) {
+	for _, damage := range []string{"truncated", "scribbled"} {
+		t.Run(damage, func(t *testing.T) {
+			up := startDownUpstream(t)
+			dir := filepath.Join(t.TempDir(), "spool")
+			env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret}
+			port, other := freePort(t), freePort(t)
+			config := spoolConfig(port, dir, up.Addr) + fmt.Sprintf("\nhttp://127.0.0.1:%d {\n\trespond \"other site\" 200\n}\n", other)
+			srv := startServer(t, config, port, env)
+			url := fmt.Sprintf("http://127.0.0.1:%d/", port)
+			var ids []string
+			for range 200 {
+				id := uuid.NewString()
+				auth, body := mint(secret, "acme", id, time.Now())
+				body = strings.Replace(body, `"payload": {`, `"payload": {"pad": "`+strings.Repeat("x", 2000)+`", `, 1)
+				if status := post(t, url, auth, body); status != 202 {
+					t.Fatalf("with the upstream down: %d, want 202", status)
+				}
+				ids = append(ids, id)
+			}
+			srv.Stop()
+			damageFile(t, filepath.Join(dir, "spool.db"), damage)
+
+			srv = startServer(t, config, other, env) // it starts: the other site answers
+			if status, err := postStatus(fmt.Sprintf("http://127.0.0.1:%d/", other), "", ""); err != nil || status != 200 {
+				t.Fatalf("the other site: %d %v", status, err)
+			}
+			waitLog(t, srv, "is damaged")
+			if !strings.Contains(srv.logs(), `trivialsec-webhook spool salvage `+dir) {
+				t.Errorf("the log does not say how to salvage:\n%s", srv.logs())
+			}
+			auth, body := mint(secret, "acme", uuid.NewString(), time.Now())
+			if status := post(t, url, auth, body); status != 502 {
+				t.Errorf("with the store damaged and the upstream down: %d, want the upstream's 502", status)
+			}
+
+			code, out, errOut := run(t, env, "trivialsec-webhook", "spool", "salvage", dir)
+			if code != 0 {
+				t.Fatalf("salvage exited %d:\n%s%s", code, out, errOut)
+			}
+			t.Logf("salvage: %s", strings.TrimSpace(out))
+			if err := up.Up(); err != nil {
+				t.Fatal(err)
+			}
+			waitLog(t, srv, "spool: the store is open: deliveries are spooled again")
+			// What salvage kept is delivered, each once; the rest is
+			// what it said it lost.
+			m := regexp.MustCompile(`salvaged ([0-9,]+) deliver`).FindStringSubmatch(out)
+			if m == nil {
+				t.Fatalf("salvage did not say how many it kept: %q", out)
+			}
+			kept, _ := strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
+			delivered := 0
+			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+				delivered = 0
+				taken := up.Taken()
+				for _, id := range ids {
+					delivered += min(taken[id], 1)
+				}
+				if delivered >= kept {
+					break
+				}
+			}
+			time.Sleep(300 * time.Millisecond) // several backoffs: room for a second delivery, if there were one
+			for id, n := range up.Taken() {
+				if n > 1 {
+					t.Errorf("event %s taken %d times", id, n)
+				}
+			}
+			t.Logf("%s: %d of %d spooled deliveries delivered after salvage", damage, delivered, len(ids))
+			if delivered != kept {
+				t.Errorf("salvage kept %d deliveries, and %d were delivered", kept, delivered)
+			}
+			if delivered == 0 && damage == "scribbled" {
+				t.Errorf("nothing was delivered after salvage")
+			}
+		})
+	}
+}
+
+// damageFile damages a bbolt file: truncated to 256 KiB, or four pages in
+// its middle written over with random bytes.
+func damageFile(t *testing.T, path, how string) {
+	t.Helper()
+	switch how {
+	case "truncated":
+		if err := os.Truncate(path, 256<<10); err != nil {
+			t.Fatal(err)
+		}
+	case "scribbled":
+		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		info, _ := f.Stat()
+		junk := make([]byte, 4*4096)
+		_, _ = rand.Read(junk)
+		if _, err := f.WriteAt(junk, (info.Size()/2)&^4095); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// waitLog waits until the server's log says want.
+func waitLog(t *testing.T, srv *server, want string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(srv.logs(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the log never said %q:\n%s", want, srv.logs())
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 
