@@ -553,7 +553,9 @@ func TestSalvageSpool(t *testing.T) {
 					t.Errorf("a healthy store is not copied whole: %+v", rep)
 				}
 			case "scribbled_leaf_pages":
-				if rep.entries < len(want.entries)*9/10 || rep.entries == len(want.entries) {
+				// Three leaf pages lost: what they held (a few dozen
+				// entries, as bbolt lays them out), and no more.
+				if rep.entries < len(want.entries)*3/4 || rep.entries == len(want.entries) {
 					t.Errorf("%d entries of %d copied", rep.entries, len(want.entries))
 				}
 			case "scribbled_branch_page", "scribbled_root_page":

@@ -187,21 +187,32 @@ func TestSpoolDamagedStore(t *testing.T) {
 			}
 
 			code, out, errOut := run(t, env, "trivialsec-webhook", "spool", "salvage", dir)
-			if code != 0 {
+			kept := 0
+			switch {
+			case code == 0:
+				t.Logf("salvage: %s", strings.TrimSpace(out))
+				m := regexp.MustCompile(`salvaged ([0-9,]+) deliver`).FindStringSubmatch(out)
+				if m == nil {
+					t.Fatalf("salvage did not say how many it kept: %q", out)
+				}
+				kept, _ = strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
+			case damage == "truncated" && strings.Contains(errOut, "nothing in it can be found: move it aside"):
+				// The cut took the page that lists the buckets (bbolt
+				// writes it last, at the end of the file): nothing can be
+				// found. The operator does as told.
+				t.Logf("salvage: %s", strings.TrimSpace(errOut))
+				if err := os.Rename(filepath.Join(dir, "spool.db"), filepath.Join(dir, "spool.db.unreadable")); err != nil {
+					t.Fatal(err)
+				}
+			default:
 				t.Fatalf("salvage exited %d:\n%s%s", code, out, errOut)
 			}
-			t.Logf("salvage: %s", strings.TrimSpace(out))
 			if err := up.Up(); err != nil {
 				t.Fatal(err)
 			}
 			waitLog(t, srv, "spool: the store is open: deliveries are spooled again")
 			// What salvage kept is delivered, each once; the rest is
 			// what it said it lost.
-			m := regexp.MustCompile(`salvaged ([0-9,]+) deliver`).FindStringSubmatch(out)
-			if m == nil {
-				t.Fatalf("salvage did not say how many it kept: %q", out)
-			}
-			kept, _ := strconv.Atoi(strings.ReplaceAll(m[1], ",", ""))
 			delivered := 0
 			for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
 				delivered = 0
