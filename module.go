@@ -556,13 +556,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 }
 
 // serveReleasing hands the delivery to next, and releases its reservation
-// if next fails (returns an error, answers 5xx, or panics before a 2xx
+// if next fails (returns an error, answers 5xx, or panics before an answer
 // began), so that a genuine delivery whose upstream was down could come
-// again.
+// again. When nothing after the module answers at all, the sender gets 502,
+// not net/http's empty 200: the delivery reached no service.
 func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, id uuid.UUID, reserved reservation) error {
-	if h.store == nil {
-		return next.ServeHTTP(w, r)
-	}
 	rec := caddyhttp.NewResponseRecorder(w, nil, nil)
 	succeeded := false
 	defer func() {
@@ -579,7 +577,11 @@ func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next ca
 		}
 	}()
 	err := next.ServeHTTP(rec, r)
-	succeeded = keeps(finalStatus(rec))
+	status := finalStatus(rec)
+	succeeded = keeps(status)
+	if status == 0 && err == nil {
+		return caddyhttp.Error(http.StatusBadGateway, errNoAnswer)
+	}
 	return err
 }
 

@@ -471,6 +471,7 @@ func TestServeHTTPConcurrentDuplicates(t *testing.T) {
 	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 		calls.Add(1)
 		<-release // hold the first one inside the next handler
+		w.WriteHeader(http.StatusOK)
 		return nil
 	})
 	d := productionDelivery()

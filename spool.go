@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"sync"
 	"time"
@@ -472,7 +473,7 @@ func judge(status int, err error) (outcome, int, error) {
 		return failed, 0, errNoAnswer
 	case status == 0:
 		status = http.StatusInternalServerError
-		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode != 0 {
+		if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode >= 400 {
 			status = he.StatusCode
 		}
 	}
@@ -519,6 +520,7 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 			// and keeps its reservation; the connection is aborted.
 			panic(p)
 		}
+		logPanic(h.logger, p)
 		err = h.spoolFailure(w, r, a, body, reserved, rec, &mark, http.StatusInternalServerError,
 			fmt.Errorf("the next handler panicked: %v", p))
 	}()
@@ -538,6 +540,16 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 		return err // the next handler refused it: as without the spool
 	}
 	return h.spoolFailure(w, r, a, body, reserved, rec, &mark, status, failure)
+}
+
+// logPanic logs a panic of the handlers after this one, with its stack, at
+// ERROR: but for http.ErrAbortHandler, reverse_proxy's way to break off an
+// answer, which is no bug.
+func logPanic(log *zap.Logger, p any) {
+	if p == http.ErrAbortHandler {
+		return
+	}
+	log.Error("a handler after trivialsec_webhook panicked: the delivery is spooled, or its re-drive failed", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 }
 
 // finalStatus is the final status rec holds: 0 when nothing, or only an

@@ -325,7 +325,7 @@ func TestSpoolParkedAccount(t *testing.T) {
 		t.Errorf("the upstream got %d requests", n)
 	}
 	parked := logged(t, logFile, "spool: deliveries of an account that no trivialsec_webhook handler of the running config serves are waiting: "+
-		"serve the account again, or retry or delete them through the admin API; at max_age they become dead letters")
+		"serve the account again, or delete them through the admin API; at max_age they become dead letters")
 	if len(parked) != 1 || parked[0]["level"] != "error" || parked[0]["account"] != testAccount {
 		t.Errorf("the parked entries were said %d times: %v", len(parked), parked)
 	}
@@ -487,6 +487,30 @@ func TestSpoolFailedReloadStrandsNothing(t *testing.T) {
 		}
 		g.checkTakenOnce(ids)
 	})
+}
+
+// TestNothingAnswersIsNoDelivery: when nothing after the module answers
+// (reverse_proxy's matcher moved), the sender is not told 200: with the
+// spool, the delivery is spooled (202); without it, the sender gets 502,
+// and the event ID is released.
+func TestNothingAnswersIsNoDelivery(t *testing.T) {
+	for spool, want := range map[string]int{"": http.StatusAccepted, "spool off": http.StatusBadGateway} {
+		t.Run(fmt.Sprint(want), func(t *testing.T) {
+			g := startSpoolRig(t, spool)
+			g.load(strings.Replace(g.caddyfile("moved"), "reverse_proxy /webhook", "reverse_proxy /elsewhere", 1))
+			d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+			if status := g.send(d); status != want {
+				t.Fatalf("nothing answered: %d, want %d", status, want)
+			}
+			again := http.StatusConflict // spooled: reserved
+			if want == http.StatusBadGateway {
+				again = http.StatusBadGateway // released: it passes, and is not answered again
+			}
+			if status := g.send(productionDelivery().withEventID(d.eventID).at(time.Now())); status != again {
+				t.Errorf("the same delivery again: %d, want %d", status, again)
+			}
+		})
+	}
 }
 
 // TestRedriveNothingAnswers: a reload moves reverse_proxy's matcher but not

@@ -364,7 +364,7 @@ func (s *scheduler) park(m *spoolMeta, it dueItem) {
 	if !s.orphans[m.Account] && !caddy.Exiting() {
 		s.orphans[m.Account] = true
 		s.store.log().Error("spool: deliveries of an account that no trivialsec_webhook handler of the running config serves are waiting: "+
-			"serve the account again, or retry or delete them through the admin API; at max_age they become dead letters",
+			"serve the account again, or delete them through the admin API; at max_age they become dead letters",
 			zap.String("account", m.Account), zap.Duration("max_age", s.policy.maxAge))
 	}
 }
@@ -504,6 +504,7 @@ func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, 
 		// A handler panicked: reverse_proxy does (http.ErrAbortHandler)
 		// when the upstream breaks off an answer it had begun. A 2xx begun
 		// reached the service; anything else is tried again.
+		logPanic(s.store.log(), p)
 		failure = fmt.Sprintf("the handlers panicked: %v", p)
 		if o, status = failed, 0; rd.reached && rd.status != 0 {
 			o, status, _ = judge(rd.status, nil)
