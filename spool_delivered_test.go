@@ -301,12 +301,12 @@ func TestRedriveBrokenAnswer(t *testing.T) {
 // entries: listed and counted as parked, said once at ERROR, and made dead
 // letters at max_age, never pending for ever.
 func TestSpoolParkedAccount(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 20ms\n\t\t\tmax_age 3s\n\t\t}")
 	logFile := filepath.Join(t.TempDir(), "caddy.log")
-	g.load(withLog(g.caddyfile("first"), logFile))
+	g := startSpoolRigEdited(t, "spool {\n\t\t\tbackoff 10ms 20ms\n\t\t\tmax_age 3s\n\t\t}",
+		func(c string) string { return withLog(c, logFile) })
 	g.up.Down()
 	g.deliverSpooled(2)
-	g.load(strings.Replace(withLog(g.caddyfile("first"), logFile), "account "+testAccount, "account other", 1))
+	g.load(strings.Replace(g.caddyfile("first"), "account "+testAccount, "account other", 1))
 	g.waitFor("both entries are parked", func() bool {
 		return g.everyEntry(2, func(l spoolListing) bool { return l.State == stateParked && l.NextAttempt == "" })
 	})
@@ -496,8 +496,9 @@ func TestSpoolFailedReloadStrandsNothing(t *testing.T) {
 func TestNothingAnswersIsNoDelivery(t *testing.T) {
 	for spool, want := range map[string]int{"": http.StatusAccepted, "spool off": http.StatusBadGateway} {
 		t.Run(fmt.Sprint(want), func(t *testing.T) {
-			g := startSpoolRig(t, spool)
-			g.load(strings.Replace(g.caddyfile("moved"), "reverse_proxy /webhook", "reverse_proxy /elsewhere", 1))
+			g := startSpoolRigEdited(t, spool, func(c string) string {
+				return strings.Replace(c, "reverse_proxy /webhook", "reverse_proxy /elsewhere", 1)
+			})
 			d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
 			if status := g.send(d); status != want {
 				t.Fatalf("nothing answered: %d, want %d", status, want)

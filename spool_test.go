@@ -69,8 +69,9 @@ type spoolRig struct {
 	admin           string // the admin API
 	adminPort, port int
 	spool           string
-	upstream        string            // where reverse_proxy goes: up, unless the test gives another
-	sent            map[string]string // event ID -> body sent
+	upstream        string              // where reverse_proxy goes: up, unless the test gives another
+	edit            func(string) string // changes the test makes to every Caddyfile, if any
+	sent            map[string]string   // event ID -> body sent
 }
 
 func startSpoolRig(t *testing.T, spool string) *spoolRig {
@@ -78,9 +79,18 @@ func startSpoolRig(t *testing.T, spool string) *spoolRig {
 	return startSpoolRigTo(t, spool, "")
 }
 
+// startSpoolRigEdited starts a spool rig whose Caddyfiles, the first one
+// included, edit changes: a test that needs a config from its first
+// delivery on must not reload into it, as a connection accepted during the
+// handover may still be served by the old config.
+func startSpoolRigEdited(t *testing.T, spool string, edit func(string) string) *spoolRig {
+	t.Helper()
+	return startSpoolRigTo(t, spool, "", edit)
+}
+
 // startSpoolRigTo starts a spool rig whose reverse_proxy goes to upstream,
 // an upstream of the test's own, when it is not "".
-func startSpoolRigTo(t *testing.T, spool, upstream string) *spoolRig {
+func startSpoolRigTo(t *testing.T, spool, upstream string, edit ...func(string) string) *spoolRig {
 	t.Helper()
 	up, err := testkit.StartUpstream()
 	if err != nil {
@@ -91,6 +101,9 @@ func startSpoolRigTo(t *testing.T, spool, upstream string) *spoolRig {
 		upstream = up.Addr
 	}
 	g := &spoolRig{t: t, up: up, adminPort: freePort(t), port: freePort(t), spool: spool, upstream: upstream, sent: map[string]string{}}
+	for _, e := range edit {
+		g.edit = e
+	}
 	g.base = fmt.Sprintf("http://127.0.0.1:%d", g.port)
 	g.url = g.base + "/webhook"
 	g.admin = fmt.Sprintf("http://127.0.0.1:%d", g.adminPort)
@@ -100,7 +113,11 @@ func startSpoolRigTo(t *testing.T, spool, upstream string) *spoolRig {
 }
 
 func (g *spoolRig) caddyfile(name string) string {
-	return fmt.Sprintf(spoolSite, g.adminPort, g.port, testAccount, g.spool, g.upstream, name)
+	c := fmt.Sprintf(spoolSite, g.adminPort, g.port, testAccount, g.spool, g.upstream, name)
+	if g.edit != nil {
+		c = g.edit(c)
+	}
+	return c
 }
 
 // reload loads the same site again, with another X-Trivialsec-Config.
