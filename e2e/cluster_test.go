@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -245,6 +247,17 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 	data := t.TempDir()
 	settings := fmt.Sprintf("claim_after %s\n\t\t\tbackoff 3s 3s", clusterClaimAfter)
 	a := startInstance(t, redis.URL(), up.Addr, settings, data)
+	// Caddy makes its instance ID on first use, which may come after its
+	// listener answers (apps start in any order): wait for A's, so that B
+	// reads the same one rather than making its own at the same time.
+	idFile := filepath.Join(data, "caddy", "instance.uuid")
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if id, err := os.ReadFile(idFile); err == nil && len(id) == 36 { // written whole
+			break
+		} else if time.Now().After(deadline) {
+			t.Fatalf("A made no instance ID: %q %v", id, err)
+		}
+	}
 	b := startInstance(t, redis.URL(), up.Addr, settings, data)
 	var ids []string
 	for range 10 {
