@@ -39,7 +39,8 @@ type Spool struct {
 	// is lost, as the sender never sends it again.
 	Store string `json:"store,omitempty"`
 
-	// The directory of the file store, created 0700 if it does not exist.
+	// The directory of the file store, created 0700 if it does not exist
+	// when Caddy runs (never by `caddy validate`).
 	// Default: trivialsec_webhook/spool in Caddy's data directory.
 	Dir string `json:"dir,omitempty"`
 
