@@ -106,8 +106,9 @@ func TestRedriveRouteMoved(t *testing.T) {
 // errors) does not make a failed re-drive a delivery: the handlers after
 // the module returned an error.
 func TestRedriveHandleErrors(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 20ms 50ms\n\t\t}")
-	g.load(strings.Replace(g.caddyfile("hidden"), "\treverse_proxy", "\thandle_errors {\n\t\trespond \"hidden\" 200\n\t}\n\treverse_proxy", 1))
+	g := startSpoolRigEdited(t, "spool {\n\t\t\tbackoff 20ms 50ms\n\t\t}", func(c string) string {
+		return strings.Replace(c, "\treverse_proxy", "\thandle_errors {\n\t\trespond \"hidden\" 200\n\t}\n\treverse_proxy", 1)
+	})
 	g.up.Down()
 	ids := g.deliverSpooled(5)
 	g.waitFor("every entry failed a re-drive", func() bool {
@@ -126,9 +127,9 @@ func TestRedriveHandleErrors(t *testing.T) {
 // that site's server, never through the other's, whichever handler was
 // provisioned last (the order changes with each load).
 func TestRedriveThroughItsSite(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 50ms\n\t\t}")
 	other := freePort(t)
-	twoSites := g.caddyfile("first") + fmt.Sprintf(`
+	g := startSpoolRigEdited(t, "spool {\n\t\t\tbackoff 10ms 50ms\n\t\t}", func(c string) string {
+		return c + fmt.Sprintf(`
 http://127.0.0.1:%d {
 	trivialsec_webhook {
 		account %s
@@ -140,11 +141,11 @@ http://127.0.0.1:%d {
 	respond "the other site" 200
 }
 `, other, testAccount)
+	})
 	for round := range 4 {
-		g.load(twoSites)
 		g.up.Down()
 		ids := g.deliverSpooled(3)
-		g.load(twoSites) // provisioned again, in another order
+		g.reload(fmt.Sprint(round)) // provisioned again, in another order
 		if err := g.up.Up(); err != nil {
 			t.Fatal(err)
 		}
@@ -541,9 +542,13 @@ func TestRedriveNothingAnswers(t *testing.T) {
 // is spooled (202), each re-drive is a failed attempt (no crash), and a
 // reload that answers delivers it once. A copy meanwhile gets 409.
 func TestSpoolAbortBeforeAnswer(t *testing.T) {
-	g := startSpoolRig(t, "spool {\n\t\t\tbackoff 10ms 30ms\n\t\t}")
-	aborting := strings.Replace(g.caddyfile("abort"), "\treverse_proxy /webhook", "\tabort /webhook\n\treverse_proxy /never", 1)
-	g.load(aborting)
+	aborts := true
+	g := startSpoolRigEdited(t, "spool {\n\t\t\tbackoff 10ms 30ms\n\t\t}", func(c string) string {
+		if !aborts {
+			return c
+		}
+		return strings.Replace(c, "\treverse_proxy /webhook", "\tabort /webhook\n\treverse_proxy /never", 1)
+	})
 	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
 	if status := g.send(d); status != http.StatusAccepted {
 		t.Fatalf("aborted first attempt: %d, want 202", status)
@@ -555,6 +560,7 @@ func TestSpoolAbortBeforeAnswer(t *testing.T) {
 		l := g.list()
 		return len(l) == 1 && l[0].Attempts >= 4 && strings.Contains(l[0].LastError, "panicked")
 	})
+	aborts = false
 	g.reload("answers")
 	g.checkTakenOnce([]string{d.eventID})
 }
