@@ -255,7 +255,7 @@ func (h *Handler) provisionSpool(ctx caddy.Context) error {
 		return fmt.Errorf("spool: %v", err)
 	}
 	app.(*spoolApp).use(store)
-	h.driver = &driver{server: server, account: h.Account}
+	h.driver = &driver{server: server, key: serverKey(server), account: h.Account}
 	if err := events.(*caddyevents.App).On("started", h.driver); err != nil {
 		return fmt.Errorf("spool: %v", err)
 	}

@@ -502,7 +502,7 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 			failureBuffers.Put(buf)
 		}
 	}()
-	rec := caddyhttp.NewResponseRecorder(w, buf, func(status int, _ http.Header) bool { return status < 200 || retryable(status) })
+	rec := caddyhttp.NewResponseRecorder(w, buf, func(status int, _ http.Header) bool { return retryable(status) })
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), h.policy.attemptTimeout)
 	defer cancel()
 	done := false
@@ -570,7 +570,7 @@ func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accept
 	failure := describeFailure(status, err)
 	now := time.Now()
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, now), request: spoolRequestOf(r), body: body}
-	e.meta.Server = serverKey(h.driver.server)
+	e.meta.Server = h.driver.key
 	e.meta.Attempts, e.meta.LastError = 1, failure
 	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1)
 	if serr := h.spool.add(e); serr != nil {
@@ -643,7 +643,7 @@ var failureBuffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 // as it would without the spool.
 func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, body []byte, reserved reservation) error {
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, time.Now()), request: spoolRequestOf(r), body: body}
-	e.meta.Server = serverKey(h.driver.server)
+	e.meta.Server = h.driver.key
 	if err := h.spool.add(e); err != nil {
 		if c := h.logger.Check(zapcore.WarnLevel, "the delivery could not be spooled: it goes to the next handler at once"); c != nil {
 			c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(err))...)

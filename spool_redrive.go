@@ -194,6 +194,7 @@ func poke(ch chan struct{}) {
 // "started" event.
 type driver struct {
 	server  *caddyhttp.Server
+	key     string // serverKey(server), made once
 	account string
 	ready   atomic.Bool
 	sched   *scheduler
@@ -267,7 +268,7 @@ func (s *scheduler) driverFor(m *spoolMeta) *driver {
 	var other *driver
 	for i := len(ds) - 1; i >= 0; i-- {
 		switch {
-		case m.Server != "" && serverKey(ds[i].server) == m.Server:
+		case m.Server != "" && ds[i].key == m.Server:
 			if ds[i].ready.Load() {
 				return ds[i]
 			}
@@ -516,8 +517,10 @@ func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, 
 	w := &discardWriter{header: make(http.Header)}
 	d.server.ServeHTTP(w, r)
 	if !rd.reached {
+		// The path, not the query: last_error is listed by the admin API,
+		// and a query may carry a key.
 		return failed, 0, fmt.Sprintf("the route no longer reaches the trivialsec_webhook handler of account %q (%s %s%s: server %s answered %d)",
-			m.Account, req.Method, req.Host, req.RequestURI, d.server.Name(), cmp.Or(w.status, http.StatusOK))
+			m.Account, req.Method, req.Host, r.URL.Path, d.server.Name(), cmp.Or(w.status, http.StatusOK))
 	}
 	o, status, err = judge(rd.status, rd.err)
 	if o != taken {
