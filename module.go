@@ -561,23 +561,23 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // again. When nothing after the module answers at all, the sender gets 502,
 // not net/http's empty 200: the delivery reached no service.
 func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, id uuid.UUID, reserved reservation) error {
-	rec := caddyhttp.NewResponseRecorder(w, nil, nil)
+	sw := &statusWriter{ResponseWriter: w}
 	succeeded := false
 	defer func() {
 		if !succeeded {
-			h.release(r.Context(), id, reserved, rec.Status())
+			h.release(r.Context(), id, reserved, sw.status)
 		}
 	}()
 	defer func() {
 		if p := recover(); p != nil {
 			// reverse_proxy panics when the upstream breaks off an answer
 			// it began: an answer begun reached the service.
-			succeeded = keeps(finalStatus(rec))
+			succeeded = keeps(sw.status)
 			panic(p)
 		}
 	}()
-	err := next.ServeHTTP(rec, r)
-	status := finalStatus(rec)
+	err := next.ServeHTTP(sw, r)
+	status := sw.status
 	succeeded = keeps(status)
 	if status == 0 && err == nil {
 		return caddyhttp.Error(http.StatusBadGateway, errNoAnswer)

@@ -444,7 +444,9 @@ func (h *Handler) serveRedriven(w http.ResponseWriter, r *http.Request, next cad
 		c.Write(zap.String("event_id", rd.ev.ID.String()), zap.String("event_name", rd.ev.Name))
 	}
 	rd.reached = true
-	rd.err = next.ServeHTTP(redriveRecorder{ResponseWriter: w, rd: rd}, r)
+	sw := &statusWriter{ResponseWriter: w}
+	defer func() { rd.status = sw.status }() // a panic too: send judges it
+	rd.err = next.ServeHTTP(sw, r)
 	return rd.err
 }
 

@@ -606,7 +606,7 @@ func (q *spoolRequest) build(ctx context.Context, body []byte) (*http.Request, e
 // discardWriter is where a re-drive's answer goes, as the server as a
 // whole writes it: nowhere, but for its status, which only a failure's
 // message tells. What counts is what the handler of the account recorded
-// (redriveRecorder).
+// (statusWriter).
 type discardWriter struct {
 	header http.Header
 	status int
@@ -625,29 +625,31 @@ func (w *discardWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// redriveRecorder is what the handlers after this one write a re-drive's
-// answer to: it records the first final status on the mark.
-type redriveRecorder struct {
+// statusWriter passes an answer on, and records its first final status
+// (1xx are not final): what the handlers after this one answered, for the
+// first attempt without the spool and for a re-drive. It is all they need
+// of a recorder, at one allocation.
+type statusWriter struct {
 	http.ResponseWriter
-	rd *redrive
+	status int
 }
 
-func (w redriveRecorder) WriteHeader(status int) {
-	if w.rd.status == 0 && status >= 200 {
-		w.rd.status = status
+func (w *statusWriter) WriteHeader(status int) {
+	if w.status == 0 && status >= 200 {
+		w.status = status
 	}
 	w.ResponseWriter.WriteHeader(status)
 }
 
-func (w redriveRecorder) Write(p []byte) (int, error) {
-	if w.rd.status == 0 {
-		w.rd.status = http.StatusOK
+func (w *statusWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
 	}
 	return w.ResponseWriter.Write(p)
 }
 
 // Unwrap lets http.ResponseController reach the writer underneath.
-func (w redriveRecorder) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 // spoolRequestOf is the request a re-drive will send: r as the next handler
 // got it, with the method and URI it arrived with. Handlers before this one
@@ -699,5 +701,5 @@ func spoolMetaOf(account string, ev *event, now time.Time) spoolMeta {
 // Interface guards
 var (
 	_ http.ResponseWriter = (*discardWriter)(nil)
-	_ http.ResponseWriter = redriveRecorder{}
+	_ http.ResponseWriter = (*statusWriter)(nil)
 )
