@@ -36,6 +36,7 @@ var (
 	spoolAttempts     = spoolCounter("spool_attempts_total", "Re-drives of spooled deliveries.")
 	spoolCommits      = spoolCounter("spool_commits_total", "Commits (each with its fsyncs) of the spool's file store; writes made at once share one.")
 	spoolTakenOver    = spoolCounter("spool_taken_over_total", "Spooled deliveries this instance took over from another that left them unfinished for claim_after (Redis store).")
+	spoolHeld         = spoolCounter("spool_held_total", "Deliveries held on this instance's disk, unchecked for replay, while the Redis replay store did not answer.")
 
 	// The counters of every label value, resolved once: no lookup on the
 	// hot path, and every series present from the start.
@@ -98,7 +99,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 		return nil
 	}
 	for _, c := range []prometheus.Collector{requestsTotal, eventsTotal, spoolGauges{}, replayJournalPending,
-		spoolSpooled, spoolRedelivered, spoolDeadLettered, spoolAttempts, spoolCommits, spoolTakenOver} {
+		spoolSpooled, spoolRedelivered, spoolDeadLettered, spoolAttempts, spoolCommits, spoolTakenOver, spoolHeld} {
 		if err := registry.Register(c); err != nil {
 			if _, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); !ok {
 				return err

@@ -103,10 +103,17 @@ type Handler struct {
 	spool    spoolStore
 	spoolKey string // its key in spools
 	policy   spoolPolicy
-	driver   *driver    // re-drives this handler's spooled deliveries
-	journal  *fileSpool // keeps the memory store's reservations too, if any
-	logger   *zap.Logger
-	now      func() time.Time
+	driver   *driver // re-drives this handler's spooled deliveries
+	// hold keeps deliveries while the Redis replay store does not answer,
+	// unchecked, on this instance's disk: the spool's file store, or one
+	// of its own beside a Redis spool (holdKey, holdDriver). nil: they are
+	// refused with 503.
+	hold       *fileSpool
+	holdKey    string
+	holdDriver *driver
+	journal    *fileSpool // keeps the memory store's reservations too, if any
+	logger     *zap.Logger
+	now        func() time.Time
 }
 
 // Replay configures replay protection.
@@ -120,8 +127,11 @@ type Replay struct {
 	MaxEntries int `json:"max_entries,omitempty"`
 
 	// The Redis server, for store `redis`: redis://[user:password@]host:port[/db]
-	// or rediss:// for TLS. Write it as a placeholder, {env.NAME} or
-	// {file.PATH}, when it holds a password.
+	// or rediss:// for TLS; or its Sentinels, with ?master_name=<name> and
+	// &addr=<sentinel> for each more. The module's own query parameters:
+	// wait_replicas=N (and wait_timeout), allow_eviction=true (README: The
+	// Redis server, Redis Sentinel). Write it as a placeholder, {env.NAME}
+	// or {file.PATH}, when it holds a password.
 	URL string `json:"url,omitempty"`
 
 	// What every Redis key starts with; the event ID follows.
@@ -204,7 +214,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionSpool(ctx); err != nil {
 		return err
 	}
-	return h.provisionStore(ctx)
+	if err := h.provisionStore(ctx); err != nil {
+		return err
+	}
+	return h.provisionHold(ctx)
 }
 
 // provisionSpool opens the spool store, or takes it over from an earlier
@@ -222,45 +235,60 @@ func (h *Handler) provisionSpool(ctx caddy.Context) error {
 		return nil
 	}
 	h.Spool.setDefaults()
-	server, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
-	if server == nil {
-		return errors.New("spool: the handler is not in the routes of an HTTP server, through which the spool delivers again: use it in a site, or set spool off")
-	}
-	events, err := ctx.App("events")
-	if err != nil {
-		return fmt.Errorf("spool: %v", err)
-	}
 	h.policy = h.Spool.policy()
-	var store spoolStore
-	var key string
+	if server, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server); server == nil {
+		return errNoServer // before a store is taken
+	}
 	if h.Spool.Store == "redis" {
 		rawURL, err := h.resolveRedisURL("spool", h.Spool.URL)
 		if err != nil {
 			return err
 		}
-		store, key, err = loadRedisSpool(rawURL, h.Spool.KeyPrefix, h.policy)
+		store, key, err := loadRedisSpool(rawURL, h.Spool.KeyPrefix, h.policy)
 		if err != nil {
 			return err
+		}
+		h.spool, h.spoolKey = store, key
+		if err := checkRedis(store.client.guard(spoolUse, store.prefix)); err != nil {
+			return fmt.Errorf("spool store redis: %w", err)
 		}
 	} else {
-		file, fileKey, err := loadFileSpool(h.Spool.Dir, h.policy)
+		store, key, err := loadFileSpool(h.Spool.Dir, h.policy)
 		if err != nil {
 			return err
 		}
-		store, key = file, fileKey
+		h.spool, h.spoolKey = store, key
 	}
-	h.spool, h.spoolKey = store, key
+	var err error
+	h.driver, err = h.startDriver(ctx, h.spool)
+	return err
+}
+
+// errNoServer refuses a spool outside an HTTP server's routes.
+var errNoServer = errors.New("spool: the handler is not in the routes of an HTTP server, through which the spool delivers again: use it in a site, or set spool off")
+
+// startDriver registers this handler's server to re-drive store's
+// deliveries of its account once the config has started.
+func (h *Handler) startDriver(ctx caddy.Context, store spoolStore) (*driver, error) {
+	server, _ := ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if server == nil {
+		return nil, errNoServer
+	}
+	events, err := ctx.App("events")
+	if err != nil {
+		return nil, fmt.Errorf("spool: %v", err)
+	}
 	app, err := ctx.App("trivialsec_webhook")
 	if err != nil {
-		return fmt.Errorf("spool: %v", err)
+		return nil, fmt.Errorf("spool: %v", err)
 	}
 	app.(*spoolApp).use(store)
-	h.driver = &driver{server: server, key: serverKey(server), account: h.Account}
-	if err := events.(*caddyevents.App).On("started", h.driver); err != nil {
-		return fmt.Errorf("spool: %v", err)
+	d := &driver{server: server, key: serverKey(server), account: h.Account}
+	if err := events.(*caddyevents.App).On("started", d); err != nil {
+		return nil, fmt.Errorf("spool: %v", err)
 	}
-	store.register(h.driver)
-	return nil
+	store.register(d)
+	return d, nil
 }
 
 // provisionStore takes the replay store over from an earlier config, or
@@ -305,16 +333,62 @@ func (h *Handler) provisionStore(ctx caddy.Context) error {
 			return err
 		}
 		h.store, h.storeKey = store, key
-		if err := store.ping(ctx); err != nil {
-			// Not fatal: Caddy serves its other sites, and deliveries get
-			// 503 until Redis answers.
-			h.logger.Warn("replay store redis does not answer: deliveries are refused with 503 until it does",
-				zap.Error(err))
+		if err := checkRedis(store.guard); err != nil {
+			return fmt.Errorf("replay store redis: %w", err)
 		}
 		return nil
 	default:
 		return fmt.Errorf("unknown replay store %q: use memory, redis or off", h.Replay.Store)
 	}
+}
+
+// checkRedis checks a Redis store's server when its config is provisioned:
+// a missing permission, or Redis Cluster, refuses the config. A Redis that
+// does not answer does not: Caddy serves its other sites, and the store
+// waits for it (the log says so). Neither does an evicting one: its ERROR
+// says what to change, and the store writes nothing until it is changed.
+func checkRedis(g *redisGuard) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*redisTimeout)
+	defer cancel()
+	err := g.check(ctx)
+	if p, ok := errors.AsType[*redisProblem](err); ok {
+		if p.fatal {
+			return p
+		}
+		return nil
+	}
+	if err != nil {
+		caddy.Log().Named("http.handlers.trivialsec_webhook").Warn("redis does not answer: its checks run, and the store writes, once it does",
+			zap.String("store", g.use.String()), zap.String("key_prefix", g.prefix), zap.Error(err))
+	}
+	return nil
+}
+
+// provisionHold gives the Redis stores somewhere to hold deliveries while
+// Redis does not answer: the spool's file store, or, beside a Redis spool,
+// the file store in Caddy's data directory. With the spool off there is
+// none.
+func (h *Handler) provisionHold(ctx caddy.Context) error {
+	_, redisReplay := h.store.(*redisStore)
+	switch h.spool.(type) {
+	case nil:
+		if redisReplay {
+			h.logger.Warn("replay redis with the spool off: while Redis does not answer, deliveries are refused with 503, and lost (the sender never sends them again); turn the spool on to hold them")
+		}
+		return nil
+	case *fileSpool:
+		if redisReplay {
+			h.hold = h.spool.(*fileSpool)
+		}
+		return nil
+	}
+	file, key, err := loadFileSpool(defaultSpoolDir(), h.policy)
+	if err != nil {
+		return err
+	}
+	h.hold, h.holdKey = file, key
+	h.holdDriver, err = h.startDriver(ctx, file)
+	return err
 }
 
 // resolveRedisURL resolves a placeholder URL of the replay or spool store,
@@ -327,8 +401,9 @@ func (h *Handler) resolveRedisURL(what, raw string) (string, error) {
 		}
 		return v, nil
 	}
-	if u, err := url.Parse(raw); err == nil && u.User != nil {
-		if _, hasPassword := u.User.Password(); hasPassword {
+	if u, err := url.Parse(raw); err == nil {
+		_, hasPassword := u.User.Password() // nil User: none
+		if hasPassword || u.Query().Has("sentinel_password") {
 			h.logger.Warn("the " + what + " redis url holds a password written literally in the config, where the admin API shows it: use {env.NAME} or {file.PATH}")
 		}
 	}
@@ -447,6 +522,11 @@ func (h *Handler) Cleanup() error {
 		_, err := spools.Delete(h.spoolKey)
 		errs = append(errs, err)
 	}
+	if h.holdDriver != nil {
+		h.hold.unregister(h.holdDriver)
+		_, err := spools.Delete(h.holdKey)
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -493,20 +573,31 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	expires := tok.ExpiresAt.Add(time.Duration(*h.Leeway))
 	var reserved reservation
+	var unchecked error // the replay store did not answer: hold it, unchecked
 	if h.journal != nil {
 		// The reservations kept on disk are in the memory store once the
 		// spool store is open: before its config started, open it now.
 		_ = h.journal.ready()
+	}
+	if h.hold != nil && h.hold.holdsUnchecked(ev.ID) {
+		// A delivery of this event waits on this instance's disk to be
+		// checked: it came first, and this one is its copy.
+		return h.refuse(w, r, repl, reasonReplayed, &tok, ev.Name)
 	}
 	if h.store != nil {
 		var result replayResult
 		var err error
 		reserved, result, err = h.store.reserve(r.Context(), ev.ID, expires, h.now())
 		switch {
+		case err != nil && h.hold != nil && h.hold.up():
+			unchecked = err
 		case err != nil:
 			// Fail closed: never forward a delivery that was not checked.
 			if c := h.logger.Check(zapcore.WarnLevel, "replay store unavailable: refusing the delivery"); c != nil {
 				c.Write(zap.String("event_id", ev.ID.String()), zap.Error(err))
+			}
+			if rs, ok := h.store.(*redisStore); ok && outcomeUnknown(err) {
+				rs.settleLater(ev.ID, reserved)
 			}
 			return h.refuse(w, r, repl, reasonReplayStoreDown, &tok, ev.Name)
 		case result == replayDuplicate:
@@ -514,7 +605,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		case result == replayFull:
 			return h.refuse(w, r, repl, reasonReplayStoreFull, &tok, ev.Name)
 		}
-		if h.journal != nil {
+		if h.journal != nil && unchecked == nil {
 			h.journal.reserve(h.Account, ev.ID, expires)
 		}
 	}
@@ -534,6 +625,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	r.Trailer = nil
 	if h.StripAuthorization {
 		r.Header.Del("Authorization")
+	}
+	if unchecked != nil {
+		return h.serveHeld(w, r, repl, &tok, a, body, reserved, unchecked)
 	}
 	repl.Map(a.ev.placeholder)
 	acceptedCounter.Inc()
@@ -600,6 +694,13 @@ func (h *Handler) release(ctx context.Context, id uuid.UUID, reserved reservatio
 	err := h.store.release(ctx, id, reserved)
 	if err == nil && h.journal != nil {
 		h.journal.unreserve(id, time.Unix(0, reserved.expires))
+	}
+	if rs, ok := h.store.(*redisStore); ok && outcomeUnknown(err) {
+		if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the release of the event ID has an unknown outcome: it is released once Redis answers"); c != nil {
+			c.Write(zap.String("event_id", id.String()), zap.Error(err))
+		}
+		rs.settleLater(id, reserved)
+		return
 	}
 	if err != nil {
 		if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the event ID could not be released: a redelivery is refused until the token expires"); c != nil {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"math/rand/v2"
 	"net/http"
@@ -44,17 +45,20 @@ type Spool struct {
 	// Default: trivialsec_webhook/spool in Caddy's data directory.
 	Dir string `json:"dir,omitempty"`
 
-	// The Redis store's URL (redis:// or rediss://), as for the replay
-	// store: a placeholder such as {env.REDIS_URL} when it holds a password.
+	// The Redis store's URL, as for the replay store (a server, or its
+	// Sentinels; wait_replicas, allow_eviction): a placeholder such as
+	// {env.REDIS_URL} when it holds a password.
 	URL string `json:"url,omitempty"`
 
 	// What the Redis store's keys start with. Default:
 	// "trivialsec_webhook:spool:".
 	KeyPrefix string `json:"key_prefix,omitempty"`
 
-	// How long an entry one instance took may go unfinished before another
-	// instance takes it over (Redis store). The instance that holds it
-	// renews its claim every quarter of this while it lives. Default: 1m.
+	// How long this instance may go without reaching Redis before the
+	// others take the entries it holds over (Redis store): its lease on its
+	// consumer name lives this long plus AttemptTimeout, renewed every
+	// quarter of this. Each instance's own claim_after governs its
+	// entries. Default: 1m.
 	ClaimAfter caddy.Duration `json:"claim_after,omitempty"`
 
 	// `fallback` (default): the delivery goes to the next handler at once,
@@ -109,6 +113,11 @@ type spoolMeta struct {
 	ExpiresAt time.Time `json:"expires_at"`
 	Endpoint  *string   `json:"endpoint,omitempty"` // the cep claim; nil when absent
 	Server    string    `json:"server,omitempty"`   // serverKey of the server it arrived on
+
+	// Held while the Redis replay store did not answer: checked for replay,
+	// with the token of the reservation tried then, before each attempt.
+	Unchecked   bool   `json:"unchecked,omitempty"`
+	ReplayToken string `json:"replay_token,omitempty"`
 
 	gen  int    // bumped at each change of schedule: stale heap items are skipped
 	turn string // Redis: the stream message by which this instance holds it
@@ -281,13 +290,19 @@ const (
 	defaultSpoolKeyPrefix = "trivialsec_webhook:spool:"
 )
 
+// defaultSpoolDir is the file store's directory, unless the config names
+// one: in Caddy's data directory.
+func defaultSpoolDir() string {
+	return filepath.Join(caddy.AppDataDir(), "trivialsec_webhook", "spool")
+}
+
 // setDefaults fills in what the configuration leaves out.
 func (s *Spool) setDefaults() {
 	if s.Store == "" {
 		s.Store = "file"
 	}
 	if s.Store == "file" && s.Dir == "" {
-		s.Dir = filepath.Join(caddy.AppDataDir(), "trivialsec_webhook", "spool")
+		s.Dir = defaultSpoolDir()
 	}
 	if s.Mode == "" {
 		s.Mode = defaultSpoolMode
@@ -443,20 +458,177 @@ func (h *Handler) serveRedriven(w http.ResponseWriter, r *http.Request, next cad
 	if c := h.logger.Check(zapcore.DebugLevel, "re-driving a spooled delivery"); c != nil {
 		c.Write(zap.String("event_id", rd.ev.ID.String()), zap.String("event_name", rd.ev.Name))
 	}
+	if rd.check {
+		// What the check came to is on the mark; the spool logs a failed
+		// attempt, so Caddy's error log need not.
+		if h.checkHeld(r.Context(), rd); rd.replayed || rd.expired || rd.err != nil {
+			return nil
+		}
+	}
 	rd.reached = true
+	if h.spool != nil && any(h.spool) != any(rd.from) && h.moveHeld(r, rd) {
+		return nil
+	}
 	sw := &statusWriter{ResponseWriter: w}
 	defer func() { rd.status = sw.status }() // a panic too: send judges it
 	rd.err = next.ServeHTTP(sw, r)
 	return rd.err
 }
 
+// checkHeld checks a held delivery for replay before its attempt, with the
+// token of the reservation tried when it arrived: a reservation that the
+// write of then made after all is ours. A copy is marked replayed; a
+// replay store that still does not answer fails the attempt (rd.err).
+func (h *Handler) checkHeld(ctx context.Context, rd *redrive) {
+	if h.store == nil {
+		return // replay protection is off now
+	}
+	id, expires, now := rd.ev.ID, rd.ev.token.ExpiresAt.Add(time.Duration(*h.Leeway)), h.now()
+	if !now.Before(expires) {
+		// The replay store forgets an event at its token's exp + leeway:
+		// no check can say any more whether this is a copy. Not a guess:
+		// a dead letter, for an operator to retry (and vouch for) or
+		// delete.
+		rd.reached, rd.expired = true, true
+		return
+	}
+	var result replayResult
+	var err error
+	if rs, ok := h.store.(*redisStore); ok {
+		result, err = rs.reserveAs(ctx, id, rd.token, expires, now)
+	} else {
+		_, result, err = h.store.reserve(ctx, id, expires, now)
+	}
+	switch {
+	case err != nil:
+		rd.reached, rd.unanswered = true, true
+		rd.err = fmt.Errorf("held until the replay store answers, to check it: %w", err)
+	case result == replayDuplicate:
+		rd.replayed = true
+	case result == replayFull:
+		rd.reached, rd.unanswered = true, true
+		rd.err = errors.New("held until the replay store has room, to check it")
+	case h.journal != nil:
+		h.journal.reserve(h.Account, id, expires)
+	}
+}
+
+// moveHeld moves a delivery held on this instance's disk beside a Redis
+// spool into that spool, once checked: the spool delivers it, on whichever
+// instance. The spool's add is idempotent, and refuses an entry delivered
+// already, so a move whose outcome was unknown, or a write held because its
+// outcome was, is tried again safely. It reports whether the attempt ends
+// here: moved, or waiting for Redis (rd.unanswered). A spool with no room
+// for it leaves it to be delivered from here, at once.
+func (h *Handler) moveHeld(r *http.Request, rd *redrive) bool {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		rd.err = err
+		return true
+	}
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	e := &spoolEntry{meta: *rd.meta, request: spoolRequestOf(r), body: body}
+	e.meta.Unchecked, e.meta.ReplayToken = false, ""
+	e.meta.State, e.meta.NextAttempt = statePending, time.Now()
+	switch err := h.spool.add(e); {
+	case errors.Is(err, errSpoolFull):
+		return false
+	case errors.Is(err, errSpoolDelivered), errors.Is(err, errDeadLetter):
+		// There already: delivered, or a dead letter kept in Redis.
+	case err != nil:
+		rd.unanswered = true
+		rd.err = fmt.Errorf("held until the spool store takes it: %w", err)
+		return true
+	}
+	rd.moved = true
+	if c := h.logger.Check(zapcore.InfoLevel, "moved a delivery held on this instance's disk into the spool"); c != nil {
+		c.Write(append(h.spool.logFields(), zap.String("event_id", rd.ev.ID.String()), zap.String("event_name", rd.ev.Name))...)
+	}
+	return true
+}
+
+// errSpoolDelivered is the add of an entry the spool delivered (or an
+// operator deleted) already.
+var errSpoolDelivered = errors.New("the spool delivered this event already")
+
+// errDeadLetter is the add of an entry that is a dead letter in the spool.
+var errDeadLetter = errors.New("a dead letter in the spool already")
+
+// spoolWriteUnknown reports whether a Redis spool's write failed without
+// an answer (a timeout, a connection broken, a write not confirmed by the
+// replicas): it may have run, or run yet.
+func (h *Handler) spoolWriteUnknown(err error) bool {
+	if _, ok := h.spool.(*redisSpool); !ok {
+		return false
+	}
+	return !errors.Is(err, errSpoolFull) && !errors.Is(err, errSpoolDelivered) && !errors.Is(err, errDeadLetter) && outcomeUnknown(err)
+}
+
+// holdsUnchecked reports whether the store holds a delivery of id that
+// waits to be checked for replay.
+func (s *fileSpool) holdsUnchecked(id uuid.UUID) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.entries[id]
+	return ok && m.Unchecked
+}
+
+// holdInstead holds a delivery on this instance's disk when a Redis spool
+// did not take it (Redis did not answer, or its write's outcome is
+// unknown), so that the sender gets 202 and the delivery moves into the
+// spool once Redis answers; false if there is nowhere to hold it, or the
+// spool refused it for good (full, a dead letter, delivered).
+func (h *Handler) holdInstead(e *spoolEntry, err error) bool {
+	if h.hold == nil || any(h.hold) == any(h.spool) || errors.Is(err, errSpoolFull) || errors.Is(err, errSpoolDelivered) || errors.Is(err, errDeadLetter) {
+		return false
+	}
+	if herr := h.hold.add(e); herr != nil {
+		return false
+	}
+	spoolHeld.Inc()
+	if c := h.logger.Check(zapcore.WarnLevel, "the spool store did not take the delivery: held it on this instance's disk, answered 202; it moves into the spool once the store answers"); c != nil {
+		c.Write(append(h.hold.logFields(), zap.String("event_id", e.meta.EventID.String()), zap.String("event_name", e.meta.EventName), zap.Error(err))...)
+	}
+	return true
+}
+
+// serveHeld holds a verified delivery that the Redis replay store could not
+// check (cause) on this instance's disk, unchecked, and answers 202: once
+// Redis answers, the spool checks it, drops it if it is a copy, and
+// delivers it otherwise. It never reaches the next handler unchecked. If it
+// cannot be held, the sender gets 503, as with the spool off.
+func (h *Handler) serveHeld(w http.ResponseWriter, r *http.Request, repl *caddy.Replacer, tok *verifiedToken, a *accepted, body []byte,
+	reserved reservation, cause error) error {
+	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, time.Now()), request: spoolRequestOf(r), body: body}
+	e.meta.Server = h.driver.key
+	e.meta.Unchecked, e.meta.ReplayToken = true, reserved.token
+	if err := h.hold.add(e); err != nil {
+		if c := h.logger.Check(zapcore.WarnLevel, "replay store unavailable, and the delivery could not be held: refusing it"); c != nil {
+			c.Write(append(h.hold.logFields(), zap.String("event_id", a.ev.ID.String()), zap.NamedError("cause", cause), zap.Error(err))...)
+		}
+		if rs, ok := h.store.(*redisStore); ok && outcomeUnknown(cause) {
+			rs.settleLater(a.ev.ID, reserved)
+		}
+		return h.refuse(w, r, repl, reasonReplayStoreDown, tok, a.ev.Name)
+	}
+	spoolHeld.Inc()
+	if c := h.logger.Check(zapcore.WarnLevel, "replay store unavailable: held the delivery on this instance's disk, unchecked, and answered 202; it is checked for replay, and delivered, once the store answers"); c != nil {
+		c.Write(append(h.hold.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(cause))...)
+	}
+	w.WriteHeader(http.StatusAccepted)
+	return nil
+}
+
 // outcome is what an attempt at the handlers after this one came to.
 type outcome uint8
 
 const (
-	taken   outcome = iota // a final status below 400
-	failed                 // an error, a retryable status, no answer: again later
-	refused                // another 4xx: the service refuses the delivery
+	taken    outcome = iota // a final status below 400
+	failed                  // an error, a retryable status, no answer: again later
+	refused                 // another 4xx: the service refuses the delivery
+	replayed                // a held delivery the replay store knew: dropped
+	moved                   // a held delivery moved into the handler's spool
+	waiting                 // a held delivery the replay store could not check yet
 )
 
 // errNoAnswer is the failure of an attempt that the handlers after this
@@ -575,12 +747,27 @@ func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accept
 	e.meta.Server = h.driver.key
 	e.meta.Attempts, e.meta.LastError = 1, failure
 	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1)
-	if serr := h.spool.add(e); serr != nil {
-		if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed, and the delivery could not be spooled: the sender gets the failure"); c != nil {
+	switch serr := h.spool.add(e); {
+	case serr == nil:
+		if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed: spooled the delivery, answered 202; the spool delivers it again"); c != nil {
 			c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
-				zap.String("failure", failure), zap.Error(serr))...)
+				zap.String("failure", failure), zap.Time("next_attempt", e.meta.NextAttempt))...)
 		}
-		h.release(r.Context(), a.ev.ID, reserved, status)
+	case !h.holdInstead(e, serr):
+		if h.spoolWriteUnknown(serr) {
+			// The write may run yet, and deliver it: the event ID stays
+			// reserved, so that no copy is delivered beside it.
+			if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed, and the spool's write has an unknown outcome and could not be held either: the sender gets the failure, and the event ID stays reserved"); c != nil {
+				c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
+					zap.String("failure", failure), zap.Error(serr))...)
+			}
+		} else {
+			if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed, and the delivery could not be spooled: the sender gets the failure"); c != nil {
+				c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
+					zap.String("failure", failure), zap.Error(serr))...)
+			}
+			h.release(r.Context(), a.ev.ID, reserved, status)
+		}
 		if finalStatus(rec) != 0 {
 			return rec.WriteResponse()
 		}
@@ -588,10 +775,6 @@ func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accept
 			return caddyhttp.Error(http.StatusBadGateway, err)
 		}
 		return err
-	}
-	if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed: spooled the delivery, answered 202; the spool delivers it again"); c != nil {
-		c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
-			zap.String("failure", failure), zap.Time("next_attempt", e.meta.NextAttempt))...)
 	}
 	// The 202 goes out with the headers from before the attempt, none of
 	// the failed answer's.
@@ -647,6 +830,18 @@ func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next c
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, time.Now()), request: spoolRequestOf(r), body: body}
 	e.meta.Server = h.driver.key
 	if err := h.spool.add(e); err != nil {
+		if h.holdInstead(e, err) {
+			w.WriteHeader(http.StatusAccepted)
+			return nil
+		}
+		if h.spoolWriteUnknown(err) {
+			// The write may run yet, and deliver it: not at once as well.
+			// The event ID stays reserved, so that no copy is either.
+			if c := h.logger.Check(zapcore.WarnLevel, "the spool's write has an unknown outcome, and the delivery could not be held either: the sender gets 503, and the event ID stays reserved"); c != nil {
+				c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(err))...)
+			}
+			return caddyhttp.Error(http.StatusServiceUnavailable, err)
+		}
 		if c := h.logger.Check(zapcore.WarnLevel, "the delivery could not be spooled: it goes to the next handler at once"); c != nil {
 			c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(err))...)
 		}

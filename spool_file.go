@@ -469,10 +469,17 @@ func (s *fileSpool) add(e *spoolEntry) error {
 	if old, ok := s.entries[id]; ok {
 		// Spooled already (replay protection off, and the same delivery
 		// came again): it will be delivered.
-		state := old.State
+		state, unchecked := old.State, old.Unchecked
 		s.mu.Unlock()
-		if state == stateDead {
-			return fmt.Errorf("event %s is a dead letter in the spool already", id)
+		switch {
+		case state == stateDead:
+			return fmt.Errorf("event %s: %w", id, errDeadLetter)
+		case unchecked && !e.meta.Unchecked:
+			// A delivery checked now, whose copy waits unchecked: this
+			// one's reservation would make that one a replay. The sender
+			// gets the failure, the reservation goes, and the held copy
+			// is delivered.
+			return fmt.Errorf("event %s is held in the spool, unchecked, already", id)
 		}
 		return nil
 	}
@@ -616,6 +623,12 @@ func (s *fileSpool) retryNow(id uuid.UUID) (bool, error) {
 	}
 	updated := *m
 	s.mu.Unlock()
+	if updated.State == stateDead && updated.Unchecked {
+		// A held delivery that could not be checked for replay in time:
+		// the operator who retries it vouches for it (README: Several
+		// instances).
+		updated.Unchecked, updated.ReplayToken = false, ""
+	}
 	updated.State, updated.NextAttempt = statePending, time.Now()
 	if err := s.save(updated); err != nil {
 		return true, err
@@ -624,7 +637,7 @@ func (s *fileSpool) retryNow(id uuid.UUID) (bool, error) {
 	defer s.mu.Unlock()
 	if m, ok = s.entries[id]; ok {
 		s.restate(m, statePending)
-		m.NextAttempt = updated.NextAttempt
+		m.NextAttempt, m.Unchecked, m.ReplayToken = updated.NextAttempt, updated.Unchecked, updated.ReplayToken
 		m.gen++
 		heap.Push(&s.due, dueItem{at: m.NextAttempt, id: id, gen: m.gen})
 		s.signal()

@@ -17,6 +17,7 @@ import (
 	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // The Redis store: one spool shared by every instance that names the same
@@ -26,21 +27,37 @@ import (
 // Keys, after the prefix:
 //
 //	entry:<event ID>  hash: meta (JSON, as spooled), request (JSON), body,
-//	                  size, account; and what changes: state, attempts,
-//	                  next (Unix ms), error, rev (bumped by an admin retry)
+//	                  size (what it counts toward max_size), account; and
+//	                  what changes: state, attempts, spooled and next (Unix
+//	                  ms, Redis's clock), error, rev (bumped by an admin
+//	                  retry)
 //	ids               set: every event ID the spool holds
-//	stats             hash: pending, dead, bytes
+//	stats             hash: pending, dead, bytes, and pending:<account>
 //	stream:<account>  stream of turns, each naming an entry and its rev
-//	consumer:<name>   the lease on an instance's consumer name
+//	consumer:<name>   the lease on an instance's consumer name: the proof
+//	                  that the instance lives, for its own claim_after +
+//	                  attempt_timeout
+//	served:<account>  sorted set: the consumers that serve the account,
+//	                  each until when (Redis's clock)
+//	done:<event ID>   a delivered or deleted entry, for a day: a late write
+//	                  of it (one whose outcome was unknown) adds nothing
 //
 // Each stream has one consumer group, and each instance is a consumer of
 // it. The instance that reads a turn holds its entry: the turn stays in its
 // pending list, through every backoff, until the entry is delivered or
 // becomes a dead letter, or the instance stops and hands it back (a new
-// turn), and it renews the claim every quarter of claim_after. A turn left unrenewed for claim_after (its instance died) is
-// taken over by another instance with XAUTOCLAIM. Every script checks, in
-// Redis, that the turn is still this instance's and still the entry's
-// current one before it acts on it.
+// turn). An instance reads only as many turns as its workers can attempt
+// soon, and hands back the due entries it cannot attempt soon when another
+// instance serves their account. The turns of an instance whose lease is
+// gone (it died, or lost Redis for its claim_after + attempt_timeout) are
+// taken over by another; those of a live one, never. Every script checks,
+// in Redis, that the turn is still this instance's, that this instance
+// still holds its lease, and that the turn is still the entry's current
+// one, before it acts on it; an attempt starts only while the lease has
+// more than attempt_timeout to live, so that it ends before the lease can
+// lapse. Every time another instance reads (spooled, next) is Redis's, and
+// each instance schedules by the difference between Redis's clock and its
+// own.
 
 // redisSpoolGroup is the consumer group of every stream.
 const redisSpoolGroup = "trivialsec_webhook"
@@ -49,13 +66,40 @@ const redisSpoolGroup = "trivialsec_webhook"
 // the store takes to stop, and to start reading a new account's stream.
 const redisReadBlock = 250 * time.Millisecond
 
-// redisBatch bounds what one call reads, claims or renews.
+// redisBatch bounds what one call reads, claims, renews or hands back.
 const redisBatch = 128
+
+// redisDoneTTL is how long a delivered or deleted entry's tombstone lasts
+// at least: longer than a token lives, and so than a write of it can be
+// held. An entry whose token expires later keeps its tombstone until
+// redisDoneMargin after its exp.
+const redisDoneTTL = 24 * time.Hour
+
+// redisDoneMargin is how long a tombstone outlives its token's exp: more
+// than any sane leeway (which the spool does not know: it is the
+// handler's).
+const redisDoneMargin = time.Hour
+
+// redisClockRoundTrip is the longest round trip of a TIME call whose answer
+// measures Redis's clock: a longer one says little of when Redis read it.
+const redisClockRoundTrip = 50 * time.Millisecond
+
+// redisServedTTL is how long an account's set of serving consumers lasts
+// once no instance renews it.
+const redisServedTTL = 24 * time.Hour
+
+// redisEntryOverhead is what Redis spends on an entry beyond the bytes of
+// its fields' values: the hash's key, fields and encoding, its turn in the
+// stream, its member of the ids set (measured with INFO memory on Redis 7,
+// jemalloc: TestRedisSpoolCountsWhatRedisHolds).
+const redisEntryOverhead = 1300
 
 type redisSpool struct {
 	*scheduler // its index: the entries this instance holds
 	client     *redisClient
+	guard      *redisGuard // says whether the store may write to this Redis (redis_check.go)
 	prefix     string
+	now        func() time.Time // this instance's clock
 
 	openMu sync.Mutex
 	opened bool
@@ -63,12 +107,48 @@ type redisSpool struct {
 	lease  string                     // the random value of our lease on consumer:<name>
 	down   atomic.Bool                // Redis did not answer the last call
 	last   atomic.Pointer[spoolStats] // what stats read last
+	skew   atomic.Int64               // Redis's clock minus ours, in ms, as last measured
+
+	leaseMu sync.Mutex // one keepLease at a time
+
+	// Under countMu: whether the per-account counts were made since the
+	// store started, when they may be made again after a count that did
+	// not fit (the spool changed meanwhile), and how long it waits then.
+	countMu    sync.Mutex
+	counted    bool
+	countAfter time.Time
+	countWait  time.Duration
+	// The read loop's: when it last compared our pending turns with the
+	// index.
+	checkedAt time.Time
+
+	refusedMu sync.Mutex
+	refused   map[string]string // what Redis refuses, and its reply, as logged
 
 	// Under mu: our consumer name while we hold its lease ("" until then),
-	// and the accounts whose streams we read, with their own turns read
-	// back at start.
+	// the accounts whose streams we read, with their own turns read back at
+	// start, those we marked as served, those another live instance
+	// serves, and the entries of accounts we no longer serve that we could
+	// not hand back yet (out of the index).
 	consumer string
 	reading  map[string]bool
+	marked   map[string]bool
+	others   map[string]bool
+	giveBack []spoolMeta
+
+	// The accounts with waiting entries that this instance does not serve,
+	// and what it said of them.
+	unservedMu sync.Mutex
+	unserved   map[string]*unservedNote
+}
+
+// unservedNote is what a Redis store knows of an account it does not serve
+// and whose entries wait: whether another instance serves it, how many
+// rounds in a row that held, and whether it said so.
+type unservedNote struct {
+	elsewhere bool
+	rounds    int
+	logged    bool
 }
 
 // loadRedisSpool takes the store of rawURL and prefix over from an earlier
@@ -80,10 +160,7 @@ func loadRedisSpool(rawURL, prefix string, policy spoolPolicy) (*redisSpool, str
 		if err != nil {
 			return nil, fmt.Errorf("spool redis: %w", err)
 		}
-		s := &redisSpool{client: client, prefix: prefix, reading: make(map[string]bool)}
-		s.scheduler = newScheduler(s, true, policy)
-		s.last.Store(new(spoolStats))
-		return s, nil
+		return newRedisSpool(client, prefix, policy), nil
 	})
 	if err != nil {
 		return nil, "", err
@@ -93,8 +170,20 @@ func loadRedisSpool(rawURL, prefix string, policy spoolPolicy) (*redisSpool, str
 	return s, key, nil
 }
 
+func newRedisSpool(client *redisClient, prefix string, policy spoolPolicy) *redisSpool {
+	s := &redisSpool{client: client, guard: client.guard(spoolUse, prefix), prefix: prefix, now: time.Now, refused: make(map[string]string),
+		reading: make(map[string]bool), marked: make(map[string]bool), others: make(map[string]bool),
+		unserved: make(map[string]*unservedNote)}
+	s.scheduler = newScheduler(s, true, policy)
+	s.last.Store(new(spoolStats))
+	return s
+}
+
 func (s *redisSpool) entryKey(id string) string       { return s.prefix + "entry:" + id }
 func (s *redisSpool) streamKey(account string) string { return s.prefix + "stream:" + account }
+func (s *redisSpool) leaseKey(name string) string     { return s.prefix + "consumer:" + name }
+func (s *redisSpool) servedKey(account string) string { return s.prefix + "served:" + account }
+func (s *redisSpool) doneKey(id string) string        { return s.prefix + "done:" + id }
 
 // log is the store's logger: Caddy's current one.
 func (s *redisSpool) log() *zap.Logger {
@@ -112,6 +201,82 @@ func (s *redisSpool) up() bool { return true }
 // ctx bounds one Redis call, and ends when the store stops.
 func (s *redisSpool) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(s.stopped, redisTimeout)
+}
+
+// note records what came of a Redis call, named by what (the command, or
+// the script and the commands it runs), and returns err: Redis answered;
+// Redis refused it (an error reply: a permission, its memory, its disk...),
+// which is logged at ERROR once, with the reply and what to do; or Redis did
+// not answer (the network, a timeout), one WARN per outage.
+func (s *redisSpool) note(what string, err error) error {
+	switch {
+	case err == nil || errors.Is(err, redis.Nil):
+		s.answering()
+		s.accepted(what)
+	case s.stopped.Err() != nil:
+	case errors.Is(err, errNotReplicated):
+		s.answering()
+		s.refusedWith(what, err.Error(), zapcore.WarnLevel,
+			"spool: redis ran a write, but fewer replicas than wait_replicas confirmed it: the spool treats it as not done, and tries again")
+	default:
+		reply, ok := errors.AsType[redis.Error](err)
+		if !ok {
+			s.failing(err)
+			return err
+		}
+		s.answering() // with a refusal
+		level, advice := redisReplyAdvice(reply)
+		s.refusedWith(what, reply.Error(), level, "spool: redis refuses a command the spool needs: "+advice)
+	}
+	return err
+}
+
+// redisReplyAdvice says what an error reply of Redis means for the spool,
+// and what to do.
+func redisReplyAdvice(reply redis.Error) (zapcore.Level, string) {
+	switch {
+	case isPermissionError(reply):
+		return zapcore.ErrorLevel, "the Redis user may not run it: give the user the ACL rules in SECURITY.md, which allow every command the spool and its scripts run; until then the spool cannot do what it names (a delivery held by an instance that died is not taken over, a spooled delivery is not delivered)"
+	case redis.IsAuthError(reply):
+		return zapcore.ErrorLevel, "Redis refuses the user or password of the URL: check them"
+	case redis.IsReadOnlyError(reply):
+		return zapcore.ErrorLevel, "the URL names a read-only replica: give the primary's address (or the Sentinels', with master_name)"
+	case redis.IsOOMError(reply):
+		return zapcore.ErrorLevel, "Redis has reached maxmemory: raise it, or drain the spool; deliveries that need the spool get the failure the next handler gave"
+	case redis.HasErrorPrefix(reply, "MISCONF"):
+		return zapcore.ErrorLevel, "Redis cannot write its data to disk, and refuses writes: see Redis's log"
+	case redis.IsLoadingError(reply), redis.HasErrorPrefix(reply, "BUSY"), redis.IsTryAgainError(reply), redis.IsMasterDownError(reply):
+		return zapcore.WarnLevel, "Redis cannot serve it for now (loading its data, a script running too long, or its primary away): the spool waits"
+	case redis.HasErrorPrefix(reply, "NOGROUP"):
+		return zapcore.WarnLevel, "a stream or its consumer group is gone (did Redis lose its data?): the spool makes them again"
+	case redis.HasErrorPrefix(reply, "MOVED"), redis.HasErrorPrefix(reply, "ASK"), redis.HasErrorPrefix(reply, "CROSSSLOT"), redis.IsClusterDownError(reply):
+		return zapcore.ErrorLevel, "Redis Cluster is not supported: use one Redis, or a primary with replicas under Sentinel"
+	}
+	return zapcore.ErrorLevel, "see Redis's reply"
+}
+
+// refusedWith logs, once until it is accepted again, that Redis refuses
+// what; another reply to it is logged too.
+func (s *redisSpool) refusedWith(what, reply string, level zapcore.Level, msg string) {
+	s.refusedMu.Lock()
+	logged := s.refused[what] == reply
+	s.refused[what] = reply
+	s.refusedMu.Unlock()
+	if !logged {
+		s.log().Log(level, msg, zap.String("command", what), zap.String("reply", reply))
+	}
+}
+
+// accepted notes that Redis ran what: if it refused it before, that is
+// over.
+func (s *redisSpool) accepted(what string) {
+	s.refusedMu.Lock()
+	_, was := s.refused[what]
+	delete(s.refused, what)
+	s.refusedMu.Unlock()
+	if was {
+		s.log().Info("spool: redis runs again what it refused", zap.String("command", what))
+	}
 }
 
 // failing notes that Redis did not answer: one WARN per outage, and the
@@ -132,15 +297,52 @@ func (s *redisSpool) answering() {
 	}
 }
 
+// redisScript is a script of the store, with what the log calls it: its
+// name and the commands it runs, so that a refusal names them.
+type redisScript struct {
+	*redis.Script
+	name string
+}
+
+func newRedisScript(name, src string) *redisScript {
+	return &redisScript{Script: redis.NewScript(redisPrelude + src), name: name}
+}
+
+// run runs a script, and notes what came of it.
+func (s *redisSpool) run(ctx context.Context, sc *redisScript, keys []string, args ...any) *redis.Cmd {
+	cmd := s.client.eval(ctx, sc.Script, keys, args...)
+	s.note(sc.name, cmd.Err())
+	return cmd
+}
+
+// measureClock measures Redis's clock against ours (s.now) with a TIME
+// call. A sample whose round trip took longer than redisClockRoundTrip,
+// or whose answer did not parse, is not taken: the last one stands.
+func (s *redisSpool) measureClock() {
+	ctx, cancel := s.ctx()
+	defer cancel()
+	before := s.now()
+	t, err := s.client.Time(ctx).Result()
+	after := s.now()
+	if s.note("TIME", err) != nil || t.IsZero() || after.Sub(before) > redisClockRoundTrip {
+		return
+	}
+	mid := before.Add(after.Sub(before) / 2)
+	s.skew.Store(t.UnixMilli() - mid.UnixMilli())
+}
+
+// local is a time of Redis's clock (Unix ms) on ours; zero stays zero.
+func (s *redisSpool) local(ms int64) time.Time {
+	if ms == 0 {
+		return time.Time{}
+	}
+	return time.UnixMilli(ms - s.skew.Load())
+}
+
 // start starts reading turns, renewing claims and taking over those of
 // instances that died. It needs no answer from Redis: the loops wait for
 // one.
 func (s *redisSpool) start() error {
-	s.openMu.Lock()
-	defer s.openMu.Unlock()
-	if s.opened {
-		return nil
-	}
 	host, err := os.Hostname()
 	if err != nil || host == "" {
 		host = "localhost"
@@ -149,36 +351,60 @@ func (s *redisSpool) start() error {
 	if err != nil {
 		return fmt.Errorf("spool redis: Caddy's instance ID, which names this instance's consumer: %v", err)
 	}
-	s.name, s.lease = host+"/"+id.String(), randomHex(16)
-	s.opened = true
-	s.workers.Add(3)
-	go s.redriveLoop()
-	go s.readLoop()
-	go s.keepLoop()
+	s.startAs(host + "/" + id.String())
 	return nil
 }
 
+// startAs starts the loops under the consumer name name, once.
+func (s *redisSpool) startAs(name string) {
+	s.openMu.Lock()
+	defer s.openMu.Unlock()
+	if s.opened {
+		return
+	}
+	s.name, s.lease = name, randomHex(16)
+	s.opened = true
+	s.workers.Add(4)
+	go s.redriveLoop()
+	go s.leaseLoop()
+	go s.readLoop()
+	go s.keepLoop()
+}
+
 // Destruct stops the loops, hands the turns this instance held back to the
-// other instances, gives up the consumer name, and lets go of the client,
-// with the last config using the store. A turn it could not hand back (Redis
-// did not answer) is taken over after claim_after.
+// other instances, says it serves no account any more, gives up the
+// consumer name, and lets go of the client, with the last config using the
+// store. A turn it could not hand back (Redis did not answer) is taken over
+// once its lease has expired, after claim_after + attempt_timeout.
 func (s *redisSpool) Destruct() error {
 	s.stop()
 	s.workers.Wait() // no attempt is under way now
 	s.mu.Lock()
 	consumer := s.consumer
-	held := make([]spoolMeta, 0, len(s.entries))
+	held := make([]spoolMeta, 0, len(s.entries)+len(s.giveBack))
 	for _, m := range s.entries {
 		held = append(held, *m)
+	}
+	held = append(held, s.giveBack...)
+	marked := make([]string, 0, len(s.marked))
+	for account := range s.marked {
+		marked = append(marked, account)
 	}
 	s.mu.Unlock()
 	if consumer != "" {
 		ctx, cancel := context.WithTimeout(context.Background(), handBackTimeout)
-		n := s.handBack(ctx, consumer, held)
+		n, _ := s.handBack(ctx, consumer, held)
 		if n > 0 {
 			s.log().Info("spool: handed the deliveries this instance held back to the other instances", zap.Int("entries", n))
 		}
-		_ = releaseScript.Run(ctx, s.client, []string{s.prefix + "consumer:" + consumer}, s.lease).Err()
+		if len(marked) > 0 {
+			ops := make(map[string]string, len(marked))
+			for _, account := range marked {
+				ops[account] = "unmark"
+			}
+			_, _ = s.served(ctx, consumer, 0, ops)
+		}
+		_ = s.run(ctx, redisReleaseScript, []string{s.leaseKey(consumer)}, s.lease).Err()
 		cancel()
 	}
 	return s.client.release()
@@ -187,130 +413,204 @@ func (s *redisSpool) Destruct() error {
 // handBackTimeout bounds the hand-back when the store stops.
 const handBackTimeout = 5 * time.Second
 
-// handBack ends the turns of held, none of them in flight, and adds a new
-// turn for each, which any instance may read at once. It returns how many
-// it handed back.
-func (s *redisSpool) handBack(ctx context.Context, consumer string, held []spoolMeta) (n int) {
+// handBack ends the turns of held, none of them in flight nor in the
+// index, and adds a new turn for each, which any instance may read at once.
+// It returns how many it handed back, and those it could not, Redis not
+// answering.
+func (s *redisSpool) handBack(ctx context.Context, consumer string, held []spoolMeta) (n int, left []spoolMeta) {
+	byAccount := make(map[string][]spoolMeta)
 	for _, m := range held {
-		id := m.EventID.String()
-		ok, err := redisHandBackScript.Run(ctx, s.client, []string{s.streamKey(m.Account), s.entryKey(id)},
-			redisSpoolGroup, consumer, m.turn, m.rev, id).Int()
-		if err != nil {
-			return n
-		}
-		n += ok
+		byAccount[m.Account] = append(byAccount[m.Account], m)
 	}
-	return n
+	for account, metas := range byAccount {
+		for chunk := range slices.Chunk(metas, redisBatch) {
+			if left != nil {
+				left = append(left, chunk...)
+				continue
+			}
+			keys, args := s.turnBatch(account, consumer, chunk, func(m spoolMeta) []any {
+				return []any{m.turn, m.rev, m.EventID.String()}
+			})
+			k, err := s.run(ctx, redisHandBackScript, keys, args...).Int()
+			if err != nil {
+				left = append(left, chunk...)
+				continue
+			}
+			n += k
+		}
+	}
+	return n, left
 }
 
-// The scripts. Each acts on one entry and its turn at once, so that no
-// other instance's script runs in between.
+// turnBatch is the keys and arguments of a script that acts, as consumer
+// under its lease, on turns of one account's stream: KEYS the stream, the
+// lease, then the entries of metas; ARGV the group, consumer, the lease's
+// value, then what each gives of its entry.
+func (s *redisSpool) turnBatch(account, consumer string, metas []spoolMeta, each func(m spoolMeta) []any) ([]string, []any) {
+	keys := make([]string, 0, 2+len(metas))
+	keys = append(keys, s.streamKey(account), s.leaseKey(consumer))
+	args := []any{redisSpoolGroup, consumer, s.lease}
+	for _, m := range metas {
+		keys = append(keys, s.entryKey(m.EventID.String()))
+		args = append(args, each(m)...)
+	}
+	return keys, args
+}
+
+// redisPrelude is joined to the front of every script: now() is Redis's
+// clock (TIME) in Unix ms, and holds(lease, value) whether the lease holds
+// that value (the instance that runs the script still holds it).
+const redisPrelude = `local function now()
+	local t = redis.call('TIME')
+	return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function holds(lease, value)
+	return redis.call('GET', lease) == value
+end
+`
+
+// The scripts. Each acts on one entry and its turn at once (or a batch, one
+// by one), so that no other instance's script runs in between. Times that
+// other instances read are Redis's: TIME. A script that acts on a turn
+// this instance holds does so only while the instance holds its lease.
 var (
-	// KEYS: entry, ids, stats, stream. ARGV: event ID, meta, request, body,
-	// size, account, next, max_size, attempts, error.
-	redisAddScript = redis.NewScript(`
+	// KEYS: entry, ids, stats, stream, done. ARGV: event ID, meta, request,
+	// body, size, account, ms until due, max_size, attempts, error, ms
+	// since spooled. 'done': delivered or deleted already.
+	redisAddScript = newRedisScript("the spool's add script (HGET, EXISTS, HSET, SADD, HINCRBY, TIME, XADD)", `
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then return state end
+if redis.call('EXISTS', KEYS[5]) == 1 then return 'done' end
 local bytes = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
 if bytes + tonumber(ARGV[5]) > tonumber(ARGV[8]) then return 'full' end
+local t = now()
 redis.call('HSET', KEYS[1], 'meta', ARGV[2], 'request', ARGV[3], 'body', ARGV[4], 'size', ARGV[5],
-	'account', ARGV[6], 'state', 'pending', 'attempts', ARGV[9], 'next', ARGV[7], 'error', ARGV[10], 'rev', 1)
+	'account', ARGV[6], 'state', 'pending', 'attempts', ARGV[9], 'next', t + tonumber(ARGV[7]),
+	'spooled', t - tonumber(ARGV[11]), 'error', ARGV[10], 'rev', 1)
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'bytes', ARGV[5])
 redis.call('HINCRBY', KEYS[3], 'pending', 1)
+redis.call('HINCRBY', KEYS[3], 'pending:' .. ARGV[6], 1)
 redis.call('XADD', KEYS[4], '*', 'id', ARGV[1], 'rev', 1)
 return 'ok'`)
 
-	// KEYS: stream, entry. ARGV: group, consumer, turn, rev. Renews the
-	// claim and returns the request and body, if the turn is ours and the
-	// entry's current one; a stale turn is acknowledged and deleted.
-	redisTakeScript = redis.NewScript(`
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+	// KEYS: stream, lease, entry. ARGV: group, consumer, lease value, turn,
+	// rev, attempt_timeout in ms. Renews the claim and returns the request
+	// and body, if the turn is ours and the entry's current one, and our
+	// lease lives longer than an attempt; a stale turn is acknowledged and
+	// deleted. 'lost': the turn or the lease is not ours; 'short': the
+	// lease may lapse before an attempt ends.
+	redisTakeScript = newRedisScript("the spool's take script (GET, PTTL, XPENDING, HMGET, XACK, XDEL, XCLAIM)", `
+if not holds(KEYS[2], ARGV[3]) then return {'lost'} end
+if redis.call('PTTL', KEYS[2]) <= tonumber(ARGV[6]) then return {'short'} end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[4], ARGV[4], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return {'lost'} end
-local cur = redis.call('HMGET', KEYS[2], 'rev', 'state', 'request', 'body')
-if cur[1] ~= ARGV[4] or cur[2] ~= 'pending' then
-	redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-	redis.call('XDEL', KEYS[1], ARGV[3])
+local cur = redis.call('HMGET', KEYS[3], 'rev', 'state', 'request', 'body')
+if cur[1] ~= ARGV[5] or cur[2] ~= 'pending' then
+	redis.call('XACK', KEYS[1], ARGV[1], ARGV[4])
+	redis.call('XDEL', KEYS[1], ARGV[4])
 	return {'stale'}
 end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'JUSTID')
 return {'ok', cur[3], cur[4]}`)
 
-	// KEYS: stream, then the entries. ARGV: group, consumer, then each
-	// entry's turn and rev. Renews the claims that are still ours, and
-	// returns for each entry 1 (renewed), 0 (another instance holds it) or
-	// -1 (stale: acknowledged and deleted).
-	redisRenewScript = redis.NewScript(`
+	// KEYS and ARGV: turnBatch's, each entry with its turn and rev. Renews
+	// the claims that are still ours, and returns for each entry 1
+	// (renewed), 0 (another instance holds it, or our lease is gone) or -1
+	// (stale: acknowledged and deleted).
+	redisRenewScript = newRedisScript("the spool's renew script (GET, XPENDING, HMGET, XACK, XDEL, XCLAIM)", `
 local out = {}
-for i = 2, #KEYS do
-	local turn, rev = ARGV[2*i - 1], ARGV[2*i]
-	local p = redis.call('XPENDING', KEYS[1], ARGV[1], turn, turn, 1)
-	if #p == 0 or p[1][2] ~= ARGV[2] then
-		out[i - 1] = 0
-	else
-		local cur = redis.call('HMGET', KEYS[i], 'rev', 'state')
+local mine = holds(KEYS[2], ARGV[3])
+for i = 1, #KEYS - 2 do
+	local turn, rev = ARGV[2*i + 2], ARGV[2*i + 3]
+	out[i] = 0
+	local p = {}
+	if mine then p = redis.call('XPENDING', KEYS[1], ARGV[1], turn, turn, 1) end
+	if #p > 0 and p[1][2] == ARGV[2] then
+		local cur = redis.call('HMGET', KEYS[i + 2], 'rev', 'state')
 		if cur[1] ~= rev or cur[2] ~= 'pending' then
 			redis.call('XACK', KEYS[1], ARGV[1], turn)
 			redis.call('XDEL', KEYS[1], turn)
-			out[i - 1] = -1
+			out[i] = -1
 		else
 			redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, turn, 'JUSTID')
-			out[i - 1] = 1
+			out[i] = 1
 		end
 	end
 end
 return out`)
 
-	// KEYS: entry, stats, stream. ARGV: group, consumer, turn, rev, state,
-	// attempts, next, error. Saves a failed attempt's outcome; a dead
+	// KEYS: entry, stats, stream, lease. ARGV: group, consumer, turn, rev,
+	// state, attempts, ms until due, error, lease value. Saves a failed
+	// attempt's outcome, if the turn and the lease are ours; a dead
 	// letter's turn ends.
-	redisFailedScript = redis.NewScript(`
+	redisFailedScript = newRedisScript("the spool's failed-attempt script (GET, XPENDING, HMGET, XACK, XDEL, TIME, HSET, HINCRBY)", `
+if not holds(KEYS[4], ARGV[9]) then return 0 end
 local p = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
-local cur = redis.call('HMGET', KEYS[1], 'rev', 'state')
+local cur = redis.call('HMGET', KEYS[1], 'rev', 'state', 'account')
 if cur[1] ~= ARGV[4] or cur[2] ~= 'pending' then
 	redis.call('XACK', KEYS[3], ARGV[1], ARGV[3])
 	redis.call('XDEL', KEYS[3], ARGV[3])
 	return 0
 end
-redis.call('HSET', KEYS[1], 'state', ARGV[5], 'attempts', ARGV[6], 'next', ARGV[7], 'error', ARGV[8])
+local next = 0
+if ARGV[5] == 'pending' then next = now() + tonumber(ARGV[7]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[5], 'attempts', ARGV[6], 'next', next, 'error', ARGV[8])
 if ARGV[5] ~= 'pending' then
 	redis.call('HINCRBY', KEYS[2], 'pending', -1)
+	redis.call('HINCRBY', KEYS[2], 'pending:' .. cur[3], -1)
 	redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
 	redis.call('XACK', KEYS[3], ARGV[1], ARGV[3])
 	redis.call('XDEL', KEYS[3], ARGV[3])
 end
 return 1`)
 
-	// KEYS: entry, ids, stats, and the stream of a turn to end. ARGV: event
-	// ID, and the group and turn. Deletes an entry, delivered or dropped.
-	redisDeleteScript = redis.NewScript(`
-local cur = redis.call('HMGET', KEYS[1], 'state', 'size')
+	// KEYS: entry, ids, stats, done, and for a delivery, the stream and
+	// our lease. ARGV: event ID, the tombstone's ms to live, 1 if
+	// delivered, and for a delivery the group, the turn, our consumer and
+	// the lease's value. Deletes an entry, delivered or dropped, and
+	// leaves its tombstone: a late write of it adds nothing. A delivered
+	// entry is deleted whoever holds it now (another attempt at it would
+	// deliver it twice); its turn ends if it is ours, under our lease:
+	// whoever holds it else meets a stale turn.
+	redisDeleteScript = newRedisScript("the spool's delete script (HMGET, DEL, SREM, HINCRBY, SET, GET, XPENDING, XACK, XDEL)", `
+local cur = redis.call('HMGET', KEYS[1], 'state', 'size', 'account')
 local n = 0
 if cur[1] then
 	redis.call('DEL', KEYS[1])
 	redis.call('SREM', KEYS[2], ARGV[1])
 	redis.call('HINCRBY', KEYS[3], cur[1], -1)
 	redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(cur[2]))
+	if cur[1] == 'pending' and cur[3] then
+		redis.call('HINCRBY', KEYS[3], 'pending:' .. cur[3], -1)
+	end
 	n = 1
 end
-if KEYS[4] then
-	redis.call('XACK', KEYS[4], ARGV[2], ARGV[3])
-	redis.call('XDEL', KEYS[4], ARGV[3])
+if n == 1 or ARGV[3] == '1' then
+	redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
+end
+if KEYS[5] and holds(KEYS[6], ARGV[7]) then
+	local p = redis.call('XPENDING', KEYS[5], ARGV[4], ARGV[5], ARGV[5], 1)
+	if #p > 0 and p[1][2] == ARGV[6] then
+		redis.call('XACK', KEYS[5], ARGV[4], ARGV[5])
+		redis.call('XDEL', KEYS[5], ARGV[5])
+	end
 end
 return n`)
 
-	// KEYS: entry, stats, stream. ARGV: event ID, now. Makes an entry due
-	// now under a new rev, with a new turn: the old turn, wherever it is,
-	// is stale.
-	redisRetryScript = redis.NewScript(`
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 0 end
+	// KEYS: entry, stats, stream. ARGV: event ID. Makes an entry due now
+	// under a new rev, with a new turn: the old turn, wherever it is, is
+	// stale.
+	redisRetryScript = newRedisScript("the spool's retry script (HMGET, HINCRBY, TIME, HSET, XADD)", `
+local cur = redis.call('HMGET', KEYS[1], 'state', 'account')
+if not cur[1] then return 0 end
 local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
-redis.call('HSET', KEYS[1], 'state', 'pending', 'next', ARGV[2])
-if state ~= 'pending' then
-	redis.call('HINCRBY', KEYS[2], state, -1)
+redis.call('HSET', KEYS[1], 'state', 'pending', 'next', now())
+if cur[1] ~= 'pending' then
+	redis.call('HINCRBY', KEYS[2], cur[1], -1)
 	redis.call('HINCRBY', KEYS[2], 'pending', 1)
+	redis.call('HINCRBY', KEYS[2], 'pending:' .. cur[2], 1)
 end
 redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'rev', rev)
 return 1`)
@@ -318,7 +618,7 @@ return 1`)
 	// KEYS: stream. ARGV: group, our consumer, idle ms. Deletes the
 	// consumers that hold nothing and were not seen for that long: at once,
 	// so that none takes a turn in between and loses it with the consumer.
-	redisForgetScript = redis.NewScript(`
+	redisForgetScript = newRedisScript("the spool's consumer clean-up script (XINFO CONSUMERS, XGROUP DELCONSUMER)", `
 for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 	local f = {}
 	for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
@@ -328,30 +628,114 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return 0`)
 
-	// KEYS: stream, entry. ARGV: group, consumer, turn, rev, event ID.
-	// Ends a turn this consumer holds and, if it is the entry's current
-	// one, adds a new turn for the same rev, which any consumer may read.
-	redisHandBackScript = redis.NewScript(`
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('XDEL', KEYS[1], ARGV[3])
-local cur = redis.call('HMGET', KEYS[2], 'rev', 'state')
-if cur[1] ~= ARGV[4] or cur[2] ~= 'pending' then return 0 end
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[5], 'rev', ARGV[4])
-return 1`)
+	// KEYS and ARGV: turnBatch's, each entry with its turn, rev and event
+	// ID. Under our lease, ends each turn this consumer holds and, if it
+	// is the entry's current one, adds a new turn for the same rev, which
+	// any consumer may read. Returns how many it added.
+	redisHandBackScript = newRedisScript("the spool's hand-back script (GET, XPENDING, XACK, XDEL, HMGET, XADD)", `
+if not holds(KEYS[2], ARGV[3]) then return 0 end
+local n = 0
+for i = 1, #KEYS - 2 do
+	local turn, rev, id = ARGV[3*i + 1], ARGV[3*i + 2], ARGV[3*i + 3]
+	local p = redis.call('XPENDING', KEYS[1], ARGV[1], turn, turn, 1)
+	if #p > 0 and p[1][2] == ARGV[2] then
+		redis.call('XACK', KEYS[1], ARGV[1], turn)
+		redis.call('XDEL', KEYS[1], turn)
+		local cur = redis.call('HMGET', KEYS[i + 2], 'rev', 'state')
+		if cur[1] == rev and cur[2] == 'pending' then
+			redis.call('XADD', KEYS[1], '*', 'id', id, 'rev', rev)
+			n = n + 1
+		end
+	end
+end
+return n`)
 
-	// KEYS: the lease. ARGV: its value, its time to live in ms.
-	redisLeaseScript = redis.NewScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-	return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+	// KEYS: the lease. ARGV: its value, its time to live in ms, 1 to take
+	// it if it is free. Returns 1 if we hold it now, else 0.
+	redisLeaseScript = newRedisScript("the spool's lease script (GET, PEXPIRE, SET)", `
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+	redis.call('PEXPIRE', KEYS[1], ARGV[2])
+	return 1
+end
+if not v and ARGV[3] == '1' then
+	redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+	return 1
 end
 return 0`)
+
+	// KEYS: the lease. ARGV: its value. Gives the lease up, if it is ours.
+	redisReleaseScript = &redisScript{Script: releaseScript, name: "the spool's lease release script (GET, DEL)"}
+
+	// KEYS: the stream, the lease of another consumer, ours. ARGV: group,
+	// that consumer, ours, count, our lease's value. If that consumer's
+	// lease is gone (it died, or lost Redis for its own claim_after +
+	// attempt_timeout) and we hold ours, moves up to count of its turns to
+	// ours: {how many it held, the turns as XCLAIM gives them}; {-1} if it
+	// lives, {-2} if our lease is gone.
+	redisTakeOverScript = newRedisScript("the spool's take-over script (EXISTS, GET, XPENDING, XCLAIM)", `
+if redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
+if not holds(KEYS[3], ARGV[5]) then return {-2} end
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]), ARGV[2])
+if #p == 0 then return {0} end
+local ids = {}
+for i, e in ipairs(p) do ids[i] = e[1] end
+return {#p, redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, unpack(ids))}`)
+
+	// KEYS: the served sets of accounts. ARGV: our consumer, ms to serve
+	// for, the sets' ms to live, then for each set 'mark' (we serve it),
+	// 'unmark' (we do not any more) or 'check'. Returns for each set how
+	// many other consumers serve it.
+	redisServedScript = newRedisScript("the spool's served-accounts script (TIME, ZREMRANGEBYSCORE, ZADD, ZREM, PEXPIRE, ZCARD, ZSCORE)", `
+local t = now()
+local out = {}
+for i, k in ipairs(KEYS) do
+	local op = ARGV[3 + i]
+	redis.call('ZREMRANGEBYSCORE', k, '-inf', t)
+	if op == 'mark' then
+		redis.call('ZADD', k, t + tonumber(ARGV[2]), ARGV[1])
+		redis.call('PEXPIRE', k, ARGV[3])
+	elseif op == 'unmark' then
+		redis.call('ZREM', k, ARGV[1])
+	end
+	local n = redis.call('ZCARD', k)
+	if redis.call('ZSCORE', k, ARGV[1]) then n = n - 1 end
+	out[i] = n
+end
+return out`)
+
+	// KEYS: stats. ARGV: account, count, account, count... Puts the
+	// counts of pending entries per account, as counted, in place of
+	// stats' pending:<account>, if they add up to its pending (nothing
+	// changed the spool meanwhile in a way the count missed): 1 if so,
+	// else 0.
+	redisCountScript = newRedisScript("the spool's count script (HGET, HKEYS, HDEL, HSET)", `
+local sum = 0
+for i = 2, #ARGV, 2 do sum = sum + tonumber(ARGV[i]) end
+if sum ~= tonumber(redis.call('HGET', KEYS[1], 'pending') or '0') then return 0 end
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+	if string.sub(f, 1, 8) == 'pending:' then redis.call('HDEL', KEYS[1], f) end
+end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], 'pending:' .. ARGV[i], ARGV[i + 1]) end
+return 1`)
 )
 
-// add spools an entry: the 202 waits for Redis to have it.
+// redisEntryCost is what an entry counts toward max_size: what Redis holds
+// for it, near enough (README: Several instances).
+func redisEntryCost(fields ...int) int64 {
+	n := int64(redisEntryOverhead)
+	for _, f := range fields {
+		n += int64(f)
+	}
+	return n
+}
+
+// add spools an entry: the 202 waits for Redis to have it. Its times go to
+// Redis as durations, from now on this instance's clock: Redis stores them
+// on its own. A Redis the guard finds unfit (it may evict, say) gets
+// nothing.
 func (s *redisSpool) add(e *spoolEntry) error {
-	size, meta, req, err := e.size()
+	_, meta, req, err := e.size()
 	if err != nil {
 		return err
 	}
@@ -360,43 +744,62 @@ func (s *redisSpool) add(e *spoolEntry) error {
 	s.mu.Unlock()
 	m := &e.meta
 	id := m.EventID.String()
+	now := s.now()
+	age := max(0, now.Sub(m.SpooledAt).Milliseconds())
+	due := m.NextAttempt.Sub(now).Milliseconds()
+	cost := redisEntryCost(len(meta), len(req), len(e.body), len(m.LastError), len(m.Account), len(id))
 	ctx, cancel := s.ctx()
 	defer cancel()
-	res, err := redisAddScript.Run(ctx, s.client,
-		[]string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.streamKey(m.Account)},
-		id, meta, req, e.body, size, m.Account, m.NextAttempt.UnixMilli(), maxSize, m.Attempts, m.LastError).Text()
+	if err := s.guard.usable(ctx); err != nil {
+		return fmt.Errorf("spool redis: %w", err)
+	}
+	res, err := s.run(ctx, redisAddScript,
+		[]string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.streamKey(m.Account), s.doneKey(id)},
+		id, meta, req, e.body, cost, m.Account, due, maxSize, m.Attempts, m.LastError, age).Text()
 	switch {
 	case err != nil:
-		s.failing(err)
+		s.guard.stale()
 		return fmt.Errorf("spool redis: %w", err)
 	case res == "full":
 		return errSpoolFull
 	case res == stateDead:
-		return fmt.Errorf("event %s is a dead letter in the spool already", id)
+		return fmt.Errorf("event %s: %w", id, errDeadLetter)
+	case res == "done":
+		return fmt.Errorf("event %s: %w", id, errSpoolDelivered)
 	case res == "ok":
 		spoolSpooled.Inc()
 	}
 	// "pending": spooled already (replay protection off, and the same
-	// delivery came again): it will be delivered.
+	// delivery came again; or a write whose outcome was unknown, again): it
+	// will be delivered.
 	return nil
 }
 
 // take renews this instance's claim on m's turn and reads what to send.
+// An attempt starts only while our lease has more than attempt_timeout to
+// live: it ends before the lease can lapse, and so before another instance
+// can take the entry over.
 func (s *redisSpool) take(m *spoolMeta) (spoolRequest, []byte, error) {
 	var req spoolRequest
 	consumer := s.consumerName()
 	if consumer == "" {
 		return req, nil, errNotHeld
 	}
+	s.mu.Lock()
+	attemptTimeout := s.policy.attemptTimeout
+	s.mu.Unlock()
 	ctx, cancel := s.ctx()
 	defer cancel()
-	res, err := redisTakeScript.Run(ctx, s.client, []string{s.streamKey(m.Account), s.entryKey(m.EventID.String())},
-		redisSpoolGroup, consumer, m.turn, m.rev).Slice()
+	res, err := s.run(ctx, redisTakeScript, []string{s.streamKey(m.Account), s.leaseKey(consumer), s.entryKey(m.EventID.String())},
+		redisSpoolGroup, consumer, s.lease, m.turn, m.rev, attemptTimeout.Milliseconds()).Slice()
 	if err != nil {
-		s.failing(err)
 		return req, nil, fmt.Errorf("%w: %v", errStoreDown, err)
 	}
-	s.answering()
+	if len(res) == 1 && res[0] == "short" {
+		// Not renewed for a while (Redis did not answer): wait for the
+		// lease loop.
+		return req, nil, fmt.Errorf("%w: this instance's lease on its consumer name may lapse before an attempt ends", errStoreDown)
+	}
 	if len(res) != 3 || res[0] != "ok" {
 		return req, nil, errNotHeld
 	}
@@ -408,21 +811,33 @@ func (s *redisSpool) take(m *spoolMeta) (spoolRequest, []byte, error) {
 	return req, []byte(body), nil
 }
 
-// delivered deletes a delivered entry, and ends its turn. While Redis does
-// not answer it tries again, as long as the store runs: an entry left in
-// Redis is delivered again.
+// doneTTL is how long the tombstone of an entry whose token expires at exp
+// lives: redisDoneTTL, or until redisDoneMargin after exp if that is later.
+func (s *redisSpool) doneTTL(exp time.Time) time.Duration {
+	if exp.IsZero() {
+		return redisDoneTTL
+	}
+	return max(redisDoneTTL, exp.Sub(s.now())+redisDoneMargin)
+}
+
+// delivered deletes a delivered entry, ends its turn, and leaves its
+// tombstone. While Redis does not answer it tries again, as long as the
+// store runs: an entry left in Redis is delivered again.
 func (s *redisSpool) delivered(m spoolMeta) {
 	id := m.EventID.String()
-	keys := []string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.streamKey(m.Account)}
+	consumer := s.consumerName()
+	if consumer == "" {
+		consumer = s.name // its lease lost: the turn is not ended, the entry is deleted all the same
+	}
+	keys := []string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.doneKey(id), s.streamKey(m.Account), s.leaseKey(consumer)}
+	ttl := s.doneTTL(m.ExpiresAt).Milliseconds()
 	for {
 		ctx, cancel := s.ctx()
-		err := redisDeleteScript.Run(ctx, s.client, keys, id, redisSpoolGroup, m.turn).Err()
+		err := s.run(ctx, redisDeleteScript, keys, id, ttl, 1, redisSpoolGroup, m.turn, consumer, s.lease).Err()
 		cancel()
 		if err == nil {
-			s.answering()
 			return
 		}
-		s.failing(err)
 		if !s.pause(storeDownWait) {
 			s.log().Error("spool: a delivered entry could not be deleted before Caddy stopped: it will be delivered again",
 				zap.String("event_id", id), zap.Error(err))
@@ -431,24 +846,27 @@ func (s *redisSpool) delivered(m spoolMeta) {
 	}
 }
 
-// failed saves a failed attempt's outcome, if m's turn is still ours.
+// failed saves a failed attempt's outcome, if m's turn and our lease are
+// still ours.
 func (s *redisSpool) failed(m spoolMeta) error {
-	var next int64
+	consumer := s.consumerName()
+	if consumer == "" {
+		return nil // its lease lost: whoever takes the turn over tries again
+	}
+	var due int64
 	if m.State == statePending {
-		next = m.NextAttempt.UnixMilli()
+		due = m.NextAttempt.Sub(s.now()).Milliseconds()
 	}
 	ctx, cancel := s.ctx()
 	defer cancel()
-	err := redisFailedScript.Run(ctx, s.client,
-		[]string{s.entryKey(m.EventID.String()), s.prefix + "stats", s.streamKey(m.Account)},
-		redisSpoolGroup, s.consumerName(), m.turn, m.rev, m.State, m.Attempts, next, m.LastError).Err()
-	if err != nil {
-		s.failing(err)
-	}
-	return err
+	return s.run(ctx, redisFailedScript,
+		[]string{s.entryKey(m.EventID.String()), s.prefix + "stats", s.streamKey(m.Account), s.leaseKey(consumer)},
+		redisSpoolGroup, consumer, m.turn, m.rev, m.State, m.Attempts, due, m.LastError, s.lease).Err()
 }
 
-// list reads every entry of the store, whichever instance holds it.
+// list reads every entry of the store, whichever instance holds it, with
+// its times on Redis's clock. A pending entry of an account that no
+// handler of this instance serves is parked.
 func (s *redisSpool) list() ([]spoolMeta, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*redisTimeout)
 	defer cancel()
@@ -456,6 +874,7 @@ func (s *redisSpool) list() ([]spoolMeta, error) {
 	if err != nil {
 		return nil, fmt.Errorf("spool redis: %w", err)
 	}
+	handled := s.handled()
 	out := make([]spoolMeta, 0, len(ids))
 	for chunk := range slices.Chunk(ids, 1000) {
 		cmds := make([]*redis.SliceCmd, len(chunk))
@@ -469,51 +888,96 @@ func (s *redisSpool) list() ([]spoolMeta, error) {
 			return nil, fmt.Errorf("spool redis: %w", err)
 		}
 		for _, cmd := range cmds {
-			if m, ok := metaOf(cmd.Val()); ok {
-				out = append(out, m)
+			m, ok := metaOf(cmd.Val())
+			if !ok {
+				continue
 			}
+			m.SpooledAt, m.NextAttempt = redisTime(m.spooledMs), redisTime(m.nextMs)
+			if m.State == statePending && !handled[m.Account] {
+				m.State = stateParked
+			}
+			out = append(out, m.spoolMeta)
 		}
 	}
 	return out, nil
 }
 
+// redisTime is a time of Redis's clock, as Redis gave it; zero stays zero.
+func redisTime(ms int64) time.Time {
+	if ms == 0 {
+		return time.Time{}
+	}
+	return time.UnixMilli(ms)
+}
+
+// handled is the set of accounts that a handler of this instance serves.
+func (s *redisSpool) handled() map[string]bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]bool, len(s.drivers))
+	for account, ds := range s.drivers {
+		if len(ds) > 0 {
+			out[account] = true
+		}
+	}
+	return out
+}
+
 // redisMetaFields are what metaOf reads, in its order.
-var redisMetaFields = []string{"meta", "state", "attempts", "next", "error", "rev"}
+var redisMetaFields = []string{"meta", "state", "attempts", "next", "error", "rev", "spooled"}
+
+// redisMeta is an entry's metadata as Redis holds it: its times are Unix ms
+// of Redis's clock.
+type redisMeta struct {
+	spoolMeta
+	spooledMs, nextMs int64
+}
 
 // metaOf makes an entry's metadata from its hash's redisMetaFields; false
-// if the entry is gone.
-func metaOf(v []any) (spoolMeta, bool) {
-	var m spoolMeta
+// if the entry is gone. An entry an earlier version wrote has no spooled
+// field: its meta's time stands for it.
+func metaOf(v []any) (redisMeta, bool) {
+	var m redisMeta
 	if len(v) != len(redisMetaFields) {
 		return m, false
 	}
 	str := func(i int) string { s, _ := v[i].(string); return s }
-	if err := json.Unmarshal([]byte(str(0)), &m); err != nil || str(1) == "" {
+	if err := json.Unmarshal([]byte(str(0)), &m.spoolMeta); err != nil || str(1) == "" {
 		return m, false
 	}
 	m.State, m.LastError = str(1), str(4)
 	m.Attempts, _ = strconv.Atoi(str(2))
-	m.NextAttempt = time.Time{}
-	if ms, err := strconv.ParseInt(str(3), 10, 64); err == nil && ms != 0 {
-		m.NextAttempt = time.UnixMilli(ms)
-	}
+	m.nextMs, _ = strconv.ParseInt(str(3), 10, 64)
 	m.rev, _ = strconv.ParseInt(str(5), 10, 64)
+	m.spooledMs = m.SpooledAt.UnixMilli()
+	if ms, err := strconv.ParseInt(str(6), 10, 64); err == nil {
+		m.spooledMs = ms
+	}
 	return m, true
 }
 
 // stats reads the store's counters; while Redis does not answer, the last
-// ones it gave.
+// ones it gave. The pending entries of the accounts no handler of this
+// instance serves count as parked.
 func (s *redisSpool) stats() spoolStats {
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
-	v, err := s.client.HMGet(ctx, s.prefix+"stats", statePending, stateDead, "bytes").Result()
-	if err != nil || len(v) != 3 {
+	v, err := s.client.HGetAll(ctx, s.prefix+"stats").Result()
+	if err != nil {
 		st := *s.last.Load()
 		st.down = true
 		return st
 	}
-	n := func(i int) int64 { s, _ := v[i].(string); n, _ := strconv.ParseInt(s, 10, 64); return n }
-	st := &spoolStats{pending: n(0), dead: n(1), bytes: n(2)}
+	n := func(f string) int64 { n, _ := strconv.ParseInt(v[f], 10, 64); return n }
+	st := &spoolStats{pending: n(statePending), dead: n(stateDead), bytes: n("bytes")}
+	handled := s.handled()
+	for f := range v {
+		if account, ok := strings.CutPrefix(f, "pending:"); ok && !handled[account] {
+			st.parked += max(0, n(f))
+		}
+	}
+	st.parked = min(st.parked, st.pending)
+	st.pending -= st.parked
 	s.last.Store(st)
 	return *st
 }
@@ -531,20 +995,28 @@ func (s *redisSpool) retryNow(id uuid.UUID) (bool, error) {
 	case err != nil:
 		return false, fmt.Errorf("spool redis: %w", err)
 	}
-	n, err := redisRetryScript.Run(ctx, s.client, []string{key, s.prefix + "stats", s.streamKey(account)},
-		id.String(), time.Now().UnixMilli()).Int()
+	n, err := s.run(ctx, redisRetryScript, []string{key, s.prefix + "stats", s.streamKey(account)}, id.String()).Int()
 	if err != nil {
 		return false, fmt.Errorf("spool redis: %w", err)
 	}
 	return n == 1, nil
 }
 
-// remove deletes an entry; the instance that holds its turn finds it gone.
+// remove deletes an entry, and leaves its tombstone; the instance that
+// holds its turn finds it gone.
 func (s *redisSpool) remove(id uuid.UUID) (bool, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
-	n, err := redisDeleteScript.Run(ctx, s.client, []string{s.entryKey(id.String()), s.prefix + "ids", s.prefix + "stats"},
-		id.String()).Int()
+	key := s.entryKey(id.String())
+	var exp time.Time
+	if raw, err := s.client.HGet(ctx, key, "meta").Result(); err == nil {
+		var m spoolMeta
+		if json.Unmarshal([]byte(raw), &m) == nil {
+			exp = m.ExpiresAt
+		}
+	}
+	n, err := s.run(ctx, redisDeleteScript, []string{key, s.prefix + "ids", s.prefix + "stats", s.doneKey(id.String())},
+		id.String(), s.doneTTL(exp).Milliseconds(), 0).Int()
 	if err != nil {
 		return false, fmt.Errorf("spool redis: %w", err)
 	}
@@ -563,6 +1035,11 @@ func (s *redisSpool) consumerName() string {
 func (s *redisSpool) accounts() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	return s.servedAccounts()
+}
+
+// servedAccounts is accounts, with s.mu held.
+func (s *redisSpool) servedAccounts() []string {
 	var out []string
 	for account := range s.drivers {
 		if s.serves(account) {
@@ -573,8 +1050,42 @@ func (s *redisSpool) accounts() []string {
 	return out
 }
 
+// waiting returns the entries this instance holds that no attempt is under
+// way at, pending and due by by. Call with s.mu held.
+func (s *redisSpool) waiting(by time.Time) []*spoolMeta {
+	var out []*spoolMeta
+	for id, m := range s.entries {
+		if !s.inflight[id] && m.State == statePending && !m.NextAttempt.After(by) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// room is how many more entries this instance's workers could attempt
+// soon: redriveWorkers, less the attempts under way, the entries it holds
+// that are due, and those that come due within a quarter of claim_after
+// of the accounts another live instance serves (this instance would
+// otherwise read every turn while those wait for their time, and leave the
+// other instances none). Alone, it counts only those due: it has no one to
+// leave turns to, and entries it retries soon, again and again, would keep
+// it from reading any other.
+func (s *redisSpool) room() int {
+	now := s.now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	busy := len(s.inflight)
+	for _, m := range s.waiting(now.Add(s.policy.claimAfter / 4)) {
+		if s.others[m.Account] || !m.NextAttempt.After(now) {
+			busy++
+		}
+	}
+	return redriveWorkers - busy
+}
+
 // readLoop reads new turns from the streams of the accounts this instance
-// re-drives, and holds their entries.
+// re-drives, as many as its workers can attempt soon, and holds their
+// entries.
 func (s *redisSpool) readLoop() {
 	defer s.workers.Done()
 	for s.stopped.Err() == nil {
@@ -585,14 +1096,27 @@ func (s *redisSpool) readLoop() {
 				delete(s.reading, account) // when it comes back, its turns are read back
 			}
 		}
+		claimAfter := s.policy.claimAfter
 		s.mu.Unlock()
 		if consumer == "" || len(accounts) == 0 {
 			s.pause(100 * time.Millisecond)
 			continue
 		}
 		if err := s.startReading(consumer, accounts); err != nil {
-			s.failing(err)
 			s.pause(storeDownWait)
+			continue
+		}
+		if now := s.now(); now.Sub(s.checkedAt) >= claimAfter/4 {
+			if err := s.holdPending(consumer, accounts); err != nil {
+				s.pause(storeDownWait)
+				continue
+			}
+			s.checkedAt = now
+		}
+		s.shed(consumer)
+		room := s.room()
+		if room <= 0 {
+			s.waitForRoom()
 			continue
 		}
 		streams := make([]string, 0, 2*len(accounts))
@@ -602,26 +1126,79 @@ func (s *redisSpool) readLoop() {
 		for range accounts {
 			streams = append(streams, ">")
 		}
+		count := (room + len(accounts) - 1) / len(accounts)
 		res, err := s.client.XReadGroup(s.stopped, &redis.XReadGroupArgs{
-			Group: redisSpoolGroup, Consumer: consumer, Streams: streams, Count: redisBatch, Block: redisReadBlock,
+			Group: redisSpoolGroup, Consumer: consumer, Streams: streams, Count: int64(count), Block: redisReadBlock,
 		}).Result()
-		switch {
-		case errors.Is(err, redis.Nil):
-			s.answering()
-			continue
-		case err != nil:
-			if strings.HasPrefix(err.Error(), "NOGROUP") { // Redis lost its data
-				s.mu.Lock()
-				clear(s.reading)
-				s.mu.Unlock()
+		if err != nil && !errors.Is(err, redis.Nil) {
+			// Its reply may be lost with turns Redis gave us (or the group
+			// with Redis's data): read our pending turns back.
+			s.mu.Lock()
+			clear(s.reading)
+			s.mu.Unlock()
+			if redis.HasErrorPrefix(err, "NOGROUP") {
+				continue
 			}
-			s.failing(err)
+		}
+		if s.note("XREADGROUP", err) != nil && !errors.Is(err, redis.Nil) {
 			s.pause(storeDownWait)
 			continue
 		}
-		s.answering()
 		for _, st := range res {
 			s.hold(strings.TrimPrefix(st.Stream, s.prefix+"stream:"), st.Messages)
+		}
+	}
+}
+
+// waitForRoom waits until an attempt ends, or redisReadBlock.
+func (s *redisSpool) waitForRoom() {
+	t := time.NewTimer(redisReadBlock)
+	defer t.Stop()
+	select {
+	case <-s.stopped.Done():
+	case <-s.landed:
+	case <-t.C:
+	}
+}
+
+// shed hands back the due entries this instance holds beyond what its
+// workers can attempt soon (they are queued behind redriveWorkers others),
+// when another live instance serves their account: one that has room reads
+// them. An instance alone keeps them.
+func (s *redisSpool) shed(consumer string) {
+	now := s.now()
+	s.mu.Lock()
+	waiting := s.waiting(now)
+	if len(waiting) <= redriveWorkers {
+		s.mu.Unlock()
+		return
+	}
+	slices.SortFunc(waiting, func(a, b *spoolMeta) int { return a.NextAttempt.Compare(b.NextAttempt) })
+	var excess []spoolMeta
+	for _, m := range waiting[redriveWorkers:] {
+		if s.others[m.Account] {
+			s.unindex(m) // no attempt starts on it now
+			excess = append(excess, *m)
+		}
+	}
+	s.mu.Unlock()
+	if len(excess) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(s.stopped, handBackTimeout)
+	_, left := s.handBack(ctx, consumer, excess)
+	cancel()
+	s.reschedule(left)
+}
+
+// reschedule puts entries it could not hand back (Redis did not answer)
+// in the index again: still ours, or gone (take finds out which).
+func (s *redisSpool) reschedule(left []spoolMeta) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, m := range left {
+		if _, ok := s.entries[m.EventID]; !ok {
+			s.schedule(m)
 		}
 	}
 }
@@ -640,7 +1217,10 @@ func (s *redisSpool) startReading(consumer string, accounts []string) error {
 		ctx, cancel := s.ctx()
 		err := s.client.XGroupCreateMkStream(ctx, s.streamKey(account), redisSpoolGroup, "0").Err()
 		cancel()
-		if err != nil && !strings.HasPrefix(err.Error(), "BUSYGROUP") {
+		if redis.HasErrorPrefix(err, "BUSYGROUP") {
+			err = nil
+		}
+		if s.note("XGROUP CREATE", err) != nil {
 			return err
 		}
 		for after := "0"; ; {
@@ -649,11 +1229,11 @@ func (s *redisSpool) startReading(consumer string, accounts []string) error {
 				Group: redisSpoolGroup, Consumer: consumer, Streams: []string{s.streamKey(account), after}, Count: redisBatch, Block: -1,
 			}).Result()
 			cancel()
-			if errors.Is(err, redis.Nil) || (err == nil && (len(res) == 0 || len(res[0].Messages) == 0)) {
-				break
-			}
-			if err != nil {
+			if s.note("XREADGROUP", err) != nil && !errors.Is(err, redis.Nil) {
 				return err
+			}
+			if len(res) == 0 || len(res[0].Messages) == 0 {
+				break
 			}
 			msgs := res[0].Messages
 			s.hold(account, msgs)
@@ -666,9 +1246,93 @@ func (s *redisSpool) startReading(consumer string, accounts []string) error {
 	return nil
 }
 
+// holdPendingPages bounds how many pages of our pending turns holdPending
+// reads of one stream in a round: redisBatch each.
+const holdPendingPages = 1000
+
+// holdPending compares the turns each account's stream has pending for
+// this consumer with the index, and holds the entries of those the index
+// lacks: a turn whose read's reply was lost, or whose entry could not be
+// read when it was read or claimed, would stay in our pending list, and no
+// other instance would take it over while we live. Run by the read loop,
+// so that no read of its own is half way.
+func (s *redisSpool) holdPending(consumer string, accounts []string) error {
+	for _, account := range accounts {
+		stream := s.streamKey(account)
+		start := "-"
+		for range holdPendingPages {
+			ctx, cancel := s.ctx()
+			pending, err := s.client.XPendingExt(ctx, &redis.XPendingExtArgs{
+				Stream: stream, Group: redisSpoolGroup, Start: start, End: "+", Count: redisBatch, Consumer: consumer,
+			}).Result()
+			cancel()
+			if redis.HasErrorPrefix(err, "NOGROUP") {
+				break // startReading makes it
+			}
+			if s.note("XPENDING", err) != nil {
+				return err
+			}
+			s.mu.Lock()
+			held := make(map[string]bool, len(s.entries))
+			for _, m := range s.entries {
+				held[m.turn] = true
+			}
+			s.mu.Unlock()
+			var missing []string
+			for _, p := range pending {
+				if !held[p.ID] {
+					missing = append(missing, p.ID)
+				}
+			}
+			if err := s.holdTurns(account, missing); err != nil {
+				return err
+			}
+			if len(pending) < redisBatch {
+				break
+			}
+			start = "(" + pending[len(pending)-1].ID
+		}
+	}
+	return nil
+}
+
+// holdTurns reads the turns of an account's stream that this consumer
+// has pending, and holds their entries; a turn whose message is gone ends.
+func (s *redisSpool) holdTurns(account string, turns []string) error {
+	if len(turns) == 0 {
+		return nil
+	}
+	stream := s.streamKey(account)
+	ctx, cancel := s.ctx()
+	cmds := make([]*redis.XMessageSliceCmd, len(turns))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, turn := range turns {
+			cmds[i] = p.XRange(ctx, stream, turn, turn)
+		}
+		return nil
+	})
+	cancel()
+	if s.note("XRANGE", err) != nil {
+		return err
+	}
+	var msgs []redis.XMessage
+	var gone []string
+	for i, cmd := range cmds {
+		if m := cmd.Val(); len(m) == 1 {
+			msgs = append(msgs, m[0])
+		} else {
+			gone = append(gone, turns[i])
+		}
+	}
+	s.ack(account, gone)
+	s.hold(account, msgs)
+	return nil
+}
+
 // hold takes the entries of turns this instance just read or claimed into
-// its index, and returns how many; turns of entries gone, dead or retried
-// since are acknowledged and deleted.
+// its index, their times on its own clock, and returns how many; turns of
+// entries gone, dead or retried since are acknowledged and deleted. A
+// turn the index holds already stays as the index has it.
 func (s *redisSpool) hold(account string, msgs []redis.XMessage) (held int) {
 	if len(msgs) == 0 {
 		return 0
@@ -685,23 +1349,29 @@ func (s *redisSpool) hold(account string, msgs []redis.XMessage) (held int) {
 		}
 		return nil
 	})
-	if err != nil && !errors.Is(err, redis.Nil) {
-		s.failing(err) // the turns stay in our pending list: claimed again after claim_after
-		return 0
+	if s.note("HMGET", err) != nil && !errors.Is(err, redis.Nil) {
+		return 0 // the turns stay in our pending list: holdPending finds them
 	}
 	var stale []string
 	for i, msg := range msgs {
-		m, ok := metaOf(cmds[i].Val())
-		if !ok || m.State != statePending || strconv.FormatInt(m.rev, 10) != revs[i] || m.Account != account {
+		rm, ok := metaOf(cmds[i].Val())
+		if !ok || rm.State != statePending || strconv.FormatInt(rm.rev, 10) != revs[i] || rm.Account != account {
 			stale = append(stale, msg.ID)
 			continue
 		}
+		m := rm.spoolMeta
+		m.SpooledAt, m.NextAttempt = s.local(rm.spooledMs), s.local(rm.nextMs)
 		m.turn = msg.ID
 		s.mu.Lock()
-		if old, ok := s.entries[m.EventID]; ok && old.turn != m.turn && !s.inflight[m.EventID] {
+		old, ok := s.entries[m.EventID]
+		switch {
+		case ok && old.turn == m.turn:
+		case ok && !s.inflight[m.EventID]:
 			stale = append(stale, old.turn)
+			s.schedule(m)
+		default:
+			s.schedule(m)
 		}
-		s.schedule(m)
 		s.mu.Unlock()
 		held++
 	}
@@ -722,26 +1392,31 @@ func (s *redisSpool) ack(account string, turns []string) {
 		p.XDel(ctx, stream, turns...)
 		return nil
 	})
-	if err != nil {
-		s.failing(err)
-	}
+	s.note("XACK, XDEL", err)
 }
 
-// keepLoop, every quarter of claim_after: keeps the consumer name's lease,
-// renews the claims on the turns this instance holds, and takes over the
-// turns other instances left unrenewed for claim_after.
-func (s *redisSpool) keepLoop() {
+// leaseTimes is claim_after, and the lease's time to live: claim_after +
+// attempt_timeout, so that an attempt, which starts only while the lease
+// has more than attempt_timeout to live (take), ends before the lease can
+// lapse, however long its renewals fail meanwhile.
+func (s *redisSpool) leaseTimes() (claimAfter, ttl time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.policy.claimAfter, s.policy.claimAfter + s.policy.attemptTimeout
+}
+
+// leaseLoop, every quarter of claim_after, on its own, whatever the keep
+// loop's work takes: takes the lease on our consumer name, or renews it,
+// and measures Redis's clock.
+func (s *redisSpool) leaseLoop() {
 	defer s.workers.Done()
 	for {
-		s.mu.Lock()
-		claimAfter := s.policy.claimAfter
-		s.mu.Unlock()
+		claimAfter, _ := s.leaseTimes()
 		wait := claimAfter / 4
-		if err := s.keep(claimAfter); err != nil {
-			s.failing(err)
+		if _, err := s.keepLease(); err != nil {
 			wait = min(wait, storeDownWait) // resume soon after Redis answers
 		} else {
-			s.answering()
+			s.measureClock()
 		}
 		if !s.pause(wait) {
 			return
@@ -749,46 +1424,107 @@ func (s *redisSpool) keepLoop() {
 	}
 }
 
-func (s *redisSpool) keep(claimAfter time.Duration) error {
-	consumer, err := s.keepLease(claimAfter)
-	if err != nil || consumer == "" {
-		return err
+// keepLoop, every quarter of claim_after: renews the claims on the turns
+// this instance holds, keeps the per-account counts, says which accounts
+// it serves, and takes over the turns of instances whose lease is gone.
+func (s *redisSpool) keepLoop() {
+	defer s.workers.Done()
+	for {
+		claimAfter, _ := s.leaseTimes()
+		wait := claimAfter / 4
+		if err := s.keep(); err != nil {
+			wait = min(wait, storeDownWait) // resume soon after Redis answers
+		}
+		if !s.pause(wait) {
+			return
+		}
+	}
+}
+
+// keep is one round of the keep loop. Until the lease loop holds our
+// consumer name, it takes it.
+func (s *redisSpool) keep() error {
+	consumer := s.consumerName()
+	if consumer == "" {
+		var err error
+		if consumer, err = s.keepLease(); err != nil || consumer == "" {
+			return err
+		}
 	}
 	if err := s.renew(consumer); err != nil {
 		return err
 	}
+	stats, err := s.readStats()
+	if err != nil {
+		return err
+	}
+	if err := s.keepCounts(stats); err != nil {
+		return err
+	}
+	waiting := waitingByAccount(stats)
+	claimAfter, _ := s.leaseTimes()
+	checked, others, err := s.markServed(consumer, claimAfter, waiting)
+	if err != nil {
+		return err
+	}
+	s.noteWaiting(checked, others, waiting)
 	for _, account := range s.accounts() {
-		if err := s.claim(consumer, account, claimAfter); err != nil {
+		if err := s.claim(consumer, account); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// keepLease takes the lease on our consumer name, or renews it. A name
-// another live process holds (one that shares Caddy's data directory, and
-// so its instance ID) gets a random suffix. A lease lost while Redis did
-// not answer lets go of every turn this instance held.
-func (s *redisSpool) keepLease(claimAfter time.Duration) (string, error) {
+// holdLease takes the lease on name (if take, and it is free), or renews
+// it, for ttl; true if we hold it.
+func (s *redisSpool) holdLease(name string, ttl time.Duration, take bool) (bool, error) {
 	ctx, cancel := s.ctx()
 	defer cancel()
+	flag := 0
+	if take {
+		flag = 1
+	}
+	n, err := s.run(ctx, redisLeaseScript, []string{s.leaseKey(name)}, s.lease, ttl.Milliseconds(), flag).Int()
+	return n == 1, err
+}
+
+// keepLease takes the lease on our consumer name, or renews it, for
+// claim_after + attempt_timeout: while it lives, no other instance takes
+// our turns over. A name another live process holds (one that shares
+// Caddy's data directory, and so its instance ID) gets a random suffix. A
+// lease lost while Redis did not answer lets go of every turn this
+// instance held. Nothing is written to a Redis the guard finds unfit (it
+// logs why): no consumer name, so no turn read either.
+func (s *redisSpool) keepLease() (string, error) {
+	s.leaseMu.Lock()
+	defer s.leaseMu.Unlock()
+	_, ttl := s.leaseTimes()
 	consumer := s.consumerName()
 	if consumer != "" {
-		n, err := redisLeaseScript.Run(ctx, s.client, []string{s.prefix + "consumer:" + consumer}, s.lease, claimAfter.Milliseconds()).Int()
-		if err != nil || n == 1 {
+		ok, err := s.holdLease(consumer, ttl, false)
+		if err != nil || ok {
 			return consumer, err
 		}
-		s.log().Error("spool: this instance lost the lease on its consumer name (redis lost its data, or did not answer for claim_after): it lets go of the deliveries it held, which another instance, or this one, takes over after claim_after", zap.String("consumer", consumer))
+		s.log().Error("spool: this instance lost the lease on its consumer name (redis lost its data, or did not answer for claim_after + attempt_timeout): it lets go of the deliveries it held, which another instance, or this one, takes over", zap.String("consumer", consumer))
 		s.mu.Lock()
 		s.consumer = ""
 		for _, m := range s.entries {
 			s.unindex(m)
 		}
+		s.giveBack = nil
 		clear(s.reading)
 		s.mu.Unlock()
+	} else {
+		ctx, cancel := s.ctx()
+		err := s.guard.usable(ctx)
+		cancel()
+		if err != nil {
+			return "", err
+		}
 	}
 	for _, name := range []string{s.name, s.name + "/" + randomHex(4)} {
-		ok, err := s.client.SetNX(ctx, s.prefix+"consumer:"+name, s.lease, claimAfter).Result()
+		ok, err := s.holdLease(name, ttl, true)
 		if err != nil {
 			return "", err
 		}
@@ -796,6 +1532,7 @@ func (s *redisSpool) keepLease(claimAfter time.Duration) (string, error) {
 			if name != s.name {
 				s.log().Warn("spool: another live process uses this instance's consumer name (does it share Caddy's data directory?): this one takes another", zap.String("consumer", name))
 			}
+			s.measureClock() // before the first turn is read
 			s.mu.Lock()
 			s.consumer = name
 			s.mu.Unlock()
@@ -806,12 +1543,14 @@ func (s *redisSpool) keepLease(claimAfter time.Duration) (string, error) {
 }
 
 // renew renews the claims on the turns this instance holds, and lets go of
-// those that are stale or another's. Those of an account it no longer
-// serves (a reload dropped it) it hands back.
+// those that are stale or another's (or all, its lease gone). Those of an
+// account it no longer serves (a reload dropped it) it hands back; those
+// it could not (Redis did not answer), at the next round.
 func (s *redisSpool) renew(consumer string) error {
 	byAccount := make(map[string][]spoolMeta)
-	var unserved []spoolMeta
 	s.mu.Lock()
+	unserved := s.giveBack
+	s.giveBack = nil
 	for _, m := range s.entries {
 		if len(s.drivers[m.Account]) > 0 || s.inflight[m.EventID] {
 			byAccount[m.Account] = append(byAccount[m.Account], *m)
@@ -823,19 +1562,17 @@ func (s *redisSpool) renew(consumer string) error {
 	s.mu.Unlock()
 	if len(unserved) > 0 {
 		ctx, cancel := context.WithTimeout(s.stopped, handBackTimeout)
-		s.handBack(ctx, consumer, unserved)
+		_, left := s.handBack(ctx, consumer, unserved)
 		cancel()
+		s.mu.Lock()
+		s.giveBack = append(s.giveBack, left...)
+		s.mu.Unlock()
 	}
 	for account, held := range byAccount {
 		for chunk := range slices.Chunk(held, redisBatch) {
-			keys := []string{s.streamKey(account)}
-			args := []any{redisSpoolGroup, consumer}
-			for _, m := range chunk {
-				keys = append(keys, s.entryKey(m.EventID.String()))
-				args = append(args, m.turn, m.rev)
-			}
+			keys, args := s.turnBatch(account, consumer, chunk, func(m spoolMeta) []any { return []any{m.turn, m.rev} })
 			ctx, cancel := s.ctx()
-			res, err := redisRenewScript.Run(ctx, s.client, keys, args...).Int64Slice()
+			res, err := s.run(ctx, redisRenewScript, keys, args...).Int64Slice()
 			cancel()
 			if err != nil {
 				return err
@@ -850,37 +1587,317 @@ func (s *redisSpool) renew(consumer string) error {
 	return nil
 }
 
-// claim takes over the turns of an account's stream left unrenewed for
-// claimAfter: their instance died, or lost Redis for that long.
-func (s *redisSpool) claim(consumer, account string, claimAfter time.Duration) error {
-	for start, rounds := "0-0", 0; rounds < 100; rounds++ {
-		ctx, cancel := s.ctx()
-		msgs, next, err := s.client.XAutoClaim(ctx, &redis.XAutoClaimArgs{
-			Stream: s.streamKey(account), Group: redisSpoolGroup, Consumer: consumer,
-			MinIdle: claimAfter, Start: start, Count: redisBatch,
-		}).Result()
-		cancel()
-		if err != nil {
-			if strings.HasPrefix(err.Error(), "NOGROUP") {
-				return nil // the reader makes it
+// readStats reads the store's counters, as Redis holds them.
+func (s *redisSpool) readStats() (map[string]string, error) {
+	ctx, cancel := s.ctx()
+	defer cancel()
+	stats, err := s.client.HGetAll(ctx, s.prefix+"stats").Result()
+	return stats, s.note("HGETALL", err)
+}
+
+// waitingByAccount is how many pending entries each account has, as stats
+// counts them.
+func waitingByAccount(stats map[string]string) map[string]int64 {
+	waiting := make(map[string]int64)
+	for f, v := range stats {
+		if account, ok := strings.CutPrefix(f, "pending:"); ok {
+			if n, _ := strconv.ParseInt(v, 10, 64); n > 0 {
+				waiting[account] = n
 			}
-			return err
 		}
-		if held := s.hold(account, msgs); held > 0 {
-			spoolTakenOver.Add(float64(held))
-			s.log().Info("spool: took over deliveries another instance left unfinished for claim_after", zap.Int("entries", held))
+	}
+	return waiting
+}
+
+// countsAddUp reports whether stats' per-account counts of pending entries
+// add up to its pending, none negative.
+func countsAddUp(stats map[string]string) bool {
+	pending, _ := strconv.ParseInt(stats[statePending], 10, 64)
+	var sum int64
+	for f, v := range stats {
+		if strings.HasPrefix(f, "pending:") {
+			n, err := strconv.ParseInt(v, 10, 64)
+			if err != nil || n < 0 {
+				return false
+			}
+			sum += n
 		}
-		if next == "0-0" {
+	}
+	return sum == pending
+}
+
+// keepCounts counts the pending entries of each account again, from the
+// entries: once after the store starts, and whenever stats' counts do not
+// add up (an instance of an earlier version, which kept no such count,
+// changed the spool). A count the spool's changes overtook (it does not add
+// up either) is tried again after a wait that doubles, up to an hour.
+func (s *redisSpool) keepCounts(stats map[string]string) error {
+	s.countMu.Lock()
+	defer s.countMu.Unlock()
+	if (s.counted && countsAddUp(stats)) || s.now().Before(s.countAfter) {
+		return nil
+	}
+	ok, err := s.count()
+	switch {
+	case err != nil:
+		return err
+	case ok:
+		s.counted, s.countWait, s.countAfter = true, 0, time.Time{}
+	default:
+		s.countWait = min(max(2*s.countWait, time.Second), time.Hour)
+		s.countAfter = s.now().Add(s.countWait)
+	}
+	return nil
+}
+
+// redisCountBatch is how many entries count reads at a time, and
+// redisCountPages bounds how many times.
+const (
+	redisCountBatch = 1000
+	redisCountPages = 1 << 20
+)
+
+// count counts the pending entries of each account, in batches (SSCAN of
+// ids, and the entries' state and account, pipelined), so that Redis
+// serves others in between, and puts the counts in place of stats' if they
+// add up: true if so.
+func (s *redisSpool) count() (bool, error) {
+	counts := make(map[string]int64)
+	seen := make(map[string]bool) // SSCAN may return an ID twice
+	var cursor uint64
+	for range redisCountPages {
+		ctx, cancel := s.ctx()
+		ids, next, err := s.client.SScan(ctx, s.prefix+"ids", cursor, "", redisCountBatch).Result()
+		if s.note("SSCAN", err) != nil {
+			cancel()
+			return false, err
+		}
+		cmds := make([]*redis.SliceCmd, 0, len(ids))
+		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			for _, id := range ids {
+				if !seen[id] {
+					seen[id] = true
+					cmds = append(cmds, p.HMGet(ctx, s.entryKey(id), "state", "account"))
+				}
+			}
+			return nil
+		})
+		cancel()
+		if s.note("HMGET", err) != nil && !errors.Is(err, redis.Nil) {
+			return false, err
+		}
+		for _, cmd := range cmds {
+			if v := cmd.Val(); len(v) == 2 && v[0] == statePending {
+				if account, _ := v[1].(string); account != "" {
+					counts[account]++
+				}
+			}
+		}
+		if cursor = next; cursor == 0 {
 			break
 		}
-		start = next
+	}
+	if cursor != 0 {
+		return false, nil
+	}
+	args := make([]any, 0, 2*len(counts))
+	for account, n := range counts {
+		args = append(args, account, n)
+	}
+	ctx, cancel := s.ctx()
+	defer cancel()
+	n, err := s.run(ctx, redisCountScript, []string{s.prefix + "stats"}, args...).Int()
+	return n == 1, err
+}
+
+// served runs the served-accounts script for ops (account -> 'mark',
+// 'unmark' or 'check'), marking for serveFor, and returns for each account
+// whether another live instance serves it.
+func (s *redisSpool) served(ctx context.Context, consumer string, serveFor time.Duration, ops map[string]string) (map[string]bool, error) {
+	keys := make([]string, 0, len(ops))
+	args := []any{consumer, serveFor.Milliseconds(), redisServedTTL.Milliseconds()}
+	accounts := make([]string, 0, len(ops))
+	for account, op := range ops {
+		accounts = append(accounts, account)
+		keys = append(keys, s.servedKey(account))
+		args = append(args, op)
+	}
+	counts, err := s.run(ctx, redisServedScript, keys, args...).Int64Slice()
+	if err != nil {
+		return nil, err
+	}
+	others := make(map[string]bool, len(accounts))
+	for i, account := range accounts {
+		others[account] = i < len(counts) && counts[i] > 0
+	}
+	return others, nil
+}
+
+// markServed says, in Redis, which accounts this instance serves, until
+// claim_after from now unless it says so again, and that it no longer
+// serves those it dropped; and learns which accounts another live instance
+// serves, among those and the accounts with waiting entries that it does
+// not serve (checked).
+func (s *redisSpool) markServed(consumer string, claimAfter time.Duration, waiting map[string]int64) (checked []string, others map[string]bool, err error) {
+	s.mu.Lock()
+	served := s.servedAccounts()
+	ops := make(map[string]string)
+	for _, account := range served {
+		ops[account] = "mark"
+	}
+	for account := range s.marked {
+		if !slices.Contains(served, account) {
+			ops[account] = "unmark"
+		}
+	}
+	for account := range waiting {
+		if len(s.drivers[account]) == 0 {
+			if _, ok := ops[account]; !ok {
+				ops[account] = "check"
+			}
+			checked = append(checked, account)
+		}
+	}
+	s.mu.Unlock()
+	ctx, cancel := s.ctx()
+	defer cancel()
+	if others, err = s.served(ctx, consumer, claimAfter, ops); err != nil {
+		return nil, nil, err
+	}
+	s.mu.Lock()
+	clear(s.marked)
+	for _, account := range served {
+		s.marked[account] = true
+	}
+	s.others = others
+	s.mu.Unlock()
+	return checked, others, nil
+}
+
+// noteWaiting says, once, when deliveries wait for an account that this
+// instance does not serve (checked), and whether another does.
+func (s *redisSpool) noteWaiting(checked []string, others map[string]bool, waiting map[string]int64) {
+	s.unservedMu.Lock()
+	defer s.unservedMu.Unlock()
+	for account := range s.unserved {
+		if !slices.Contains(checked, account) {
+			delete(s.unserved, account) // served here now, or nothing waits
+		}
+	}
+	for _, account := range checked {
+		s.noteUnserved(account, others[account], waiting[account])
+	}
+}
+
+// noteUnserved says, once, that deliveries wait for an account this
+// instance does not serve: at WARN when no instance does, at INFO when
+// another does. It says so once it has seen it twice in a row, so that an
+// instance that starts, or reloads, as another takes the account up says
+// nothing. Call with s.unservedMu held.
+func (s *redisSpool) noteUnserved(account string, elsewhere bool, n int64) {
+	u := s.unserved[account]
+	if u == nil || u.elsewhere != elsewhere {
+		u = &unservedNote{elsewhere: elsewhere}
+		s.unserved[account] = u
+	}
+	u.rounds++
+	if u.logged || u.rounds < 2 || caddy.Exiting() {
+		return
+	}
+	u.logged = true
+	if elsewhere {
+		s.log().Info("spool: deliveries of an account that this instance does not serve wait in the shared spool: the instances that serve it deliver them",
+			zap.String("account", account), zap.Int64("entries", n))
+		return
+	}
+	s.log().Warn("spool: deliveries wait in the shared spool for an account that no instance serves: no handler of this instance's config serves it, and no other instance says it does; "+
+		"serve the account again (give every instance the same accounts), or delete them through the admin API",
+		zap.String("account", account), zap.Int64("entries", n))
+}
+
+// claim takes over the turns of an account's stream held by consumers
+// whose lease is gone: their instance died, or lost Redis for its
+// claim_after + attempt_timeout. A live instance's turns stay its own,
+// whatever this instance's claim_after.
+func (s *redisSpool) claim(consumer, account string) error {
+	ctx, cancel := s.ctx()
+	consumers, err := s.client.XInfoConsumers(ctx, s.streamKey(account), redisSpoolGroup).Result()
+	cancel()
+	if redis.HasErrorPrefix(err, "NOGROUP") || redis.HasErrorPrefix(err, "no such key") {
+		return nil // the reader makes it
+	}
+	if s.note("XINFO CONSUMERS", err) != nil {
+		return err
+	}
+	for _, c := range consumers {
+		if c.Name == consumer || c.Pending == 0 {
+			continue
+		}
+		if err := s.takeOver(consumer, account, c.Name); err != nil {
+			return err
+		}
 	}
 	return s.forgetConsumers(consumer, account)
 }
 
+// takeOver moves the turns of consumer from to ours, if its lease is gone,
+// in batches.
+func (s *redisSpool) takeOver(consumer, account, from string) error {
+	taken := 0
+	for range 100 {
+		ctx, cancel := s.ctx()
+		res, err := s.run(ctx, redisTakeOverScript, []string{s.streamKey(account), s.leaseKey(from), s.leaseKey(consumer)},
+			redisSpoolGroup, from, consumer, redisBatch, s.lease).Slice()
+		cancel()
+		if err != nil {
+			return err
+		}
+		if len(res) == 0 {
+			return fmt.Errorf("the take-over script answered %v", res)
+		}
+		n, _ := res[0].(int64)
+		if n <= 0 {
+			break // it lives, it holds nothing more, or our own lease is gone
+		}
+		if len(res) > 1 {
+			taken += s.hold(account, xMessages(res[1]))
+		}
+		if n < redisBatch {
+			break
+		}
+	}
+	if taken > 0 {
+		spoolTakenOver.Add(float64(taken))
+		s.log().Info("spool: took over deliveries another instance left unfinished: its lease on its consumer name expired (it died, or lost Redis for its claim_after)",
+			zap.String("from", from), zap.Int("entries", taken))
+	}
+	return nil
+}
+
+// xMessages reads stream messages as a script returns them.
+func xMessages(v any) []redis.XMessage {
+	items, _ := v.([]any)
+	out := make([]redis.XMessage, 0, len(items))
+	for _, item := range items {
+		pair, _ := item.([]any)
+		if len(pair) != 2 {
+			continue
+		}
+		id, _ := pair[0].(string)
+		kv, _ := pair[1].([]any)
+		values := make(map[string]any, len(kv)/2)
+		for i := 0; i+1 < len(kv); i += 2 {
+			k, _ := kv[i].(string)
+			values[k] = kv[i+1]
+		}
+		out = append(out, redis.XMessage{ID: id, Values: values})
+	}
+	return out
+}
+
 // goneConsumerIdle is how long a consumer that holds nothing may go unseen
 // before it leaves the group: an instance replaced, or a name taken for one
-// run. A live instance reads every redisReadBlock.
+// run.
 const goneConsumerIdle = time.Hour
 
 // forgetConsumers deletes the consumers of an account's stream that hold
@@ -889,12 +1906,12 @@ const goneConsumerIdle = time.Hour
 func (s *redisSpool) forgetConsumers(consumer, account string) error {
 	ctx, cancel := s.ctx()
 	defer cancel()
-	err := redisForgetScript.Run(ctx, s.client, []string{s.streamKey(account)},
+	err := s.client.eval(ctx, redisForgetScript.Script, []string{s.streamKey(account)},
 		redisSpoolGroup, consumer, goneConsumerIdle.Milliseconds()).Err()
-	if err != nil && strings.Contains(err.Error(), "NOGROUP") {
+	if redis.HasErrorPrefix(err, "NOGROUP") || redis.HasErrorPrefix(err, "no such key") {
 		return nil // the reader makes it
 	}
-	return err
+	return s.note(redisForgetScript.name, err)
 }
 
 // Interface guards

@@ -42,6 +42,20 @@ type redrive struct {
 	account string
 	ev      event
 
+	// A delivery held while the Redis replay store did not answer is
+	// checked first, with the token of the reservation tried then (check,
+	// token); replayed says it was a copy.
+	check      bool
+	token      string
+	replayed   bool
+	unanswered bool // the replay store did not answer the check: again soon
+	expired    bool // held past exp + leeway: it cannot be checked any more
+	moved      bool // into the handler's spool (moveHeld)
+	// The store it comes from, and its metadata: an entry of a store other
+	// than the handler's spool (held beside a Redis spool) moves into it.
+	from redriveStore
+	meta *spoolMeta
+
 	reached bool  // the handler of the account passed it on
 	status  int   // the first final status the handlers after it wrote; 0: none
 	err     error // what they returned
@@ -73,6 +87,7 @@ type scheduler struct {
 	orphans  map[string]bool      // accounts with no handler, whose waiting entries were logged
 	inflight map[uuid.UUID]bool
 	wake     chan struct{}
+	landed   chan struct{} // poked when an attempt ends: a worker is free (the Redis store reads more)
 
 	stop    context.CancelFunc
 	stopped context.Context
@@ -111,6 +126,7 @@ func newScheduler(store redriveStore, shared bool, policy spoolPolicy) *schedule
 		orphans:  make(map[string]bool),
 		inflight: make(map[uuid.UUID]bool),
 		wake:     make(chan struct{}, 1),
+		landed:   make(chan struct{}, 1),
 	}
 	s.stopped, s.stop = context.WithCancel(context.Background())
 	return s
@@ -417,6 +433,12 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 		default:
 			o, status, failure = s.send(m, d, req, body, policy.attemptTimeout)
 		}
+		if o == waiting { // not an attempt: checked again soon, without backing off
+			m.LastError = failure
+			s.land(m, false, time.Now().Add(storeDownWait))
+			landed = true
+			return
+		}
 		if s.stopped.Err() != nil {
 			return // not an attempt; the entry stays as it is
 		}
@@ -426,6 +448,16 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	now := time.Now()
 	log := s.store.log().With(zap.String("event_id", m.EventID.String()), zap.String("event_name", m.EventName),
 		zap.Int("attempts", m.Attempts))
+	if o == replayed || o == moved {
+		s.store.delivered(m)
+		s.land(m, true, time.Time{})
+		landed = true
+		if o == replayed {
+			refusedCounters[reasonReplayed].Inc()
+			log.Warn("spool: a delivery held while the replay store did not answer is a copy of one accepted before: dropped")
+		}
+		return
+	}
 	if o == taken {
 		s.store.delivered(m)
 		s.land(m, true, time.Time{})
@@ -465,6 +497,7 @@ func (s *scheduler) land(m spoolMeta, remove bool, next time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.inflight, m.EventID)
+	poke(s.landed)
 	cur, ok := s.entries[m.EventID]
 	switch {
 	case !ok:
@@ -490,7 +523,7 @@ func (s *scheduler) land(m spoolMeta, remove bool, next time.Time) {
 // did (judge), as the first attempt was: a request that never reached that
 // handler failed, whatever the server answered.
 func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, timeout time.Duration) (o outcome, status int, failure string) {
-	rd := &redrive{account: m.Account, ev: m.event()}
+	rd := &redrive{account: m.Account, ev: m.event(), check: m.Unchecked, token: m.ReplayToken, from: s.store, meta: &m}
 	ctx, cancel := context.WithTimeout(context.WithValue(s.stopped, redriveKey{}, rd), timeout)
 	defer cancel()
 	r, err := req.build(ctx, body)
@@ -516,6 +549,16 @@ func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, 
 	}()
 	w := &discardWriter{header: make(http.Header)}
 	d.server.ServeHTTP(w, r)
+	switch {
+	case rd.replayed:
+		return replayed, 0, "a copy of a delivery accepted before"
+	case rd.expired:
+		return refused, 0, "held while the replay store did not answer, and not checked before its token's exp + leeway, after which no check can tell a copy: retry it (vouching for it) or delete it"
+	case rd.unanswered:
+		return waiting, 0, rd.err.Error()
+	case rd.moved:
+		return moved, 0, ""
+	}
 	if !rd.reached {
 		// The path, not the query: last_error is listed by the admin API,
 		// and a query may carry a key.

@@ -619,10 +619,12 @@ func TestRetryable(t *testing.T) {
 // is delivered once.
 func TestSpoolWithReplayOff(t *testing.T) {
 	eachStore(t, func(t *testing.T, store string) {
-		g := startSpoolRig(t, "replay off\n\t\tspool {\n\t\t\t"+store+"max_size 1KB\n\t\t\tbackoff 10ms 50ms\n\t\t}")
+		// Room for a delivery of a few hundred bytes, as each store counts
+		// it (the Redis store counts what Redis spends on it), not for 6 KB.
+		g := startSpoolRig(t, "replay off\n\t\tspool {\n\t\t\t"+store+"max_size 4KB\n\t\t\tbackoff 10ms 50ms\n\t\t}")
 		g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
 		d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
-		d.payload = `{"pad": "` + strings.Repeat("x", 2000) + `"}`
+		d.payload = `{"pad": "` + strings.Repeat("x", 6000) + `"}`
 		if status := g.send(d); status != http.StatusServiceUnavailable {
 			t.Fatalf("too large to spool: %d, want the upstream's 503", status)
 		}
@@ -665,9 +667,10 @@ func TestSpoolWaitsForItsAccount(t *testing.T) {
 		if n := len(g.up.Received()); n != 0 {
 			t.Fatalf("the upstream got %d requests with no handler for the account", n)
 		}
-		// Parked in the file store's listing; the Redis store hands them
-		// back, pending, to an instance that serves the account.
-		if l := g.list(); len(l) != 2 || (l[0].State != stateParked && store == "") || (l[0].State != statePending && store != "") {
+		// Parked in the listing: the file store's, and the Redis store's
+		// of an instance that does not serve the account (it hands them
+		// back, pending, to one that does).
+		if l := g.list(); len(l) != 2 || l[0].State != stateParked || l[1].State != stateParked {
 			t.Fatalf("listing %+v", l)
 		}
 		g.load(acme)
@@ -710,9 +713,10 @@ func TestSpool202IsClean(t *testing.T) {
 }
 
 // TestSpoolRedisDown: with the Redis store down, a delivery the next
-// handler fails gets that failure, never a 202, with a WARN line; nothing
-// is re-driven meanwhile; once Redis is back (with what it acknowledged,
-// as the README asks), the re-drive resumes and delivers each entry once.
+// handler fails is held on the instance's disk and answered 202, with a
+// WARN line; nothing is re-driven meanwhile; once Redis is back (with what
+// it acknowledged, as the README asks), the held delivery moves into it,
+// and the re-drive resumes and delivers each entry once.
 func TestSpoolRedisDown(t *testing.T) {
 	srv := testredis.StartDurable(t)
 	g := startSpoolRig(t, "spool {\n\t\t\tstore redis "+srv.URL()+"\n\t\t\tbackoff 10ms 50ms\n\t\t}")
@@ -721,9 +725,9 @@ func TestSpoolRedisDown(t *testing.T) {
 	g.up.Down()
 	ids := g.deliverSpooled(3)
 	srv.Stop()
-	failed, status := g.deliver()
-	if status != http.StatusBadGateway {
-		t.Fatalf("with Redis down: %d, want the upstream's 502", status)
+	held, status := g.deliver()
+	if status != http.StatusAccepted {
+		t.Fatalf("with Redis down: %d, want 202 (held on the instance's disk)", status)
 	}
 	if err := g.up.Up(); err != nil {
 		t.Fatal(err)
@@ -733,10 +737,7 @@ func TestSpoolRedisDown(t *testing.T) {
 		t.Fatalf("%d deliveries re-driven while Redis was down", n)
 	}
 	srv.Restart()
-	g.checkTakenOnce(ids)
-	if g.up.Taken()[failed] != 0 {
-		t.Error("the delivery answered 502 was delivered too")
-	}
+	g.checkTakenOnce(append(ids, held))
 	raw, err := os.ReadFile(logFile)
 	if err != nil {
 		t.Fatal(err)
@@ -748,14 +749,15 @@ func TestSpoolRedisDown(t *testing.T) {
 			Msg     string `json:"msg"`
 			EventID string `json:"event_id"`
 		}
-		if json.Unmarshal([]byte(line), &entry) == nil && (entry.EventID == "" || entry.EventID == failed) {
+		if json.Unmarshal([]byte(line), &entry) == nil && (entry.EventID == "" || entry.EventID == held) {
 			levels[entry.Msg] = entry.Level
 		}
 	}
 	for msg, level := range map[string]string{
-		"the next handler failed, and the delivery could not be spooled: the sender gets the failure":                                   "warn",
-		"spool: redis does not answer: re-drive waits for it, and deliveries that need the spool get the failure the next handler gave": "warn",
-		"spool: redis answers again: re-drive resumes":                                                                                  "info",
+		"the spool store did not take the delivery: held it on this instance's disk, answered 202; it moves into the spool once the store answers": "warn",
+		"moved a delivery held on this instance's disk into the spool":                                                                             "info",
+		"spool: redis does not answer: re-drive waits for it, and deliveries that need the spool get the failure the next handler gave":            "warn",
+		"spool: redis answers again: re-drive resumes":                                                                                             "info",
 	} {
 		if levels[msg] != level {
 			t.Errorf("the log has %q at %q, want %q:\n%s", msg, levels[msg], level, raw)
@@ -786,8 +788,8 @@ func TestSpoolRedisSharesItsClient(t *testing.T) {
 // TestSpoolRedisLeaseLost: an instance whose consumer name was taken from
 // it (its lease overwritten, as when Redis lost its data or did not answer
 // for claim_after) lets go of what it held, takes another name, and the
-// deliveries it held are delivered all the same, each once, after
-// claim_after.
+// deliveries it held are delivered all the same, each once, once the
+// lease of whoever took the name is gone.
 func TestSpoolRedisLeaseLost(t *testing.T) {
 	srv := testredis.Start(t)
 	g := startSpoolRig(t, "spool {\n\t\t\tstore redis "+srv.URL()+"\n\t\t\tclaim_after 1s\n\t\t\tbackoff 10ms 50ms\n\t\t}")
@@ -800,7 +802,8 @@ func TestSpoolRedisLeaseLost(t *testing.T) {
 	if err != nil || len(leases) != 1 {
 		t.Fatalf("leases %v, %v", leases, err)
 	}
-	if err := client.Set(ctx, leases[0], "another process", 0).Err(); err != nil {
+	// Another process takes the name, and dies: its lease expires.
+	if err := client.Set(ctx, leases[0], "another process", 2*time.Second).Err(); err != nil {
 		t.Fatal(err)
 	}
 	g.waitFor("the instance takes another consumer name", func() bool {
@@ -815,7 +818,7 @@ func TestSpoolRedisLeaseLost(t *testing.T) {
 
 // spoolACL is the least a Redis user needs for the replay store and the
 // spool, as SECURITY.md gives it.
-var spoolACL = []any{"~trivialsec_webhook:*", "resetchannels", "-@all", "+@connection", "+@read", "+@write", "+@scripting", "-@dangerous"}
+var spoolACL = []any{"~trivialsec_webhook:*", "resetchannels", "-@all", "+@connection", "+@read", "+@write", "+@scripting", "-@dangerous", "+info", "+time"}
 
 // TestSpoolRedisLeastPrivilege: the replay store and the spool work as a
 // Redis user limited as SECURITY.md says, through every path (spool, copy
@@ -866,18 +869,20 @@ func TestSpoolRedisLeastPrivilege(t *testing.T) {
 	}
 }
 
-// TestSpoolRedisDownAtStart: Caddy starts with the Redis store down, and
-// the spool works once Redis answers.
+// TestSpoolRedisDownAtStart: Caddy starts with the Redis store down; a
+// delivery the upstream fails meanwhile is held on the instance's disk, and
+// the spool works, and delivers it, once Redis answers.
 func TestSpoolRedisDownAtStart(t *testing.T) {
 	srv := testredis.Start(t)
 	srv.Stop()
 	g := startSpoolRig(t, "spool {\n\t\t\tstore redis "+srv.URL()+"\n\t\t\tbackoff 10ms 50ms\n\t\t}")
 	g.up.Down()
-	if _, status := g.deliver(); status != http.StatusBadGateway {
-		t.Fatalf("with Redis down: %d, want the upstream's 502", status)
+	held, status := g.deliver()
+	if status != http.StatusAccepted {
+		t.Fatalf("with Redis down: %d, want 202 (held on the instance's disk)", status)
 	}
 	srv.Restart()
-	ids := g.deliverSpooled(2)
+	ids := append(g.deliverSpooled(2), held)
 	if err := g.up.Up(); err != nil {
 		t.Fatal(err)
 	}

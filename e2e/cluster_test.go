@@ -242,8 +242,8 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 	redis := testredis.Start(t)
 	up := downUpstream(t)
 	// Retries further apart than claim_after: only the renewals keep the
-	// entries with the instance that holds them. The two share Caddy's data
-	// directory, and so its instance ID: one takes another consumer name.
+	// entries with the instance that holds them. The two have the same
+	// instance ID: one takes another consumer name.
 	data := t.TempDir()
 	settings := fmt.Sprintf("claim_after %s\n\t\t\tbackoff 3s 3s", clusterClaimAfter)
 	a := startInstance(t, redis.URL(), up.Addr, settings, data)
@@ -258,7 +258,17 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 			t.Fatalf("A made no instance ID: %q %v", id, err)
 		}
 	}
-	b := startInstance(t, redis.URL(), up.Addr, settings, data)
+	// B has a data directory of its own (its file store, where it holds
+	// deliveries while Redis does not answer, is its own), with A's
+	// instance ID in it, as a cloned machine image would.
+	dataB := filepath.Join(t.TempDir(), "b")
+	if err := os.MkdirAll(filepath.Join(dataB, "caddy"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if id, err := os.ReadFile(idFile); err != nil || os.WriteFile(filepath.Join(dataB, "caddy", "instance.uuid"), id, 0o600) != nil {
+		t.Fatalf("copy A's instance ID: %v", err)
+	}
+	b := startInstance(t, redis.URL(), up.Addr, settings, dataB)
 	var ids []string
 	for range 10 {
 		for _, in := range []*instance{a, b} {
@@ -295,8 +305,9 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 
 // TestClusterRedisRestarts: Redis killed while the instances re-drive, and
 // started again (with the append-only file the README asks for): nothing
-// is delivered while it is down, and every entry is delivered once when it
-// is back.
+// is delivered while it is down, a delivery made meanwhile is held on the
+// instance's disk (202), unchecked, and every entry, that one included, is
+// delivered once when it is back.
 func TestClusterRedisRestarts(t *testing.T) {
 	redis := testredis.StartDurable(t)
 	up := downUpstream(t)
@@ -311,10 +322,12 @@ func TestClusterRedisRestarts(t *testing.T) {
 	if err := up.Up(); err != nil {
 		t.Fatal(err)
 	}
-	auth, body := mint(secret, "acme", uuid.NewString(), time.Now())
-	if status := post(t, a.url, auth, body); status != 503 {
-		t.Errorf("a delivery with Redis down: %d, want 503 (replay protection fails closed)", status)
+	held := uuid.NewString()
+	auth, body := mint(secret, "acme", held, time.Now())
+	if status := post(t, a.url, auth, body); status != 202 {
+		t.Errorf("a delivery with Redis down: %d, want 202 (held, unchecked, on the instance's disk)", status)
 	}
+	ids = append(ids, held)
 	time.Sleep(clusterClaimAfter + time.Second) // past claim_after: the claims lapse meanwhile
 	if n := len(up.Received()); n != 0 {
 		t.Fatalf("%d deliveries while Redis was down", n)

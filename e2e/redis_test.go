@@ -13,7 +13,9 @@ import (
 
 // TestTwoInstancesShareRedis: two Caddy processes behind one Redis act as
 // one receiver: a delivery accepted by one is refused by the other, a race
-// between them lets one through, and Redis down means 503, never a pass.
+// between them lets one through, and Redis down means a delivery held on
+// the instance's disk, unchecked, never a pass: checked, and delivered,
+// once Redis is back.
 func TestTwoInstancesShareRedis(t *testing.T) {
 	redis := testredis.Start(t)
 	up := startUpstream(t, 0)
@@ -81,15 +83,22 @@ http://127.0.0.1:%d {
 		want = append(want, body)
 	}
 
-	// Redis stopped: 503 at both, nothing forwarded.
+	// Redis stopped: each held on its instance's disk (202), unchecked,
+	// and nothing forwarded.
 	redis.Stop()
 	for _, u := range urls {
 		auth, body := mint(secret, "acme", uuid.NewString(), time.Now())
-		if status := post(t, u, auth, body); status != 503 {
-			t.Errorf("with Redis down: %d, want 503", status)
+		if status := post(t, u, auth, body); status != 202 {
+			t.Errorf("with Redis down: %d, want 202 (held)", status)
 		}
+		want = append(want, body)
 	}
-	// Redis back: deliveries pass again.
+	time.Sleep(500 * time.Millisecond) // checks that find Redis down
+	if n, sent := len(up.received()), len(want)-2; n != sent {
+		t.Fatalf("with Redis down, the upstream got %d deliveries, want the %d of before", n, sent)
+	}
+	// Redis back: the held deliveries are checked and delivered, and new
+	// ones pass again.
 	redis.Restart()
 	for _, u := range urls {
 		auth, body := mint(secret, "acme", uuid.NewString(), time.Now())
@@ -99,6 +108,9 @@ http://127.0.0.1:%d {
 		want = append(want, body)
 	}
 
+	for deadline := time.Now().Add(20 * time.Second); len(up.received()) < len(want) && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
 	got := up.received()
 	if len(got) != len(want) {
 		t.Fatalf("upstream got %d deliveries, want %d", len(got), len(want))

@@ -1,6 +1,7 @@
 // Package testredis runs a real redis-server on a free loopback port for
-// the tests, and stops it when the test ends. A test that cannot start it
-// fails; it never skips.
+// the tests (or a primary, a replica and three redis-sentinel processes:
+// sentinel.go), and stops it when the test ends. A test that cannot start
+// it fails; it never skips.
 package testredis
 
 import (
@@ -9,6 +10,7 @@ import (
 	"net"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -17,7 +19,8 @@ import (
 type Server struct {
 	t    testing.TB
 	Port int
-	dir  string // where a durable server keeps its append-only file
+	dir  string   // where a durable server keeps its append-only file
+	args []string // more of redis-server's settings, as StartWith gave them
 	cmd  *exec.Cmd
 	done chan struct{}
 }
@@ -36,7 +39,14 @@ func StartDurable(t testing.TB) *Server {
 	return start(t, t.TempDir())
 }
 
-func start(t testing.TB, dir string) *Server {
+// StartWith runs redis-server without persistence, with more settings
+// (such as "--maxmemory-policy", "allkeys-lru").
+func StartWith(t testing.TB, args ...string) *Server {
+	t.Helper()
+	return start(t, "", args...)
+}
+
+func start(t testing.TB, dir string, args ...string) *Server {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Fatal("redis-server is not installed: apt-get install redis-server (.ci/run does)")
@@ -45,7 +55,7 @@ func start(t testing.TB, dir string) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{t: t, Port: l.Addr().(*net.TCPAddr).Port, dir: dir}
+	s := &Server{t: t, Port: l.Addr().(*net.TCPAddr).Port, dir: dir, args: args}
 	l.Close()
 	s.Restart()
 	t.Cleanup(s.Stop)
@@ -64,6 +74,7 @@ func (s *Server) Restart() {
 	} else {
 		args = append(args, "--appendonly", "no")
 	}
+	args = append(args, s.args...)
 	s.cmd = exec.Command("redis-server", args...)
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("redis-server: %v", err)
@@ -82,6 +93,13 @@ func (s *Server) Restart() {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// Pause stops the server's process (SIGSTOP), as a slow fork or a failover
+// would: connections stay open, and calls wait without an answer.
+func (s *Server) Pause() { _ = s.cmd.Process.Signal(syscall.SIGSTOP) }
+
+// Resume lets a paused server go on (SIGCONT): what was sent meanwhile runs.
+func (s *Server) Resume() { _ = s.cmd.Process.Signal(syscall.SIGCONT) }
 
 // Stop kills the server and waits until it is gone.
 func (s *Server) Stop() {
