@@ -10,6 +10,8 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -104,13 +106,15 @@ type Handler struct {
 	spoolKey string // its key in spools
 	policy   spoolPolicy
 	driver   *driver // re-drives this handler's spooled deliveries
-	// hold keeps deliveries while the Redis replay store does not answer,
-	// unchecked, on this instance's disk: the spool's file store, or one
-	// of its own beside a Redis spool (holdKey, holdDriver). nil: they are
-	// refused with 503.
+	// hold keeps deliveries while Redis does not answer, on this
+	// instance's disk: the spool's file store, or, beside a Redis spool,
+	// the file store in Caddy's data directory. nil: they are refused with
+	// 503. held is that store when this handler loaded it (beside a Redis
+	// spool, or to deliver what an earlier config held there).
 	hold       *fileSpool
-	holdKey    string
-	holdDriver *driver
+	held       *fileSpool
+	heldKey    string
+	heldDriver *driver
 	journal    *fileSpool // keeps the memory store's reservations too, if any
 	logger     *zap.Logger
 	now        func() time.Time
@@ -370,7 +374,8 @@ func checkRedis(g *redisGuard) error {
 // none.
 func (h *Handler) provisionHold(ctx caddy.Context) error {
 	_, redisReplay := h.store.(*redisStore)
-	switch h.spool.(type) {
+	dir := defaultSpoolDir()
+	switch spool := h.spool.(type) {
 	case nil:
 		if redisReplay {
 			h.logger.Warn("replay redis with the spool off: while Redis does not answer, deliveries are refused with 503, and lost (the sender never sends them again); turn the spool on to hold them")
@@ -378,17 +383,36 @@ func (h *Handler) provisionHold(ctx caddy.Context) error {
 		return nil
 	case *fileSpool:
 		if redisReplay {
-			h.hold = h.spool.(*fileSpool)
+			h.hold = spool
 		}
-		return nil
-	}
-	file, key, err := loadFileSpool(defaultSpoolDir(), h.policy)
-	if err != nil {
+		if abs, err := filepath.Abs(dir); err == nil && abs == spool.dir {
+			return nil
+		}
+	case *redisSpool:
+		file, err := h.loadHeld(ctx, dir)
+		h.hold = file
 		return err
 	}
-	h.hold, h.holdKey = file, key
-	h.holdDriver, err = h.startDriver(ctx, file)
+	// An earlier config, with a Redis spool, may have held deliveries in
+	// that directory: this one moves them into its spool, so that a reload
+	// away from Redis strands none.
+	if _, err := os.Stat(filepath.Join(dir, "spool.db")); err != nil {
+		return nil
+	}
+	_, err := h.loadHeld(ctx, dir)
 	return err
+}
+
+// loadHeld takes the file store of dir, where deliveries are held beside a
+// Redis spool, and re-drives this account's through this handler.
+func (h *Handler) loadHeld(ctx caddy.Context, dir string) (*fileSpool, error) {
+	file, key, err := loadFileSpool(dir, h.policy)
+	if err != nil {
+		return nil, err
+	}
+	h.held, h.heldKey = file, key
+	h.heldDriver, err = h.startDriver(ctx, file)
+	return file, err
 }
 
 // resolveRedisURL resolves a placeholder URL of the replay or spool store,
@@ -522,9 +546,11 @@ func (h *Handler) Cleanup() error {
 		_, err := spools.Delete(h.spoolKey)
 		errs = append(errs, err)
 	}
-	if h.holdDriver != nil {
-		h.hold.unregister(h.holdDriver)
-		_, err := spools.Delete(h.holdKey)
+	if h.held != nil {
+		if h.heldDriver != nil {
+			h.held.unregister(h.heldDriver)
+		}
+		_, err := spools.Delete(h.heldKey)
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)

@@ -508,8 +508,11 @@ func (h *Handler) checkHeld(ctx context.Context, rd *redrive) {
 	case result == replayFull:
 		rd.reached, rd.unanswered = true, true
 		rd.err = errors.New("held until the replay store has room, to check it")
-	case h.journal != nil:
-		h.journal.reserve(h.Account, id, expires)
+	default:
+		rd.checked = true
+		if h.journal != nil {
+			h.journal.reserve(h.Account, id, expires)
+		}
 	}
 }
 

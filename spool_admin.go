@@ -120,6 +120,8 @@ func (adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 		return !found && doErr == nil
 	})
 	switch {
+	case errors.As(doErr, new(conflictError)):
+		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: doErr}
 	case doErr != nil:
 		return caddy.APIError{HTTPStatus: http.StatusInternalServerError, Err: doErr}
 	case !found:
@@ -135,3 +137,8 @@ func (adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 
 // Interface guard
 var _ caddy.AdminRouter = adminSpool{}
+
+// conflictError is an action the entry's state does not allow now: 409.
+type conflictError struct{ error }
+
+func (e conflictError) Unwrap() error { return e.error }

@@ -553,6 +553,15 @@ func (s *fileSpool) save(m spoolMeta) error {
 // remove deletes an entry an operator drops, durably. It reports whether
 // there was one.
 func (s *fileSpool) remove(id uuid.UUID) (bool, error) {
+	s.mu.Lock()
+	m, ok := s.entries[id]
+	waiting := ok && m.Unchecked && m.State != stateDead
+	s.mu.Unlock()
+	if waiting {
+		// It holds no reservation yet: deleted, it would let a copy of the
+		// event in. Once checked (or a dead letter) it can go.
+		return true, conflictError{fmt.Errorf("event %s is held, unchecked, until the replay store answers: delete it once it is checked", id)}
+	}
 	if err := s.commit(func(tx *bolt.Tx) error { return deleteEntry(tx, id) }); err != nil {
 		return false, err
 	}

@@ -46,6 +46,7 @@ type redrive struct {
 	// checked first, with the token of the reservation tried then (check,
 	// token); replayed says it was a copy.
 	check      bool
+	checked    bool // the check passed: the reservation is the entry's
 	token      string
 	replayed   bool
 	unanswered bool // the replay store did not answer the check: again soon
@@ -431,7 +432,7 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 		case err != nil:
 			o, failure = failed, err.Error()
 		default:
-			o, status, failure = s.send(m, d, req, body, policy.attemptTimeout)
+			o, status, failure = s.send(&m, d, req, body, policy.attemptTimeout)
 		}
 		if o == waiting { // not an attempt: checked again soon, without backing off
 			m.LastError = failure
@@ -510,6 +511,7 @@ func (s *scheduler) land(m spoolMeta, remove bool, next time.Time) {
 	default:
 		s.restate(cur, m.State)
 		cur.Attempts, cur.LastError, cur.NextAttempt = m.Attempts, m.LastError, m.NextAttempt
+		cur.Unchecked, cur.ReplayToken = m.Unchecked, m.ReplayToken
 	}
 	cur.gen++
 	if cur.State == statePending {
@@ -522,8 +524,8 @@ func (s *scheduler) land(m spoolMeta, remove bool, next time.Time) {
 // by what the handler of the entry's account and the handlers after it
 // did (judge), as the first attempt was: a request that never reached that
 // handler failed, whatever the server answered.
-func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, timeout time.Duration) (o outcome, status int, failure string) {
-	rd := &redrive{account: m.Account, ev: m.event(), check: m.Unchecked, token: m.ReplayToken, from: s.store, meta: &m}
+func (s *scheduler) send(m *spoolMeta, d *driver, req spoolRequest, body []byte, timeout time.Duration) (o outcome, status int, failure string) {
+	rd := &redrive{account: m.Account, ev: m.event(), check: m.Unchecked, token: m.ReplayToken, from: s.store, meta: m}
 	ctx, cancel := context.WithTimeout(context.WithValue(s.stopped, redriveKey{}, rd), timeout)
 	defer cancel()
 	r, err := req.build(ctx, body)
@@ -549,6 +551,12 @@ func (s *scheduler) send(m spoolMeta, d *driver, req spoolRequest, body []byte, 
 	}()
 	w := &discardWriter{header: make(http.Header)}
 	d.server.ServeHTTP(w, r)
+	if rd.checked {
+		// Its reservation is in the replay store now: not checked again
+		// (a check after exp + leeway could not tell, nor one against a
+		// memory store that holds its own reservation).
+		m.Unchecked, m.ReplayToken = false, ""
+	}
 	switch {
 	case rd.replayed:
 		return replayed, 0, "a copy of a delivery accepted before"

@@ -242,33 +242,27 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 	redis := testredis.Start(t)
 	up := downUpstream(t)
 	// Retries further apart than claim_after: only the renewals keep the
-	// entries with the instance that holds them. The two have the same
-	// instance ID: one takes another consumer name.
-	data := t.TempDir()
+	// entries with the instance that holds them.
 	settings := fmt.Sprintf("claim_after %s\n\t\t\tbackoff 3s 3s", clusterClaimAfter)
-	a := startInstance(t, redis.URL(), up.Addr, settings, data)
-	// Caddy makes its instance ID on first use, which may come after its
-	// listener answers (apps start in any order): wait for A's, so that B
-	// reads the same one rather than making its own at the same time.
-	idFile := filepath.Join(data, "caddy", "instance.uuid")
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		if id, err := os.ReadFile(idFile); err == nil && len(id) == 36 { // written whole
-			break
-		} else if time.Now().After(deadline) {
-			t.Fatalf("A made no instance ID: %q %v", id, err)
+	// The two have the same instance ID, as machines cloned from one image
+	// would, each in a data directory of its own (its file store, where it
+	// holds deliveries while Redis does not answer, is its own). The ID is
+	// written before either starts: Caddy makes one on first use, and two
+	// of its goroutines may each make their own at once.
+	id := []byte(uuid.NewString())
+	var dirs []string
+	for range 2 {
+		data := t.TempDir()
+		if err := os.MkdirAll(filepath.Join(data, "caddy"), 0o700); err != nil {
+			t.Fatal(err)
 		}
+		if err := os.WriteFile(filepath.Join(data, "caddy", "instance.uuid"), id, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		dirs = append(dirs, data)
 	}
-	// B has a data directory of its own (its file store, where it holds
-	// deliveries while Redis does not answer, is its own), with A's
-	// instance ID in it, as a cloned machine image would.
-	dataB := filepath.Join(t.TempDir(), "b")
-	if err := os.MkdirAll(filepath.Join(dataB, "caddy"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	if id, err := os.ReadFile(idFile); err != nil || os.WriteFile(filepath.Join(dataB, "caddy", "instance.uuid"), id, 0o600) != nil {
-		t.Fatalf("copy A's instance ID: %v", err)
-	}
-	b := startInstance(t, redis.URL(), up.Addr, settings, dataB)
+	a := startInstance(t, redis.URL(), up.Addr, settings, dirs[0])
+	b := startInstance(t, redis.URL(), up.Addr, settings, dirs[1])
 	var ids []string
 	for range 10 {
 		for _, in := range []*instance{a, b} {
