@@ -203,7 +203,9 @@ func parseRedisURL(rawURL string) (redisURL, error) {
 	u.RawQuery = q.Encode()
 	r.failover, err = redis.ParseFailoverURL(u.String())
 	if err != nil {
-		return r, fmt.Errorf("the URL does not parse (%v): %s", err, redisURLForms)
+		// Not go-redis's words: an unknown option it names may be the
+		// tail of a sentinel_password with an & not percent-encoded.
+		return r, fmt.Errorf("the Sentinel URL does not parse (an unknown or malformed query parameter; percent-encode & in a password): %s", redisURLForms)
 	}
 	f := r.failover
 	f.Username, f.Password = f.SentinelUsername, f.SentinelPassword

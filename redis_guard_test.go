@@ -134,7 +134,6 @@ func TestRedisEvictionAllowed(t *testing.T) {
 // the config, naming it.
 func TestRedisMissingPermission(t *testing.T) {
 	srv := testredis.Start(t)
-	admin := redisAdmin(t, srv)
 	for _, tc := range []struct{ user, minus, want string }{
 		{"no-xclaim", "-xclaim", "XCLAIM"},
 		{"no-info", "-info", "INFO"},
@@ -142,17 +141,12 @@ func TestRedisMissingPermission(t *testing.T) {
 		{"no-spool-keys", "resetkeys", `may not use keys under "trivialsec_webhook:spool:"`},
 	} {
 		t.Run(tc.user, func(t *testing.T) {
-			rules := append([]any{"ACL", "SETUSER", tc.user, "on", ">pw"}, spoolACL...)
-			rules = append(rules, tc.minus)
+			more := []any{tc.minus}
 			if tc.minus == "resetkeys" {
-				rules = append(rules, "~trivialsec_webhook:replay:*")
+				more = append(more, "~trivialsec_webhook:replay:*")
 			}
-			if err := admin.Do(context.Background(), rules...).Err(); err != nil {
-				t.Fatal(err)
-			}
-			url := fmt.Sprintf("redis://%s:pw@127.0.0.1:%d/0", tc.user, srv.Port)
-			err := loadFails(t, redisSite(t, url))
-			if !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "pw@") {
+			err := loadFails(t, redisSite(t, leastPrivilegeUser(t, srv.Port, tc.user, more...)))
+			if !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "acl-test") {
 				t.Fatalf("the error does not name %s (or shows the URL): %v", tc.want, err)
 			}
 		})
@@ -307,7 +301,7 @@ func TestRedisRestartsUnderLoad(t *testing.T) {
 	statuses := map[int]int{}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
-	for range 4 {
+	for range 8 {
 		wg.Go(func() {
 			for i := 0; i < 300; i++ { // bounded
 				select {
@@ -334,15 +328,20 @@ func TestRedisRestartsUnderLoad(t *testing.T) {
 	for range 2 {
 		time.Sleep(400 * time.Millisecond)
 		srv.Stop()
-		time.Sleep(700 * time.Millisecond)
+		time.Sleep(1500 * time.Millisecond)
 		srv.Restart()
 	}
 	time.Sleep(400 * time.Millisecond)
 	close(stop)
 	wg.Wait()
 	t.Logf("answers: %v", statuses)
-	if statuses[http.StatusServiceUnavailable] != 0 || len(answered) == 0 {
-		t.Errorf("answers %v: want every delivery answered 2xx", statuses)
+	for status, n := range statuses {
+		if status/100 != 2 {
+			t.Errorf("%d deliveries answered %d: want every delivery answered 2xx", n, status)
+		}
+	}
+	if statuses[http.StatusAccepted] == 0 {
+		t.Error("no delivery was held while Redis was down: the outage was not under load")
 	}
 	g.checkTakenOnce(answered)
 	for _, id := range answered[:5] {

@@ -173,8 +173,8 @@ func TestHeldTwoCopiesWhilePaused(t *testing.T) {
 	for i := range ids {
 		d := productionDelivery().withEventID(ids[i]).at(time.Now())
 		go func() {
-			if status := g.send(d); status != http.StatusAccepted {
-				t.Logf("copy: %d", status)
+			if status := g.send(d); status != http.StatusAccepted && status != http.StatusConflict {
+				t.Errorf("copy: %d, want 202 or 409", status)
 			}
 			done <- struct{}{}
 		}()
@@ -295,20 +295,63 @@ func TestHoldFullModeAlways(t *testing.T) {
 	spoolSrv := testredis.Start(t)
 	g := startSpoolRig(t, "replay redis "+replaySrv.URL()+"\n\t\tspool {\n\t\t\tstore redis "+spoolSrv.URL()+
 		"\n\t\t\tmode always\n\t\t\tmax_size 5000\n\t\t\tbackoff 1s 2s\n\t\t}")
+	g.up.Down() // the big delivery stays held: the hold store is full
 	big, resumed := fillHold(t, g, replaySrv, spoolSrv)
+	if n := len(g.up.Received()); n != 0 {
+		t.Fatalf("the upstream got %d requests: the big delivery left the hold store", n)
+	}
 	id := uuid.NewString()
-	status := g.send(productionDelivery().withEventID(id).at(time.Now()))
-	t.Logf("mode always, spool write timed out, hold full: %d", status)
+	if status := g.send(productionDelivery().withEventID(id).at(time.Now())); status != http.StatusServiceUnavailable {
+		t.Errorf("mode always, the spool's write with an unknown outcome, the hold full: %d, want 503", status)
+	}
 	spoolSrv.Resume()
 	*resumed = true
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := g.up.WaitTaken([]string{id}, 20*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	g.drained()
-	if n := g.up.Taken()[id]; n > 1 {
-		t.Errorf("event %s, answered %d, reached the upstream %d times", id, status, n)
+	if n := g.up.Taken()[id]; n != 1 {
+		t.Errorf("event %s reached the upstream %d times, want once (by the write that ran)", id, n)
 	}
 	if g.up.Taken()[big.eventID] == 0 {
 		t.Errorf("the big delivery, answered 202, is still held with the upstream up (it never fits the Redis spool): %+v", g.list())
 	}
+}
+
+// TestHoldFullSettlesWriteNotRun: as TestHoldFullKeepsReservation, with the
+// spool's Redis down rather than paused, so that the write never runs:
+// once Redis answers, the write is found not to have run, and the event ID
+// is released; a resend is accepted, and delivered once.
+func TestHoldFullSettlesWriteNotRun(t *testing.T) {
+	replaySrv := testredis.Start(t)
+	spoolSrv := testredis.Start(t)
+	g := startSpoolRig(t, "replay redis "+replaySrv.URL()+"\n\t\tspool {\n\t\t\tstore redis "+spoolSrv.URL()+
+		"\n\t\t\tmax_size 5000\n\t\t\tbackoff 1s 2s\n\t\t}")
+	g.up.Down()
+	_, resumed := fillHold(t, g, replaySrv, spoolSrv)
+	spoolSrv.Resume()
+	*resumed = true
+	spoolSrv.Stop()
+	id := uuid.NewString()
+	if status := g.send(productionDelivery().withEventID(id).at(time.Now())); status == http.StatusAccepted {
+		t.Fatalf("with the spool's Redis down and the hold full: %d, want the failure", status)
+	}
+	spoolSrv.Restart()
+	admin := redisAdmin(t, replaySrv)
+	g.waitFor("the event ID is released", func() bool {
+		n, err := admin.Exists(context.Background(), defaultRedisKeyPrefix+id).Result()
+		return err == nil && n == 0
+	})
+	if err := g.up.Up(); err != nil {
+		t.Fatal(err)
+	}
+	d := productionDelivery().withEventID(id).at(time.Now())
+	g.sent[id] = d.body()
+	if status := g.send(d); status != http.StatusOK {
+		t.Fatalf("a resend once the write was found not to have run: %d, want 200", status)
+	}
+	g.checkTakenOnce([]string{id})
 }

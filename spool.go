@@ -536,10 +536,11 @@ func (h *Handler) moveHeld(r *http.Request, rd *redrive) bool {
 	switch err := h.spool.add(e); {
 	case errors.Is(err, errSpoolFull):
 		return false
-	case errors.Is(err, errSpoolDelivered), errors.Is(err, errDeadLetter):
-		// There already: delivered, or a dead letter kept in Redis.
+	case spooledAlready(err):
 	case err != nil:
-		rd.unanswered = true
+		// Redis did not answer: again soon. It refused (a permission, an
+		// unfit server): a failed attempt, with backoff, to max_age.
+		rd.unanswered = h.spoolWriteUnknown(err)
 		rd.err = fmt.Errorf("held until the spool store takes it: %w", err)
 		return true
 	}
@@ -557,6 +558,24 @@ var errSpoolDelivered = errors.New("the spool delivered this event already")
 // errDeadLetter is the add of an entry that is a dead letter in the spool.
 var errDeadLetter = errors.New("a dead letter in the spool already")
 
+// settleSpoolWrite settles a Redis spool write whose outcome was unknown,
+// and which nothing holds: if Redis says it ran, the spool delivers it and
+// the event ID stays reserved; if it did not, the event ID is released, so
+// that a resend is accepted.
+func (h *Handler) settleSpoolWrite(ev *event, reserved reservation) {
+	expires := ev.token.ExpiresAt.Add(time.Duration(*h.Leeway))
+	h.spool.(*redisSpool).settleWrite(ev.ID, expires, func() {
+		h.release(context.Background(), ev.ID, reserved, 0)
+	})
+}
+
+// spooledAlready reports whether an add failed because the spool has the
+// event already: delivered, or a dead letter kept for an operator. The
+// delivery is in the spool's hands, as one pending already is.
+func spooledAlready(err error) bool {
+	return errors.Is(err, errSpoolDelivered) || errors.Is(err, errDeadLetter)
+}
+
 // spoolWriteUnknown reports whether a Redis spool's write failed without
 // an answer (a timeout, a connection broken, a write not confirmed by the
 // replicas): it may have run, or run yet.
@@ -564,7 +583,7 @@ func (h *Handler) spoolWriteUnknown(err error) bool {
 	if _, ok := h.spool.(*redisSpool); !ok {
 		return false
 	}
-	return !errors.Is(err, errSpoolFull) && !errors.Is(err, errSpoolDelivered) && !errors.Is(err, errDeadLetter) && outcomeUnknown(err)
+	return !errors.Is(err, errSpoolFull) && !spooledAlready(err) && outcomeUnknown(err)
 }
 
 // holdsUnchecked reports whether the store holds a delivery of id that
@@ -582,7 +601,7 @@ func (s *fileSpool) holdsUnchecked(id uuid.UUID) bool {
 // spool once Redis answers; false if there is nowhere to hold it, or the
 // spool refused it for good (full, a dead letter, delivered).
 func (h *Handler) holdInstead(e *spoolEntry, err error) bool {
-	if h.hold == nil || any(h.hold) == any(h.spool) || errors.Is(err, errSpoolFull) || errors.Is(err, errSpoolDelivered) || errors.Is(err, errDeadLetter) {
+	if h.hold == nil || any(h.hold) == any(h.spool) || errors.Is(err, errSpoolFull) || spooledAlready(err) {
 		return false
 	}
 	if herr := h.hold.add(e); herr != nil {
@@ -709,11 +728,10 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 	if status != 0 && !rec.Buffered() {
 		return err // an answer that is no failure went out, or began to
 	}
+	// No final status went out unbuffered: judge says failed or refused,
+	// never taken.
 	o, status, failure := judge(status, err)
-	switch o {
-	case taken:
-		return err
-	case refused:
+	if o == refused {
 		h.release(r.Context(), a.ev.ID, reserved, status)
 		return err // the next handler refused it: as without the spool
 	}
@@ -751,7 +769,7 @@ func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accept
 	e.meta.Attempts, e.meta.LastError = 1, failure
 	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1)
 	switch serr := h.spool.add(e); {
-	case serr == nil:
+	case serr == nil, spooledAlready(serr):
 		if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed: spooled the delivery, answered 202; the spool delivers it again"); c != nil {
 			c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
 				zap.String("failure", failure), zap.Time("next_attempt", e.meta.NextAttempt))...)
@@ -759,11 +777,13 @@ func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accept
 	case !h.holdInstead(e, serr):
 		if h.spoolWriteUnknown(serr) {
 			// The write may run yet, and deliver it: the event ID stays
-			// reserved, so that no copy is delivered beside it.
-			if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed, and the spool's write has an unknown outcome and could not be held either: the sender gets the failure, and the event ID stays reserved"); c != nil {
+			// reserved, so that no copy is delivered beside it, until
+			// Redis says whether it ran.
+			if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed, and the spool's write has an unknown outcome and could not be held either: the sender gets the failure, and the event ID stays reserved until Redis says whether the write ran"); c != nil {
 				c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
 					zap.String("failure", failure), zap.Error(serr))...)
 			}
+			h.settleSpoolWrite(&a.ev, reserved)
 		} else {
 			if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed, and the delivery could not be spooled: the sender gets the failure"); c != nil {
 				c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name),
@@ -832,7 +852,7 @@ var failureBuffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, body []byte, reserved reservation) error {
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, time.Now()), request: spoolRequestOf(r), body: body}
 	e.meta.Server = h.driver.key
-	if err := h.spool.add(e); err != nil {
+	if err := h.spool.add(e); err != nil && !spooledAlready(err) {
 		if h.holdInstead(e, err) {
 			w.WriteHeader(http.StatusAccepted)
 			return nil
@@ -840,9 +860,10 @@ func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next c
 		if h.spoolWriteUnknown(err) {
 			// The write may run yet, and deliver it: not at once as well.
 			// The event ID stays reserved, so that no copy is either.
-			if c := h.logger.Check(zapcore.WarnLevel, "the spool's write has an unknown outcome, and the delivery could not be held either: the sender gets 503, and the event ID stays reserved"); c != nil {
+			if c := h.logger.Check(zapcore.WarnLevel, "the spool's write has an unknown outcome, and the delivery could not be held either: the sender gets 503, and the event ID stays reserved until Redis says whether the write ran"); c != nil {
 				c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(err))...)
 			}
+			h.settleSpoolWrite(&a.ev, reserved)
 			return caddyhttp.Error(http.StatusServiceUnavailable, err)
 		}
 		if c := h.logger.Check(zapcore.WarnLevel, "the delivery could not be spooled: it goes to the next handler at once"); c != nil {

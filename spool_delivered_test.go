@@ -148,9 +148,11 @@ http://127.0.0.1:%d {
 }
 `, other, testAccount)
 	})
+	var all []string
 	for round := range 4 {
 		g.up.Down()
 		ids := g.deliverSpooled(3)
+		all = append(all, ids...)
 		g.reload(fmt.Sprint(round)) // provisioned again, in another order
 		if err := g.up.Up(); err != nil {
 			t.Fatal(err)
@@ -160,7 +162,7 @@ http://127.0.0.1:%d {
 		}
 		g.drained()
 	}
-	g.checkTakenOnce(nil)
+	g.checkTakenOnce(all)
 }
 
 // testUpstream is an upstream the test writes by hand; it counts the

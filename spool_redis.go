@@ -832,7 +832,9 @@ func (s *redisSpool) delivered(m spoolMeta) {
 	keys := []string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.doneKey(id), s.streamKey(m.Account), s.leaseKey(consumer)}
 	ttl := s.doneTTL(m.ExpiresAt).Milliseconds()
 	for {
-		ctx, cancel := s.ctx()
+		// Not s.ctx(): a delivery taken as the store stops is deleted all
+		// the same, or it would be delivered again.
+		ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 		err := s.run(ctx, redisDeleteScript, keys, id, ttl, 1, redisSpoolGroup, m.turn, consumer, s.lease).Err()
 		cancel()
 		if err == nil {
@@ -844,6 +846,35 @@ func (s *redisSpool) delivered(m spoolMeta) {
 			return
 		}
 	}
+}
+
+// settleWrite finds out, once Redis answers, whether an add whose outcome
+// was unknown ran: the entry is there (or was delivered: its tombstone),
+// or it is not, twice storeDownWait apart (a write that was sent runs as
+// soon as Redis reads it), and then notRun is called. It gives up at until
+// (the reservation expires then), or when the store stops.
+func (s *redisSpool) settleWrite(id uuid.UUID, until time.Time, notRun func()) {
+	go func() {
+		absent := 0
+		for time.Now().Before(until) && s.pause(storeDownWait) {
+			ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+			n, err := s.client.Exists(ctx, s.entryKey(id.String()), s.doneKey(id.String())).Result()
+			cancel()
+			switch {
+			case err != nil:
+				absent = 0
+			case n > 0:
+				return // it ran: the spool delivers it
+			default:
+				if absent++; absent == 2 {
+					s.log().Info("spool: a write whose outcome was unknown did not run: released its event ID, so that a resend is accepted",
+						zap.String("event_id", id.String()))
+					notRun()
+					return
+				}
+			}
+		}
+	}()
 }
 
 // failed saves a failed attempt's outcome, if m's turn and our lease are

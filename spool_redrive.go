@@ -440,8 +440,12 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 			landed = true
 			return
 		}
-		if s.stopped.Err() != nil {
-			return // not an attempt; the entry stays as it is
+		if s.stopped.Err() != nil && o != taken && o != replayed && o != moved {
+			// Cut short by the stop (reverse_proxy answers a cancelled
+			// request 499, which would read as a refusal): not an attempt,
+			// the entry stays as it is. What the handlers took, or a check
+			// settled, is recorded.
+			return
 		}
 		spoolAttempts.Inc()
 		m.Attempts++

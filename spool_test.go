@@ -820,6 +820,19 @@ func TestSpoolRedisLeaseLost(t *testing.T) {
 // spool, as SECURITY.md gives it.
 var spoolACL = []any{"~trivialsec_webhook:*", "resetchannels", "-@all", "+@connection", "+@read", "+@write", "+@scripting", "-@dangerous", "+info", "+time"}
 
+// leastPrivilegeUser makes a user of the Redis on port, limited as
+// SECURITY.md says, with more rules after those, and returns its URL.
+func leastPrivilegeUser(t *testing.T, port int, user string, more ...any) string {
+	t.Helper()
+	c := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", port)})
+	defer c.Close()
+	rules := append(append([]any{"ACL", "SETUSER", user, "on", ">acl-test"}, spoolACL...), more...)
+	if err := c.Do(context.Background(), rules...).Err(); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("redis://%s:acl-test@127.0.0.1:%d/0", user, port)
+}
+
 // TestSpoolRedisLeastPrivilege: the replay store and the spool work as a
 // Redis user limited as SECURITY.md says, through every path (spool, copy
 // refused, listing, delete, retry, renewals, claims, consumer clean-up,
@@ -829,10 +842,7 @@ func TestSpoolRedisLeastPrivilege(t *testing.T) {
 	admin := redis.NewClient(&redis.Options{Addr: fmt.Sprintf("127.0.0.1:%d", srv.Port)})
 	defer admin.Close()
 	ctx := context.Background()
-	if err := admin.Do(ctx, append([]any{"ACL", "SETUSER", "trivialsec", "on", ">acl-test"}, spoolACL...)...).Err(); err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("TRIVIALSEC_IT_REDIS", fmt.Sprintf("redis://trivialsec:acl-test@127.0.0.1:%d/0", srv.Port))
+	t.Setenv("TRIVIALSEC_IT_REDIS", leastPrivilegeUser(t, srv.Port, "trivialsec"))
 	g := startSpoolRig(t, "replay redis {env.TRIVIALSEC_IT_REDIS}\n\t\tspool {\n\t\t\tstore redis {env.TRIVIALSEC_IT_REDIS}\n\t\t\tclaim_after 1s\n\t\t\tbackoff 10ms 50ms\n\t\t}")
 	g.up.Down()
 	ids := g.deliverSpooled(3)
