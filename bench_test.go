@@ -3,18 +3,23 @@ package trivialsecwebhook
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/google/uuid"
 	"go.uber.org/zap"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/journal"
 )
 
 // Benchmarks of the hot path. The end-to-end comparison with plain Caddy
@@ -69,7 +74,9 @@ func (*resettableBody) Close() error { return nil }
 // BenchmarkServeHTTP: the whole handler, a 1 KiB delivery, a next handler
 // that reads the body and answers 200; replay off, as in the targets, or
 // memory; the spool off, or in fallback mode on a file store (which the
-// normal path does not write to, but for the replay journal).
+// normal path does not write to, but for the replay journal). Deliveries
+// run 32 at a time, as senders do: with memory replay and the spool, each
+// waits for its reservation's group commit, which the 32 share.
 func BenchmarkServeHTTP(b *testing.B) {
 	for _, tc := range []struct{ replay, spool string }{{"off", "off"}, {"memory", "off"}, {"off", "fallback"}, {"memory", "fallback"}} {
 		replay := tc.replay
@@ -85,6 +92,7 @@ func BenchmarkServeHTTP(b *testing.B) {
 			}
 			defer h.Cleanup()
 			h.logger = zap.NewNop()
+			store := newMemoryStore(defaultReplayMaxEntries)
 			if tc.spool == "fallback" {
 				// The file store without a server to re-drive through:
 				// ServeHTTP's normal path never needs one.
@@ -99,52 +107,99 @@ func BenchmarkServeHTTP(b *testing.B) {
 				}
 			}
 			if replay == "memory" {
-				h.store = newMemoryStore(defaultReplayMaxEntries)
+				h.store = store
 			}
-			next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			nextHandler := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
 				_, err := io.Copy(io.Discard, r.Body)
 				w.WriteHeader(http.StatusOK)
 				return err
 			})
-			d := benchDelivery(1 << 10)
-			auth, body := d.authorization(), []byte(d.body())
-			// With replay on, each delivery must be a new event.
-			var auths []string
-			var bodies [][]byte
+			// With replay on, each delivery must be a new event: the store
+			// forgets them each time they all went once.
+			n := 1
 			if replay == "memory" {
-				for range 1 << 16 {
-					d := benchDelivery(1 << 10).withEventID(uuidString())
-					auths, bodies = append(auths, d.authorization()), append(bodies, []byte(d.body()))
-				}
+				n = 1 << 16
 			}
-			// One request, its body and headers set again for each delivery,
-			// so that what is timed is the handler, not the test's request.
-			w := httptest.NewRecorder()
-			template := httptest.NewRequest(http.MethodPost, "/webhook/trivialsec", nil)
-			var rb resettableBody
-			b.SetBytes(int64(len(body)))
+			auths, bodies := make([]string, n), make([][]byte, n)
+			for i := range n {
+				d := benchDelivery(1 << 10).withEventID(uuidString())
+				auths[i], bodies[i] = d.authorization(), []byte(d.body())
+			}
+			var sent, replayed atomic.Int64
+			b.SetBytes(int64(len(bodies[0])))
 			b.ReportAllocs()
-			i := 0
-			for b.Loop() {
-				a, bd := auth, body
-				if replay == "memory" {
-					if i == len(auths) {
-						b.StopTimer()
-						h.store = newMemoryStore(defaultReplayMaxEntries)
-						i = 0
-						b.StartTimer()
+			b.SetParallelism(16) // 32 senders on 2 cores
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				// One request, its body and headers set again for each
+				// delivery, so that what is timed is the handler, not the
+				// test's request.
+				w := httptest.NewRecorder()
+				template := httptest.NewRequest(http.MethodPost, "/webhook/trivialsec", nil)
+				var rb resettableBody
+				for pb.Next() {
+					i := int(sent.Add(1)-1) % n
+					if i == 0 && n > 1 {
+						store.forget()
 					}
-					a, bd = auths[i], bodies[i]
-					i++
+					rb.Reset(bodies[i])
+					r := template.WithContext(context.WithValue(template.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+					r.Body, r.ContentLength = &rb, int64(len(bodies[i]))
+					r.Header = http.Header{"Authorization": {auths[i]}, "Content-Length": {strconv.Itoa(len(bodies[i]))}}
+					err := h.ServeHTTP(w, r, nextHandler)
+					if he, ok := errors.AsType[caddyhttp.HandlerError](err); ok && he.StatusCode == http.StatusConflict {
+						replayed.Add(1) // a copy met at the turn, as the store forgot
+					} else if err != nil {
+						b.Error(err)
+						return
+					}
 				}
-				rb.Reset(bd)
-				r := template.WithContext(context.WithValue(template.Context(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
-				r.Body, r.ContentLength = &rb, int64(len(bd))
-				r.Header = http.Header{"Authorization": {a}, "Content-Length": {strconv.Itoa(len(bd))}}
-				if err := h.ServeHTTP(w, r, next); err != nil {
-					b.Fatal(err)
-				}
+			})
+			if r := replayed.Load(); r > int64(b.N/100) {
+				b.Fatalf("%d of %d deliveries refused", r, b.N)
 			}
 		})
+	}
+}
+
+// forget empties the store: the benchmark's deliveries go round again.
+func (s *memoryStore) forget() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	clear(s.entries)
+	s.expiries = s.expiries[:0]
+}
+
+// BenchmarkSpoolStartup: opening a spool store whose journal holds
+// 1,000,000 live reservations, and handing them to a memory store, as Caddy
+// does when it starts.
+func BenchmarkSpoolStartup(b *testing.B) {
+	dir := b.TempDir()
+	s := openTestSpool(b, dir, testPolicy)
+	exp := time.Now().Add(24 * time.Hour).UnixNano()
+	const n = 1_000_000
+	for i := range n {
+		if err := s.journal.Write(journal.Record{Op: journal.OpAdd, ID: uuid.New(), Expires: exp + int64(i), Account: testAccount}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := s.Destruct(); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		s := openTestSpool(b, dir, testPolicy)
+		store := newMemoryStore(defaultReplayMaxEntries)
+		if err := s.keepReservations(testAccount, store); err != nil {
+			b.Fatal(err)
+		}
+		if len(store.entries) != n {
+			b.Fatalf("%d reservations, want %d", len(store.entries), n)
+		}
+		b.StopTimer()
+		if err := s.Destruct(); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
 	}
 }

@@ -117,15 +117,20 @@ func readObject(data []byte, dst []member, lim jsonLimits) ([]member, jsonStatus
 }
 
 // hasDuplicateKey reports whether two members share a key. A handful of keys
-// is the rule, so pairs are compared directly; a map takes over past that.
+// is the rule, so pairs are compared directly, by a print of each key first
+// (keyPrint) and byte for byte only where the prints match; a map takes over
+// past that.
 func hasDuplicateKey(members []member) bool {
 	if len(members) <= 16 {
-		for i := 1; i < len(members); i++ {
-			for j := 0; j < i; j++ {
-				if bytes.Equal(members[i].key, members[j].key) {
+		var prints [16]uint32
+		for i, m := range members {
+			p := keyPrint(m.key)
+			for j, q := range prints[:i] {
+				if p == q && bytes.Equal(m.key, members[j].key) {
 					return true
 				}
 			}
+			prints[i] = p
 		}
 		return false
 	}
@@ -137,6 +142,16 @@ func hasDuplicateKey(members []member) bool {
 		seen[string(m.key)] = struct{}{}
 	}
 	return false
+}
+
+// keyPrint is a key's length and its first and last bytes: equal keys have
+// equal prints, and the keys of the claims, of the header and of the body's
+// fields all have different ones.
+func keyPrint(key []byte) uint32 {
+	if len(key) == 0 {
+		return 0
+	}
+	return uint32(len(key))<<16 | uint32(key[0])<<8 | uint32(key[len(key)-1])
 }
 
 func skipBlanks(data []byte, i int) int {
@@ -156,15 +171,7 @@ func skipBlanks(data []byte, i int) int {
 // Its text must be valid UTF-8.
 func scanString(data []byte, i int) (end int, escaped, ok bool) {
 	for i++; i < len(data); {
-		// Eight bytes at a time while none needs a look, then byte by byte.
-		for i+8 <= len(data) {
-			special := specialBytes(binary.LittleEndian.Uint64(data[i:]))
-			if special != 0 {
-				i += bits.TrailingZeros64(special) / 8
-				break
-			}
-			i += 8
-		}
+		i = skipPlain(data, i)
 		for i < len(data) && plain[data[i]] {
 			i++
 		}
@@ -201,6 +208,31 @@ func scanString(data []byte, i int) (end int, escaped, ok bool) {
 		}
 	}
 	return 0, false, false
+}
+
+// skipPlain returns the index of the first byte from data[i] on that a string
+// does not hold as it is (specialBytes), or of one of the last seven bytes:
+// sixteen bytes at a time while none needs a look, then eight.
+func skipPlain(data []byte, i int) int {
+	rest := data[i:]
+	for len(rest) >= 16 {
+		lo := specialBytes(binary.LittleEndian.Uint64(rest))
+		hi := specialBytes(binary.LittleEndian.Uint64(rest[8:]))
+		if lo|hi != 0 {
+			if lo == 0 {
+				return len(data) - len(rest) + 8 + bits.TrailingZeros64(hi)/8
+			}
+			return len(data) - len(rest) + bits.TrailingZeros64(lo)/8
+		}
+		rest = rest[16:]
+	}
+	if len(rest) >= 8 {
+		if special := specialBytes(binary.LittleEndian.Uint64(rest)); special != 0 {
+			return len(data) - len(rest) + bits.TrailingZeros64(special)/8
+		}
+		rest = rest[8:]
+	}
+	return len(data) - len(rest)
 }
 
 // specialBytes sets the top bit of each byte of x, read little-endian, that a

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -93,6 +94,40 @@ func TestReadObjectManyKeys(t *testing.T) {
 	}
 }
 
+// TestHasDuplicateKey holds the print-first comparison to comparing every
+// pair byte for byte: keys of one print that differ (same length, first and
+// last bytes), empty keys, and the map past 16 members.
+func TestHasDuplicateKey(t *testing.T) {
+	naive := func(keys []string) bool {
+		for i := range keys {
+			for j := range i {
+				if keys[i] == keys[j] {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	alphabet := []string{"", "a", "b", "ab", "ba", "aab", "abb", "a_b", "a\x00b", "abab", "event_id", "eVent_id", "evenT_id"}
+	r := rand.New(rand.NewPCG(13, 17))
+	for range 20000 {
+		keys := make([]string, r.IntN(20))
+		for i := range keys {
+			keys[i] = alphabet[r.IntN(len(alphabet))]
+		}
+		members := make([]member, len(keys))
+		for i, k := range keys {
+			members[i] = member{key: []byte(k)}
+		}
+		if got, want := hasDuplicateKey(members), naive(keys); got != want {
+			t.Fatalf("%q: duplicate %v, want %v", keys, got, want)
+		}
+	}
+	if keyPrint([]byte("a_b")) != keyPrint([]byte("axb")) || keyPrint(nil) == keyPrint([]byte("\x00")) {
+		t.Fatal("keyPrint is not what the test assumes")
+	}
+}
+
 func TestUnescapeMatchesEncodingJSON(t *testing.T) {
 	for _, s := range []string{`plain`, `a\"b\\c\/d`, `\b\f\n\r\t`, `\u00e9\u20ac`, `\ud83d\ude00`, `caf\u00E9`, `\u0000`} {
 		var want string
@@ -162,10 +197,10 @@ func TestReadObjectLimits(t *testing.T) {
 }
 
 // TestScanStringEachByte puts every byte value at every position of a
-// string longer than two words, so that each is met by the eight-byte scan
-// and by the byte loop behind it.
+// string of 27 bytes, so that each is met in both words of the sixteen-byte
+// scan, by the eight-byte scan, and by the byte loop behind them.
 func TestScanStringEachByte(t *testing.T) {
-	const n = 19
+	const n = 27
 	for c := range 256 {
 		for pos := range n {
 			text := []byte(`"` + strings.Repeat("a", n) + `"`)
@@ -193,6 +228,17 @@ func TestScanStringEachByte(t *testing.T) {
 	}
 	if _, _, ok := scanString([]byte(`"ab`+"\x01"+`c"defgh"`), 0); ok {
 		t.Error("control character before a quote: accepted")
+	}
+	// In the sixteen-byte scan: the first of two words decides, and the
+	// second only when the first holds none.
+	if end, _, ok := scanString([]byte(`"abcdef"hijklmno`+"\x01"+`qrstuvwxyz"`), 0); !ok || end != 8 {
+		t.Errorf("quote in the first word, a control character in the second: end %d ok %v", end, ok)
+	}
+	if _, _, ok := scanString([]byte(`"abcdef`+"\x01"+`hijklmno"qrstuvwxyz"`), 0); ok {
+		t.Error("control character in the first word, a quote in the second: accepted")
+	}
+	if end, _, ok := scanString([]byte(`"abcdefghijk"mn`+"\x01"+`pqrstuvwxyz"`), 0); !ok || end != 13 {
+		t.Errorf("quote then a control character in the second word: end %d ok %v", end, ok)
 	}
 }
 

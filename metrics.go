@@ -24,19 +24,20 @@ var (
 	}, []string{"event_name"})
 
 	// The spool: what it holds (spoolGauges), and what it did.
-	replayJournalPending = prometheus.NewGauge(prometheus.GaugeOpts{
+	replayJournalPending = prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Namespace: "caddy",
 		Subsystem: "trivialsec_webhook",
 		Name:      "replay_journal_pending",
-		Help:      "Replay reservations accepted but not yet on disk in the spool store: what a crash now would forget.",
-	})
-	spoolSpooled      = spoolCounter("spool_spooled_total", "Deliveries written to the spool.")
-	spoolRedelivered  = spoolCounter("spool_redelivered_total", "Spooled deliveries the next handler took on a re-drive.")
-	spoolDeadLettered = spoolCounter("spool_dead_lettered_total", "Spooled deliveries turned into dead letters.")
-	spoolAttempts     = spoolCounter("spool_attempts_total", "Re-drives of spooled deliveries.")
-	spoolCommits      = spoolCounter("spool_commits_total", "Commits (each with its fsyncs) of the spool's file store; writes made at once share one.")
-	spoolTakenOver    = spoolCounter("spool_taken_over_total", "Spooled deliveries this instance took over from another that left them unfinished for claim_after (Redis store).")
-	spoolHeld         = spoolCounter("spool_held_total", "Deliveries held on this instance's disk, unchecked for replay, while the Redis replay store did not answer.")
+		Help:      "Replay reservations and releases written to the replay journal but not yet on disk. Deliveries wait for theirs; a value that stays high means the disk is slow.",
+	}, journalPending)
+	replayJournalErrors = spoolCounter("replay_journal_errors_total", "Replay reservations the replay journal could not write to disk: the delivery went on, and a restart forgets its reservation.")
+	spoolSpooled        = spoolCounter("spool_spooled_total", "Deliveries written to the spool.")
+	spoolRedelivered    = spoolCounter("spool_redelivered_total", "Spooled deliveries the next handler took on a re-drive.")
+	spoolDeadLettered   = spoolCounter("spool_dead_lettered_total", "Spooled deliveries turned into dead letters.")
+	spoolAttempts       = spoolCounter("spool_attempts_total", "Re-drives of spooled deliveries.")
+	spoolCommits        = spoolCounter("spool_commits_total", "Commits (each with its fsyncs) of the spool's file store; writes made at once share one.")
+	spoolTakenOver      = spoolCounter("spool_taken_over_total", "Spooled deliveries this instance took over from another that left them unfinished for claim_after (Redis store).")
+	spoolHeld           = spoolCounter("spool_held_total", "Deliveries held on this instance's disk, unchecked for replay, while the Redis replay store did not answer.")
 
 	// The counters of every label value, resolved once: no lookup on the
 	// hot path, and every series present from the start.
@@ -98,7 +99,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 	if registry == nil {
 		return nil
 	}
-	for _, c := range []prometheus.Collector{requestsTotal, eventsTotal, spoolGauges{}, replayJournalPending,
+	for _, c := range []prometheus.Collector{requestsTotal, eventsTotal, spoolGauges{}, replayJournalPending, replayJournalErrors,
 		spoolSpooled, spoolRedelivered, spoolDeadLettered, spoolAttempts, spoolCommits, spoolTakenOver, spoolHeld} {
 		if err := registry.Register(c); err != nil {
 			if _, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); !ok {
@@ -107,6 +108,19 @@ func registerMetrics(registry *prometheus.Registry) error {
 		}
 	}
 	return nil
+}
+
+// journalPending sums what the replay journals of the file stores have not
+// synced yet.
+func journalPending() float64 {
+	var n int64
+	eachSpool(func(s spoolStore) bool {
+		if f, ok := s.(*fileSpool); ok {
+			n += f.journalPending()
+		}
+		return true
+	})
+	return float64(n)
 }
 
 func spoolCounter(name, help string) prometheus.Counter {

@@ -632,7 +632,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return h.refuse(w, r, repl, reasonReplayStoreFull, &tok, ev.Name)
 		}
 		if h.journal != nil && unchecked == nil {
-			h.journal.reserve(h.Account, ev.ID, expires)
+			h.keep(ev.ID, expires)
 		}
 	}
 
@@ -667,7 +667,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	case h.spool == nil || !h.spool.up():
 		// No spool, or its store cannot be used now (the log said so):
 		// the sender gets what the next handler answers.
-		return h.serveReleasing(w, r, next, ev.ID, reserved)
+		return h.serveReleasing(w, r, next, a, reserved)
 	case h.Spool.Mode == "always":
 		return h.serveSpoolFirst(w, r, next, a, body, reserved)
 	default:
@@ -680,8 +680,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // began), so that a genuine delivery whose upstream was down could come
 // again. When nothing after the module answers at all, the sender gets 502,
 // not net/http's empty 200: the delivery reached no service.
-func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, id uuid.UUID, reserved reservation) error {
-	sw := &statusWriter{ResponseWriter: w}
+func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, reserved reservation) error {
+	sw := &a.sw
+	sw.ResponseWriter = w
+	if h.store == nil {
+		// Replay off: nothing to release, so no defers; only an answer to
+		// look for.
+		err := next.ServeHTTP(sw, r)
+		if sw.status == 0 && err == nil {
+			return caddyhttp.Error(http.StatusBadGateway, errNoAnswer)
+		}
+		return err
+	}
+	id := a.ev.ID
 	succeeded := false
 	defer func() {
 		if !succeeded {
@@ -712,6 +723,21 @@ func (h *Handler) serveReleasing(w http.ResponseWriter, r *http.Request, next ca
 // answer (an error, a panic, nothing at all), it is released.
 func keeps(status int) bool { return status != 0 && !retryable(status) }
 
+// keep writes a reservation made in the memory store to the spool store's
+// journal, and returns once it is on disk: a crash from then on keeps it. A
+// journal that cannot write is said at ERROR and counted, and the delivery
+// goes on: the memory store refuses its copies until a restart, and
+// refusing it would lose a genuine delivery for sure (README: Replay
+// protection).
+func (h *Handler) keep(id uuid.UUID, expires time.Time) {
+	if err := h.journal.reserve(h.Account, id, expires); err != nil {
+		replayJournalErrors.Inc()
+		if c := h.logger.Check(zapcore.ErrorLevel, "the replay reservation could not be written to disk: the delivery goes on, and a restart would forget its reservation"); c != nil {
+			c.Write(zap.String("event_id", id.String()), zap.Error(err))
+		}
+	}
+}
+
 // release gives a reservation back, in the store and its journal.
 func (h *Handler) release(ctx context.Context, id uuid.UUID, reserved reservation, status int) {
 	if h.store == nil {
@@ -719,7 +745,7 @@ func (h *Handler) release(ctx context.Context, id uuid.UUID, reserved reservatio
 	}
 	err := h.store.release(ctx, id, reserved)
 	if err == nil && h.journal != nil {
-		h.journal.unreserve(id, time.Unix(0, reserved.expires))
+		err = h.journal.unreserve(h.Account, id, reserved.expires)
 	}
 	if rs, ok := h.store.(*redisStore); ok && outcomeUnknown(err) {
 		if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the release of the event ID has an unknown outcome: it is released once Redis answers"); c != nil {
@@ -764,11 +790,13 @@ func (ev *event) placeholder(key string) (any, bool) {
 }
 
 // accepted is what an accepted delivery leaves behind for the handlers
-// after this one, in one allocation: the body and the event the placeholders
-// read.
+// after this one, in one allocation: the body, the event the placeholders
+// read, and what the path it takes needs to see the answer.
 type accepted struct {
-	body bodyReader
-	ev   event
+	body    bodyReader
+	ev      event
+	sw      statusWriter // serveReleasing's
+	attempt attempt      // serveFallback's
 }
 
 // bodyReader hands the verified body to the next handler.

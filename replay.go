@@ -65,19 +65,28 @@ func newMemoryStore(maxEntries int) *memoryStore {
 }
 
 // preload takes in the reservations a spool store (named by its directory)
-// kept across a restart, once: load calls add with each.
-func (s *memoryStore) preload(key string, load func(add func(id uuid.UUID, expires time.Time)) error) error {
+// kept across a restart, once: load calls add with each reservation made,
+// and release with each given back, in the order they were (expiries in
+// Unix nanoseconds).
+func (s *memoryStore) preload(key string, load func(add, release func(id uuid.UUID, expires int64)) error) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.preloaded[key] {
 		return nil
 	}
-	err := load(func(id uuid.UUID, expires time.Time) {
+	// The expiries are appended, and made a heap once, at the end: O(n),
+	// not a push (and an allocation) for each.
+	err := load(func(id uuid.UUID, expires int64) {
 		if _, taken := s.entries[id]; !taken {
-			s.entries[id] = expires.UnixNano()
-			heap.Push(&s.expiries, expiry{id: id, at: expires.UnixNano()})
+			s.entries[id] = expires
+			s.expiries = append(s.expiries, expiry{id: id, at: expires})
+		}
+	}, func(id uuid.UUID, expires int64) {
+		if s.entries[id] == expires {
+			delete(s.entries, id) // its heap element is skipped at its time
 		}
 	})
+	heap.Init(&s.expiries)
 	if err == nil {
 		s.preloaded[key] = true
 	}

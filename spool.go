@@ -511,7 +511,7 @@ func (h *Handler) checkHeld(ctx context.Context, rd *redrive) {
 	default:
 		rd.checked = true
 		if h.journal != nil {
-			h.journal.reserve(h.Account, id, expires)
+			h.keep(id, expires)
 		}
 	}
 }
@@ -691,16 +691,11 @@ func judge(status int, err error) (outcome, int, error) {
 // decides nothing: the final status does.
 func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, a *accepted, body []byte, reserved reservation) (err error) {
 	mark := markHeader(w.Header()) // what a 202 goes out with
-	buf := failureBuffers.Get().(*bytes.Buffer)
-	buf.Reset()
-	defer func() {
-		if buf.Cap() <= 64<<10 { // a large failed answer is not kept for the next
-			failureBuffers.Put(buf)
-		}
-	}()
-	rec := caddyhttp.NewResponseRecorder(w, buf, func(status int, _ http.Header) bool { return retryable(status) })
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), h.policy.attemptTimeout)
-	defer cancel()
+	at := &a.attempt
+	at.ctx.Context, at.ctx.deadline = context.WithoutCancel(r.Context()), time.Now().Add(h.policy.attemptTimeout)
+	at.rec.ResponseWriter = w
+	rec := &at.rec
+	defer at.end()
 	done := false
 	defer func() {
 		if done {
@@ -711,7 +706,7 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 			h.release(r.Context(), a.ev.ID, reserved, http.StatusInternalServerError)
 			return
 		}
-		if finalStatus(rec) != 0 && !rec.Buffered() {
+		if rec.status != 0 && !rec.held {
 			// An answer had begun (reverse_proxy panics when the upstream
 			// breaks off a 2xx it began): the delivery reached the service,
 			// and keeps its reservation; the connection is aborted.
@@ -721,11 +716,11 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 		err = h.spoolFailure(w, r, a, body, reserved, rec, &mark, http.StatusInternalServerError,
 			fmt.Errorf("the next handler panicked: %v", p))
 	}()
-	err = next.ServeHTTP(rec, r.WithContext(ctx))
+	err = next.ServeHTTP(rec, r.WithContext(&at.ctx))
 	done = true
 
-	status := finalStatus(rec)
-	if status != 0 && !rec.Buffered() {
+	status := rec.status
+	if status != 0 && !rec.held {
 		return err // an answer that is no failure went out, or began to
 	}
 	// No final status went out unbuffered: judge says failed or refused,
@@ -748,20 +743,157 @@ func logPanic(log *zap.Logger, p any) {
 	log.Error("a handler after trivialsec_webhook panicked: the delivery is spooled, or its re-drive failed", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 }
 
-// finalStatus is the final status rec holds: 0 when nothing, or only an
-// informational answer, was written.
-func finalStatus(rec caddyhttp.ResponseRecorder) int {
-	if status := rec.Status(); status >= 200 {
-		return status
+// attempt is what serveFallback's attempt needs: the writer that holds a
+// failed answer back, and the attempt's context.
+type attempt struct {
+	rec fallbackWriter
+	ctx attemptContext
+}
+
+// end stops the attempt's timer, and keeps the held answer's buffer for the
+// next failure.
+func (a *attempt) end() {
+	a.ctx.stop()
+	if buf := a.rec.buf; buf != nil && buf.Cap() <= 64<<10 { // a large failed answer is not kept
+		buf.Reset()
+		failureBuffers.Put(buf)
 	}
-	return 0
+}
+
+// fallbackWriter passes the next handler's answer on to the sender, but
+// holds one back whose final status is a retryable failure: the delivery
+// is spooled instead, and the sender gets 202; or, if it cannot be, the
+// failure after all (writeHeld). Informational answers (1xx) go on and
+// decide nothing. The header map is the sender's: serveFallback puts it
+// back as it was before a held failure (headerMark).
+type fallbackWriter struct {
+	http.ResponseWriter
+	status int           // the first final status written; 0: none yet
+	held   bool          // status is a retryable failure, held back
+	buf    *bytes.Buffer // the held answer's body, from failureBuffers
+}
+
+func (w *fallbackWriter) WriteHeader(status int) {
+	switch {
+	case w.status != 0:
+		return // a second final status: net/http ignores it too
+	case status < 200:
+		w.ResponseWriter.WriteHeader(status)
+		return
+	}
+	w.status, w.held = status, retryable(status)
+	if !w.held {
+		w.ResponseWriter.WriteHeader(status)
+	}
+}
+
+func (w *fallbackWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if !w.held {
+		return w.ResponseWriter.Write(p)
+	}
+	if w.buf == nil {
+		w.buf = failureBuffers.Get().(*bytes.Buffer)
+	}
+	return w.buf.Write(p)
+}
+
+// FlushError flushes an answer that goes on; a held one stays held (a
+// flush would send the sender its status).
+func (w *fallbackWriter) FlushError() error {
+	if w.held {
+		return nil
+	}
+	return http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+// Unwrap lets http.ResponseController reach the writer underneath.
+func (w *fallbackWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// writeHeld gives the sender the failure held back.
+func (w *fallbackWriter) writeHeld() error {
+	w.ResponseWriter.WriteHeader(w.status)
+	if w.buf == nil {
+		return nil
+	}
+	_, err := w.buf.WriteTo(w.ResponseWriter)
+	return err
+}
+
+// attemptContext is the context of a delivery's first attempt in fallback
+// mode: the request's values, without its cancellation (the sender hanging
+// up does not end the attempt), and a deadline, attempt_timeout after the
+// attempt began. Its timer starts only when something watches it (Done):
+// a handler that answers at once never pays for one.
+type attemptContext struct {
+	context.Context // context.WithoutCancel of the request's
+	deadline        time.Time
+
+	mu    sync.Mutex
+	done  chan struct{} // made by the first Done
+	err   error
+	timer *time.Timer
+}
+
+func (c *attemptContext) Deadline() (time.Time, bool) { return c.deadline, true }
+
+func (c *attemptContext) Done() <-chan struct{} {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done == nil {
+		c.done = make(chan struct{})
+		switch d := time.Until(c.deadline); {
+		case c.err != nil:
+			close(c.done)
+		case d <= 0:
+			c.expire()
+		default:
+			c.timer = time.AfterFunc(d, func() {
+				c.mu.Lock()
+				defer c.mu.Unlock()
+				c.expire()
+			})
+		}
+	}
+	return c.done
+}
+
+func (c *attemptContext) Err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err == nil && !time.Now().Before(c.deadline) {
+		c.expire()
+	}
+	return c.err
+}
+
+// expire ends the context at its deadline. Call with c.mu held.
+func (c *attemptContext) expire() {
+	if c.err != nil {
+		return
+	}
+	c.err = context.DeadlineExceeded
+	if c.done != nil {
+		close(c.done)
+	}
+}
+
+// stop stops the timer, if one started, as the attempt ends.
+func (c *attemptContext) stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.timer != nil {
+		c.timer.Stop()
+	}
 }
 
 // spoolFailure spools a delivery the next handler failed (status, err) and
 // answers 202 with the headers of before the attempt; or, if it cannot be
 // spooled, gives the sender the failure, and releases the event ID.
 func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accepted, body []byte, reserved reservation,
-	rec caddyhttp.ResponseRecorder, mark *headerMark, status int, err error) error {
+	rec *fallbackWriter, mark *headerMark, status int, err error) error {
 	failure := describeFailure(status, err)
 	now := time.Now()
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, now), request: spoolRequestOf(r), body: body}
@@ -791,8 +923,8 @@ func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accept
 			}
 			h.release(r.Context(), a.ev.ID, reserved, status)
 		}
-		if finalStatus(rec) != 0 {
-			return rec.WriteResponse()
+		if rec.status != 0 {
+			return rec.writeHeld()
 		}
 		if status == 0 { // no answer at all: the sender gets 502
 			return caddyhttp.Error(http.StatusBadGateway, err)
@@ -869,7 +1001,7 @@ func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next c
 		if c := h.logger.Check(zapcore.WarnLevel, "the delivery could not be spooled: it goes to the next handler at once"); c != nil {
 			c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name), zap.Error(err))...)
 		}
-		return h.serveReleasing(w, r, next, a.ev.ID, reserved)
+		return h.serveReleasing(w, r, next, a, reserved)
 	}
 	if c := h.logger.Check(zapcore.DebugLevel, "spooled the delivery, answered 202"); c != nil {
 		c.Write(append(h.spool.logFields(), zap.String("event_id", a.ev.ID.String()), zap.String("event_name", a.ev.Name))...)

@@ -2,6 +2,7 @@ package trivialsecwebhook
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"sync"
@@ -150,9 +151,8 @@ func TestFileSpoolGroupCommit(t *testing.T) {
 	}
 }
 
-// TestFileSpoolReservations: reservations come back after a reopen (the
-// store commits the queued ones as it closes), but not released or expired
-// ones; expired ones are pruned.
+// TestFileSpoolReservations: reservations come back after a reopen, into
+// the memory store of their account, but not released or expired ones.
 func TestFileSpoolReservations(t *testing.T) {
 	dir := t.TempDir()
 	s := openTestSpool(t, dir, testPolicy)
@@ -164,25 +164,81 @@ func TestFileSpoolReservations(t *testing.T) {
 		exp     time.Time
 	}{{kept, testAccount, now.Add(time.Hour)}, {released, testAccount, now.Add(time.Hour)},
 		{expired, testAccount, now.Add(-time.Second)}, {other, "other", now.Add(time.Hour)}} {
-		s.reserve(r.account, r.id, r.exp)
+		if err := s.reserve(r.account, r.id, r.exp); err != nil {
+			t.Fatal(err)
+		}
 	}
-	s.unreserve(released, now.Add(time.Hour))
+	if err := s.unreserve(testAccount, released, now.Add(time.Hour).UnixNano()); err != nil {
+		t.Fatal(err)
+	}
 	if err := s.Destruct(); err != nil { // commits what is queued
 		t.Fatal(err)
 	}
-	s = openTestSpool(t, dir, testPolicy) // prunes on opening
+	s = openTestSpool(t, dir, testPolicy)
 	defer s.Destruct()
-	got := map[uuid.UUID]time.Time{}
-	if err := s.reservations(testAccount, now, func(id uuid.UUID, exp time.Time) { got[id] = exp }); err != nil {
+	if got := keptReservations(t, s, testAccount); len(got) != 1 || got[kept] != now.Add(time.Hour).UnixNano() {
+		t.Fatalf("reservations %v, want only %s", got, kept)
+	}
+	if got := keptReservations(t, s, "other"); len(got) != 1 {
+		t.Fatalf("the other account's reservations %v", got)
+	}
+}
+
+// keptReservations hands account's reservations kept in s to a new memory
+// store, and returns what it holds.
+func keptReservations(t *testing.T, s *fileSpool, account string) map[uuid.UUID]int64 {
+	t.Helper()
+	store := newMemoryStore(defaultReplayMaxEntries)
+	if err := s.keepReservations(account, store); err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 1 || !got[kept].Equal(now.Add(time.Hour)) {
-		t.Fatalf("reservations %v", got)
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	return maps.Clone(store.entries)
+}
+
+// TestFileSpoolAdoptsOldReservations: a spool.db written by a version that
+// kept the reservations in its replay bucket opens with them still
+// refusing copies; they move into the journal, and the bucket goes.
+func TestFileSpoolAdoptsOldReservations(t *testing.T) {
+	dir := t.TempDir()
+	db, err := bolt.Open(filepath.Join(dir, "spool.db"), 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
 	}
-	var all int
-	_ = s.db.View(func(tx *bolt.Tx) error { all = tx.Bucket(bucketReplay).Stats().KeyN; return nil })
-	if all != 2 {
-		t.Errorf("%d reservations on disk, want 2 (the expired one pruned)", all)
+	now := time.Now()
+	live, expired := uuid.New(), uuid.New()
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, name := range spoolBuckets {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		b := tx.Bucket(bucketReplay)
+		if err := b.Put(replayKey(live, now.Add(time.Hour)), []byte(testAccount)); err != nil {
+			return err
+		}
+		return b.Put(replayKey(expired, now.Add(-time.Minute)), []byte(testAccount))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+
+	for range 2 { // moved at the first open; from the journal at the second
+		s := openTestSpool(t, dir, testPolicy)
+		if got := keptReservations(t, s, testAccount); len(got) != 1 || got[live] != now.Add(time.Hour).UnixNano() {
+			t.Fatalf("reservations %v, want only %s", got, live)
+		}
+		_ = s.db.View(func(tx *bolt.Tx) error {
+			if tx.Bucket(bucketReplay) != nil {
+				t.Error("spool.db still has its replay bucket")
+			}
+			return nil
+		})
+		if err := s.Destruct(); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

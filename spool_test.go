@@ -935,3 +935,37 @@ func TestEachSpoolHoldsNoLock(t *testing.T) {
 		t.Fatal("a store loaded while eachSpool ran waited for it")
 	}
 }
+
+// TestAttemptContext: a first attempt's context keeps the request's values,
+// not its cancellation, and ends at its deadline, whether something watched
+// it before (Done) or asks only after (Err).
+func TestAttemptContext(t *testing.T) {
+	type key struct{}
+	parent, cancel := context.WithCancel(context.WithValue(context.Background(), key{}, "v"))
+	watched := &attemptContext{Context: context.WithoutCancel(parent), deadline: time.Now().Add(50 * time.Millisecond)}
+	cancel() // the sender hangs up
+	if watched.Value(key{}) != "v" || watched.Err() != nil || context.Cause(watched) != nil {
+		t.Fatalf("value %v, err %v, cause %v", watched.Value(key{}), watched.Err(), context.Cause(watched))
+	}
+	child, stop := context.WithCancel(watched)
+	defer stop()
+	select {
+	case <-child.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the deadline never ended the attempt")
+	}
+	if watched.Err() != context.DeadlineExceeded || child.Err() != context.DeadlineExceeded {
+		t.Fatalf("err %v, child's %v", watched.Err(), child.Err())
+	}
+
+	late := &attemptContext{Context: context.Background(), deadline: time.Now().Add(-time.Millisecond)}
+	if late.Err() != context.DeadlineExceeded {
+		t.Fatalf("past its deadline, unwatched: %v", late.Err())
+	}
+	select {
+	case <-late.Done():
+	default:
+		t.Fatal("Done after Err is not closed")
+	}
+	late.stop()
+}

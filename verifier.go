@@ -8,6 +8,7 @@ import (
 	"hash"
 	"math"
 	"mime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -142,11 +143,11 @@ func tokenFrom(authorization string) string {
 // tokenScratch is the memory one token check decodes into. It is pooled, so
 // that decoding a token allocates nothing; nothing in it outlives the check.
 // (A check allocates once, for a token with a cep claim: the claim's string,
-// which the endpoint placeholder hands on.)
+// which the endpoint placeholder hands on.) The members and the claims read
+// from the decoded parts are on the check's stack: written there, their
+// pointers cost the garbage collector nothing.
 type tokenScratch struct {
 	raw, header, payload, sig, mac []byte
-	members                        [16]member
-	c                              claims
 }
 
 var tokenScratchPool = sync.Pool{New: func() any {
@@ -159,6 +160,17 @@ var tokenScratchPool = sync.Pool{New: func() any {
 	}
 }}
 
+// hs256Headers are the encoded headers the senders write (golang-jwt and
+// current PyJWT sort the keys; older PyJWT put typ first), taken without
+// decoding them: each decodes to the JSON beside it, which says alg HS256
+// and has no crit, as reading it would find (TestHS256Headers holds them to
+// that). Any other header, however encoded, is decoded and read.
+var hs256Headers = [...]string{
+	"eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9", // {"alg":"HS256","typ":"JWT"}
+	"eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9", // {"typ":"JWT","alg":"HS256"}
+	"eyJhbGciOiJIUzI1NiJ9",                 // {"alg":"HS256"}
+}
+
 // verifyToken runs check 3: the JWT, its signature and its claims.
 func (v *verifier) verifyToken(authorization string) (verifiedToken, reasonCode) {
 	token := tokenFrom(authorization)
@@ -168,8 +180,17 @@ func (v *verifier) verifyToken(authorization string) (verifiedToken, reasonCode)
 	if len(token) > maxTokenLength {
 		return verifiedToken{}, reasonMalformedToken
 	}
+	// No defer: the check has too many returns for Go to open-code one.
+	// A panic inside leaves the scratch to the garbage collector.
 	s := tokenScratchPool.Get().(*tokenScratch)
-	defer tokenScratchPool.Put(s)
+	tok, reason := v.checkToken(s, token)
+	tokenScratchPool.Put(s)
+	return tok, reason
+}
+
+// checkToken is verifyToken's work, on a token of bounded length, decoded
+// into s.
+func (v *verifier) checkToken(s *tokenScratch, token string) (verifiedToken, reasonCode) {
 	s.raw = append(s.raw[:0], token...)
 	raw := s.raw
 	dot1 := bytes.IndexByte(raw, '.')
@@ -179,31 +200,34 @@ func (v *verifier) verifyToken(authorization string) (verifiedToken, reasonCode)
 	}
 
 	// The algorithm is pinned: the header may only confirm it.
+	var scratch [16]member
 	var err error
-	if s.header, err = b64.AppendDecode(s.header[:0], raw[:dot1]); err != nil {
-		return verifiedToken{}, reasonMalformedToken
-	}
-	members, status := readObject(s.header, s.members[:0], defaultJSONLimits)
-	if status != jsonOK {
-		return verifiedToken{}, reasonMalformedToken
-	}
-	var alg []byte
-	crit := false
-	for _, m := range members {
-		switch string(m.key) {
-		case "alg":
-			alg, _ = jsonString(m.value)
-		case "crit":
-			crit = true
+	if !slices.Contains(hs256Headers[:], token[:dot1]) {
+		if s.header, err = b64.AppendDecode(s.header[:0], raw[:dot1]); err != nil {
+			return verifiedToken{}, reasonMalformedToken
 		}
-	}
-	if string(alg) != jwt.SigningMethodHS256.Alg() {
-		return verifiedToken{}, reasonBadAlgorithm
-	}
-	// A critical extension (b64: false, say) must be understood or the
-	// token refused (RFC 7515 4.1.11); the module understands none.
-	if crit {
-		return verifiedToken{}, reasonCriticalHeader
+		members, status := readObject(s.header, scratch[:0], defaultJSONLimits)
+		if status != jsonOK {
+			return verifiedToken{}, reasonMalformedToken
+		}
+		var alg []byte
+		crit := false
+		for _, m := range members {
+			switch string(m.key) {
+			case "alg":
+				alg, _ = jsonString(m.value)
+			case "crit":
+				crit = true
+			}
+		}
+		if string(alg) != jwt.SigningMethodHS256.Alg() {
+			return verifiedToken{}, reasonBadAlgorithm
+		}
+		// A critical extension (b64: false, say) must be understood or the
+		// token refused (RFC 7515 4.1.11); the module understands none.
+		if crit {
+			return verifiedToken{}, reasonCriticalHeader
+		}
 	}
 
 	// The token's shape is checked whole before its signature: from there
@@ -218,9 +242,8 @@ func (v *verifier) verifyToken(authorization string) (verifiedToken, reasonCode)
 		return verifiedToken{}, reasonBadSignature
 	}
 
-	c := &s.c
-	*c = claims{}
-	reason := c.read(s.payload, s.members[:0])
+	var c claims
+	reason := c.read(s.payload, scratch[:0])
 	// The signature verified: what the claims say is the sender's word, and
 	// names the event in the log even when a check below refuses it.
 	tok := verifiedToken{IssuedAt: c.iat, ExpiresAt: c.exp, evn: evnAbsent}

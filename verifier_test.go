@@ -421,6 +421,49 @@ func TestVerifyClockSkew(t *testing.T) {
 	}
 }
 
+// TestHS256Headers: each header the module takes without decoding it is
+// the only strict encoding of a header it would read as HS256 without crit,
+// and a token with it verifies; the same header encoded otherwise is read
+// the long way and verifies too; anything else is read as before.
+func TestHS256Headers(t *testing.T) {
+	v := testVerifier(t, nil)
+	claims := rawURL.EncodeToString([]byte(mustJSON(productionDelivery().claims)))
+	for _, enc := range hs256Headers {
+		header, err := b64.DecodeString(enc)
+		if err != nil || rawURL.EncodeToString(header) != enc {
+			t.Fatalf("%s: decodes to %q (%v), which encodes otherwise", enc, header, err)
+		}
+		members, status := readObject(header, nil, defaultJSONLimits)
+		if status != jsonOK {
+			t.Fatalf("%s: %q does not read", enc, header)
+		}
+		for _, m := range members {
+			if alg, _ := jsonString(m.value); string(m.key) == "crit" || (string(m.key) == "alg" && string(alg) != "HS256") {
+				t.Fatalf("%s: %q", enc, header)
+			}
+		}
+		if _, reason := v.verifyToken(signParts(enc, claims, testSecret)); reason != reasonNone {
+			t.Errorf("%s: %s", header, reason)
+		}
+		spaced := strings.Replace(string(header), ":", ": ", 1)
+		if _, reason := v.verifyToken(signParts(rawURL.EncodeToString([]byte(spaced)), claims, testSecret)); reason != reasonNone {
+			t.Errorf("%s: %s", spaced, reason)
+		}
+		if _, reason := v.verifyToken(signParts(enc, claims, "another-secret")); reason != reasonBadSignature {
+			t.Errorf("%s under another secret: %s", header, reason)
+		}
+	}
+	for header, want := range map[string]reasonCode{
+		`{"alg":"HS256","typ":"JWT","crit":["exp"]}`: reasonCriticalHeader,
+		`{"alg":"HS512","typ":"JWT"}`:                reasonBadAlgorithm,
+		`{"alg":"HS256","alg":"HS256"}`:              reasonMalformedToken,
+	} {
+		if _, reason := v.verifyToken(signParts(rawURL.EncodeToString([]byte(header)), claims, testSecret)); reason != want {
+			t.Errorf("%s: %s, want %s", header, reason, want)
+		}
+	}
+}
+
 // TestNotBefore: the sender's head start of up to 3 s comes off nbf, and
 // nothing else does.
 func TestNotBefore(t *testing.T) {

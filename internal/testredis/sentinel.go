@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -89,19 +90,27 @@ func (s *Sentinels) URL() string {
 		s.Ports[0], MasterName, s.Ports[1], s.Ports[2])
 }
 
-// Master is the server every Sentinel names as the primary now, or an error
-// if they do not agree, or name a server not of this setup.
+// Master is the server every Sentinel names as the primary now, in one
+// configuration (the same config epoch, as a failover's winner spreads
+// it), or an error if they do not agree, or name a server not of this
+// setup.
 func (s *Sentinels) Master() (*Server, error) {
 	var port int
-	for _, p := range s.Ports {
+	var epoch string
+	for i, p := range s.Ports {
 		got, err := masterPort(p)
 		if err != nil {
 			return nil, fmt.Errorf("sentinel %d: %w", p, err)
 		}
-		if port != 0 && got != port {
-			return nil, fmt.Errorf("the Sentinels disagree: %d and %d", port, got)
+		master, err := command("127.0.0.1:"+strconv.Itoa(p), "SENTINEL", "MASTER", MasterName)
+		if err != nil {
+			return nil, fmt.Errorf("sentinel %d: %w", p, err)
 		}
-		port = got
+		e := field(master, "config-epoch")
+		if i > 0 && (got != port || e != epoch) {
+			return nil, fmt.Errorf("the Sentinels disagree: port %d in config epoch %s, and port %d in %s", port, epoch, got, e)
+		}
+		port, epoch = got, e
 	}
 	for _, srv := range s.Servers {
 		if srv.Port == port {
@@ -124,7 +133,8 @@ func (s *Sentinels) KillMaster() *Server {
 }
 
 // WaitFailover waits until every Sentinel names another server than old as
-// the primary, and that server says it is one; it returns it.
+// the primary, in one config epoch, and that server says it is one; it
+// returns it.
 func (s *Sentinels) WaitFailover(old *Server) *Server {
 	s.t.Helper()
 	var promoted *Server
@@ -156,27 +166,132 @@ func (s *Server) ReplicaOf(primary *Server) {
 	if _, err := command(s.addr(), "REPLICAOF", "127.0.0.1", strconv.Itoa(primary.Port)); err != nil {
 		s.t.Fatalf("replicaof: %v", err)
 	}
-	// The replica's link is up once it has loaded the data, and its
-	// primary lists it online, but after a diskless sync the primary
-	// streams it writes, and WAIT counts it, only from its first
-	// acknowledgement, up to a second later: wait until a write of the
-	// primary's (a PUBLISH, which replicates and leaves no key) is
-	// confirmed by every replica it has.
+	s.waitReplicating(primary)
+}
+
+// RestartReplicaOf starts the server again after Stop as an operator
+// brings back a primary that a failover replaced: a replica of primary
+// from its first moment (--replicaof), never a primary of its own, and
+// one the Sentinels may not promote (replica-priority 0) until it has
+// primary's data and confirms its writes; then of Redis's default
+// priority, 100. (A server without persistence restarted as a primary is
+// empty, and the Sentinels, which list it as a replica since the
+// failover, see it as a primary only when they next ask it, up to 10 s
+// later: a failover meanwhile, as under load, when a Sentinel gets no
+// answer from the primary it just promoted within down-after, can
+// promote it, and every server then copies its empty data set. So can
+// one while a replica is still syncing.)
+func (s *Server) RestartReplicaOf(primary *Server) {
+	s.t.Helper()
+	s.restart("--replicaof", "127.0.0.1", strconv.Itoa(primary.Port), "--replica-priority", "0")
+	s.waitReplicating(primary)
+	if _, err := command(s.addr(), "CONFIG", "SET", "replica-priority", "100"); err != nil {
+		s.t.Fatalf("port %d: replica-priority: %v", s.Port, err)
+	}
+}
+
+// waitReplicating waits until the server is a replica of primary in sync
+// (synced), for at most 20 s.
+func (s *Server) waitReplicating(primary *Server) {
+	s.t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		n, err := replicas(primary.addr())
+		err := s.synced(primary)
 		if err == nil {
-			var replies []any
-			replies, err = commands(primary.addr(), []string{"PUBLISH", "testredis:sync", "1"}, []string{"WAIT", strconv.Itoa(n), "100"})
-			if err == nil && n > 0 && replies[1] == int64(n) {
-				return
-			}
+			return
 		}
 		if time.Now().After(deadline) {
 			s.t.Fatalf("port %d did not sync with port %d within 20s: %v", s.Port, primary.Port, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// synced checks that the server says it is a replica of primary with its
+// link up (it has loaded primary's data), and that a write of primary's
+// is confirmed by every replica primary has. After a diskless sync the
+// primary streams a replica its writes, and WAIT counts it, only from its
+// first acknowledgement, up to a second after its link is up: the write
+// is a PUBLISH, which replicates and leaves no key.
+func (s *Server) synced(primary *Server) error {
+	info, err := command(s.addr(), "INFO", "replication")
+	if err != nil {
+		return err
+	}
+	text, _ := info.(string)
+	got := map[string]string{}
+	for line := range strings.Lines(text) {
+		if k, v, ok := strings.Cut(strings.TrimSpace(line), ":"); ok {
+			got[k] = v
+		}
+	}
+	if got["role"] != "slave" || got["master_port"] != strconv.Itoa(primary.Port) || got["master_link_status"] != "up" {
+		return fmt.Errorf("port %d says role:%s master_port:%s master_link_status:%s, want a replica of port %d with its link up",
+			s.Port, got["role"], got["master_port"], got["master_link_status"], primary.Port)
+	}
+	n, err := replicas(primary.addr())
+	if err != nil {
+		return err
+	}
+	replies, err := commands(primary.addr(), []string{"PUBLISH", "testredis:sync", "1"}, []string{"WAIT", strconv.Itoa(n), "100"})
+	if err != nil {
+		return err
+	}
+	if n == 0 || replies[1] != int64(n) {
+		return fmt.Errorf("%v of port %d's %d replicas confirmed its write", replies[1], primary.Port, n)
+	}
+	return nil
+}
+
+// Rejoin brings old, the primary a failover replaced, back as a replica
+// of primary, the server promoted (RestartReplicaOf), and waits until
+// every Sentinel names one server as the primary, in one config epoch,
+// that server says it is one, and every other is its replica, in sync
+// (synced), and listed by every Sentinel as its replica, up. It returns
+// that primary: primary, unless the Sentinels failed over again meanwhile
+// (old then has the data: it is promoted only once in sync).
+func (s *Sentinels) Rejoin(old, primary *Server) *Server {
+	s.t.Helper()
+	old.RestartReplicaOf(primary)
+	var now *Server
+	s.wait("the Sentinels agree on a primary, and the other server is its replica, in sync", func() error {
+		srv, err := s.Master()
+		if err != nil {
+			return err
+		}
+		if role, err := command(srv.addr(), "ROLE"); err != nil {
+			return err
+		} else if r, _ := role.([]any); len(r) == 0 || r[0] != "master" {
+			return fmt.Errorf("port %d, which the Sentinels name, says it is %v", srv.Port, role)
+		}
+		for _, replica := range s.Servers {
+			if replica == srv {
+				continue
+			}
+			if err := replica.synced(srv); err != nil {
+				return err
+			}
+			for _, p := range s.Ports {
+				v, err := command("127.0.0.1:"+strconv.Itoa(p), "SENTINEL", "REPLICAS", MasterName)
+				if err != nil {
+					return fmt.Errorf("sentinel %d: %w", p, err)
+				}
+				list, _ := v.([]any)
+				i := slices.IndexFunc(list, func(entry any) bool { return field(entry, "port") == strconv.Itoa(replica.Port) })
+				if i < 0 {
+					return fmt.Errorf("sentinel %d does not list port %d: %v", p, replica.Port, v)
+				}
+				// master-port is 0 until the Sentinel has the replica's INFO.
+				flags, of := field(list[i], "flags"), field(list[i], "master-port")
+				if strings.Contains(flags, "down") || strings.Contains(flags, "disconnected") || of != strconv.Itoa(srv.Port) {
+					return fmt.Errorf("sentinel %d sees port %d as %s, a replica of port %s", p, replica.Port, flags, of)
+				}
+			}
+		}
+		now = srv
+		return nil
+	})
+	return now
 }
 
 // replicas is how many replicas the server at addr has connected.

@@ -65,8 +65,17 @@ func start(t testing.TB, dir string, args ...string) *Server {
 // URL is the server's redis:// URL.
 func (s *Server) URL() string { return fmt.Sprintf("redis://127.0.0.1:%d/0", s.Port) }
 
-// Restart starts the server again on the same port after Stop.
+// Restart starts the server again on the same port after Stop, as a
+// primary: with the data of its append-only file if it is durable, empty
+// if not. (Behind Sentinel, bring a primary back with RestartReplicaOf.)
 func (s *Server) Restart() {
+	s.t.Helper()
+	s.restart()
+}
+
+// restart runs redis-server with the server's settings, then extra ones,
+// and waits until it answers.
+func (s *Server) restart(extra ...string) {
 	s.t.Helper()
 	args := []string{"--port", fmt.Sprint(s.Port), "--bind", "127.0.0.1", "--save", "", "--daemonize", "no", "--loglevel", "warning"}
 	if s.dir != "" {
@@ -75,6 +84,7 @@ func (s *Server) Restart() {
 		args = append(args, "--appendonly", "no")
 	}
 	args = append(args, s.args...)
+	args = append(args, extra...)
 	s.cmd = exec.Command("redis-server", args...)
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("redis-server: %v", err)
