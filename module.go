@@ -743,9 +743,15 @@ func (h *Handler) release(ctx context.Context, id uuid.UUID, reserved reservatio
 	if h.store == nil {
 		return // replay off
 	}
-	err := h.store.release(ctx, id, reserved)
-	if err == nil && h.journal != nil {
+	// The journal hears of the release first, while the memory store still
+	// refuses copies: a redelivery reserved after the release is then
+	// after it in the journal too, and a restart keeps it.
+	var err error
+	if h.journal != nil {
 		err = h.journal.unreserve(h.Account, id, reserved.expires)
+	}
+	if err == nil {
+		err = h.store.release(ctx, id, reserved)
 	}
 	if rs, ok := h.store.(*redisStore); ok && outcomeUnknown(err) {
 		if c := h.logger.Check(zapcore.WarnLevel, "next handler failed, and the release of the event ID has an unknown outcome: it is released once Redis answers"); c != nil {

@@ -800,14 +800,16 @@ func (w *fallbackWriter) Write(p []byte) (int, error) {
 	return w.buf.Write(p)
 }
 
-// FlushError flushes an answer that goes on; a held one stays held (a
-// flush would send the sender its status).
+// FlushError flushes an answer that goes on. One held, or one whose status
+// is not written yet, is not flushed: net/http would send the sender 200.
 func (w *fallbackWriter) FlushError() error {
-	if w.held {
+	if w.held || w.status == 0 {
 		return nil
 	}
 	return http.NewResponseController(w.ResponseWriter).Flush()
 }
+
+func (w *fallbackWriter) Flush() { _ = w.FlushError() }
 
 // Unwrap lets http.ResponseController reach the writer underneath.
 func (w *fallbackWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
@@ -880,12 +882,20 @@ func (c *attemptContext) expire() {
 	}
 }
 
-// stop stops the timer, if one started, as the attempt ends.
+// stop ends the context as the attempt ends, as cancel does for
+// context.WithTimeout: what still watches it (a child's goroutine, an
+// AfterFunc) is told, and the timer stops.
 func (c *attemptContext) stop() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.timer != nil {
 		c.timer.Stop()
+	}
+	if c.err == nil {
+		c.err = context.Canceled
+		if c.done != nil {
+			close(c.done)
+		}
 	}
 }
 

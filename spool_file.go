@@ -712,7 +712,7 @@ func (s *fileSpool) openJournal(db *bolt.DB) (*journal.Journal, error) {
 // bucket, if it has one, to j, syncs them, and deletes the bucket.
 func adoptReservations(db *bolt.DB, j *journal.Journal, now time.Time) (int, error) {
 	var last *journal.Record
-	n := 0
+	n, failed := 0, j.Failed()
 	err := db.View(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketReplay)
 		if b == nil {
@@ -735,6 +735,10 @@ func adoptReservations(db *bolt.DB, j *journal.Journal, now time.Time) (int, err
 	})
 	if err == nil && last != nil {
 		err = j.Sync(*last)
+	}
+	if err == nil && j.Failed() != failed {
+		// A batch of the Writes failed, and said so to nobody.
+		err = errors.New("a write to the replay journal failed")
 	}
 	if err != nil {
 		return 0, err

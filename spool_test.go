@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -968,4 +969,42 @@ func TestAttemptContext(t *testing.T) {
 		t.Fatal("Done after Err is not closed")
 	}
 	late.stop()
+
+	// The attempt's end ends it, as cancel did: a child hears of it.
+	ended := &attemptContext{Context: context.Background(), deadline: time.Now().Add(time.Hour)}
+	child, stopChild := context.WithCancel(ended)
+	defer stopChild()
+	ended.stop()
+	select {
+	case <-child.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the attempt's end did not reach a child")
+	}
+	if ended.Err() != context.Canceled || child.Err() != context.Canceled {
+		t.Fatalf("after the end: err %v, child's %v", ended.Err(), child.Err())
+	}
+}
+
+// TestFallbackWriterFlush: a flush before the next handler wrote a status,
+// or while a failure is held back, sends the sender nothing (net/http
+// would send 200); once an answer goes on, it is flushed.
+func TestFallbackWriterFlush(t *testing.T) {
+	rec := httptest.NewRecorder()
+	w := &fallbackWriter{ResponseWriter: rec}
+	if err := http.NewResponseController(w).Flush(); err != nil {
+		t.Fatal(err)
+	}
+	w.WriteHeader(http.StatusServiceUnavailable)
+	w.Flush()
+	if rec.Flushed || w.status != http.StatusServiceUnavailable || !w.held {
+		t.Fatalf("flushed %v, status %d, held %v: a 503 must stay held", rec.Flushed, w.status, w.held)
+	}
+
+	rec = httptest.NewRecorder()
+	w = &fallbackWriter{ResponseWriter: rec}
+	w.WriteHeader(http.StatusOK)
+	w.Flush()
+	if !rec.Flushed || rec.Code != http.StatusOK {
+		t.Fatalf("a 200 going on: flushed %v, code %d", rec.Flushed, rec.Code)
+	}
 }

@@ -116,6 +116,7 @@ type Journal struct {
 	closeErr error // the committer's last word, read after it has stopped
 
 	commits atomic.Uint64
+	failed  atomic.Uint64 // batches that could not be committed
 
 	segMu sync.Mutex
 	segs  []*segment // oldest first; the active one, if any, last
@@ -303,6 +304,9 @@ func (j *Journal) commitLoop() {
 				j.spare = buf[:0]
 			}
 			j.mu.Unlock()
+			if err != nil {
+				j.failed.Add(1)
+			}
 			b.err = err
 			close(b.done)
 		}
@@ -630,4 +634,11 @@ func (j *Journal) Segments() int {
 // Commits is the number of group commits done.
 func (j *Journal) Commits() uint64 {
 	return j.commits.Load()
+}
+
+// Failed is how many batches could not be committed: a Write's record in
+// one of them is not on disk, and nobody was told. A caller that needs all
+// of its Writes durable compares it before and after their Sync.
+func (j *Journal) Failed() uint64 {
+	return j.failed.Load()
 }

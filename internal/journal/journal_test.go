@@ -495,6 +495,9 @@ func TestSyncFailure(t *testing.T) {
 	if failed != 4 {
 		t.Errorf("%d of the failed batch's 4 waiters got its error", failed)
 	}
+	if n := j.Failed(); n != 1 {
+		t.Errorf("Failed() = %d, want 1", n)
+	}
 	if err := j.Sync(rec(7, exp, "acme")); err != nil {
 		t.Fatalf("Sync after a failed commit: %v", err)
 	}
