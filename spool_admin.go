@@ -114,12 +114,17 @@ func (adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 		return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown action %q: use retry", action)}
 	}
 	found := false
-	var doErr error
+	var doErr, down error
 	eachSpool(func(s spoolStore) bool {
 		found, doErr = do(s)
+		if errors.Is(doErr, errStoreNotOpen) {
+			down, doErr = doErr, nil // the entry may be in another store
+		}
 		return !found && doErr == nil
 	})
 	switch {
+	case !found && doErr == nil && down != nil:
+		return caddy.APIError{HTTPStatus: http.StatusServiceUnavailable, Err: fmt.Errorf("event %s is not in the spool stores that are open: %w", id, down)}
 	case errors.As(doErr, new(conflictError)):
 		return caddy.APIError{HTTPStatus: http.StatusConflict, Err: doErr}
 	case doErr != nil:

@@ -91,16 +91,26 @@ func TestRedriveRouteMoved(t *testing.T) {
 	g.up.Down()
 	ids := g.deliverSpooled(5)
 	g.load(strings.ReplaceAll(g.caddyfile("moved"), " /webhook", " /hooks/ts"))
+	want := `the route no longer reaches the trivialsec_webhook handler of account "acme" (POST 127.0.0.1:`
+	failedMoved := func(attempts map[string]int) func() bool {
+		return func() bool {
+			return g.everyEntry(5, func(l spoolListing) bool {
+				return l.State == statePending && l.Attempts >= attempts[l.EventID]+3 && strings.HasPrefix(l.LastError, want) &&
+					!strings.Contains(l.LastError, "query-secret")
+			})
+		}
+	}
+	// With the upstream still down, until each entry failed through the
+	// moved route: an attempt begun before the reload is over by then.
+	g.waitFor("every entry failed through the moved route", failedMoved(nil))
+	before := map[string]int{}
+	for _, l := range g.list() {
+		before[l.EventID] = l.Attempts
+	}
 	if err := g.up.Up(); err != nil {
 		t.Fatal(err)
 	}
-	want := `the route no longer reaches the trivialsec_webhook handler of account "acme" (POST 127.0.0.1:`
-	g.waitFor("every entry failed through the moved route", func() bool {
-		return g.everyEntry(5, func(l spoolListing) bool {
-			return l.State == statePending && l.Attempts >= 3 && strings.HasPrefix(l.LastError, want) &&
-				!strings.Contains(l.LastError, "query-secret")
-		})
-	})
+	g.waitFor("every entry failed through the moved route, the upstream up", failedMoved(before))
 	if n := len(g.up.Received()); n != 0 {
 		t.Fatalf("the upstream got %d requests through a route that does not reach it", n)
 	}
@@ -620,7 +630,9 @@ func TestSpoolDegradedLeavesNoLoop(t *testing.T) {
 	time.Sleep(200 * time.Millisecond)
 	buf := make([]byte, 1<<22)
 	stacks := string(buf[:runtime.Stack(buf, true)])
-	for _, fn := range []string{"reopenLoop", "redriveLoop", "pruneLoop", "commitLoop", ").attempt("} {
+	// commitLoop: the spool store's and its journal's; settle: the
+	// journal's pass over old segments.
+	for _, fn := range []string{"reopenLoop", "redriveLoop", "commitLoop", ").settle(", ").attempt("} {
 		if strings.Contains(stacks, fn) {
 			t.Errorf("%s still running after Stop", fn)
 		}

@@ -564,6 +564,9 @@ func (s *fileSpool) save(m spoolMeta) error {
 // remove deletes an entry an operator drops, durably. It reports whether
 // there was one.
 func (s *fileSpool) remove(id uuid.UUID) (bool, error) {
+	if err := s.known(); err != nil {
+		return false, err
+	}
 	s.mu.Lock()
 	m, ok := s.entries[id]
 	waiting := ok && m.Unchecked && m.State != stateDead
@@ -608,11 +611,24 @@ func (s *fileSpool) unindex(id uuid.UUID) bool {
 	return ok
 }
 
+// errStoreNotOpen is what the admin API gets from a store whose entries are
+// not known, as it could not be opened.
+var errStoreNotOpen = errors.New("its entries are not known until it opens")
+
+// known is nil once the store is open, its entries known: an open under
+// way (the config is starting) is waited for.
+func (s *fileSpool) known() error {
+	if s.ready() != nil {
+		return fmt.Errorf("spool store %s is not open (the log says why): %w", s.dir, errStoreNotOpen)
+	}
+	return nil
+}
+
 // list returns the entries' metadata; an error while the store is not
 // open, whose entries are not known.
 func (s *fileSpool) list() ([]spoolMeta, error) {
-	if s.ready() != nil { // an open under way (the config is starting) is waited for
-		return nil, fmt.Errorf("spool store %s is not open (the log says why): its entries are not known until it opens", s.dir)
+	if err := s.known(); err != nil {
+		return nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -635,6 +651,9 @@ func (s *fileSpool) stats() spoolStats {
 // retryNow makes an entry, pending or dead, due at once. It reports
 // whether there was one.
 func (s *fileSpool) retryNow(id uuid.UUID) (bool, error) {
+	if err := s.known(); err != nil {
+		return false, err
+	}
 	s.mu.Lock()
 	m, ok := s.entries[id]
 	if !ok {

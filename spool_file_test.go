@@ -1,14 +1,18 @@
 package trivialsecwebhook
 
 import (
+	"errors"
 	"fmt"
 	"maps"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	bolt "go.etcd.io/bbolt"
@@ -261,5 +265,38 @@ func TestFileSpoolPermissions(t *testing.T) {
 	defer second.Destruct()
 	if err := second.open(); err == nil || err.Error() != fmt.Sprintf("spool store %s is locked by another process: give each Caddy its own spool directory (spool { store file <dir> })", filepath.Join(abs, "spool.db")) {
 		t.Errorf("a second open: %v", err)
+	}
+}
+
+// TestAdminStoreNotOpen: the admin API says 503 for a file store that
+// cannot be opened, whose entries are not known: for the listing, and for
+// a retry or delete it cannot find elsewhere (not 404: the entry may be in
+// that store).
+func TestAdminStoreNotOpen(t *testing.T) {
+	blocker := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(blocker, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, key, err := loadFileSpool(filepath.Join(blocker, "spool"), testPolicy) // its directory cannot be made
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer spools.Delete(key)
+	if s.up() {
+		t.Fatal("a store under a file opened")
+	}
+	id := uuid.NewString()
+	for _, tc := range []struct {
+		method, path string
+		serve        func(http.ResponseWriter, *http.Request) error
+	}{
+		{http.MethodGet, "/trivialsec_webhook/spool", adminSpool{}.list},
+		{http.MethodPost, "/trivialsec_webhook/spool/" + id + "/retry", adminSpool{}.entry},
+		{http.MethodDelete, "/trivialsec_webhook/spool/" + id, adminSpool{}.entry},
+	} {
+		err := tc.serve(httptest.NewRecorder(), httptest.NewRequest(tc.method, tc.path, nil))
+		if ae, ok := errors.AsType[caddy.APIError](err); !ok || ae.HTTPStatus != http.StatusServiceUnavailable {
+			t.Errorf("%s %s: %v, want 503", tc.method, tc.path, err)
+		}
 	}
 }

@@ -569,14 +569,8 @@ func (b *bench) report(results map[string][]result) {
 		}
 		rows = append(rows, fmt.Sprintf("| %s / %s | %.3f | %.3f | %s |", p.a, p.base, rps, cpu, g))
 	}
-	if len(rows) > 0 {
-		fmt.Printf("\nRatios within each round, median over the rounds (deliveries/s: target/base, 1 = as fast; CPU: base/target, 1 = free, 0.9 = the target takes 11%% more):\n\n")
-		fmt.Println("| ratio | deliveries/s | CPU (base/target) | goal |")
-		fmt.Println("|---|--:|--:|---|")
-		for _, r := range rows {
-			fmt.Println(r)
-		}
-	}
+	printTable("Ratios within each round, median over the rounds (deliveries/s: target/base, 1 = as fast; CPU: base/target, 1 = free, 0.9 = the target takes 11% more):",
+		"| ratio | deliveries/s | CPU (base/target) | goal |\n|---|--:|--:|---|", rows)
 
 	rows = rows[:0]
 	for _, p := range []pair{
@@ -596,12 +590,17 @@ func (b *bench) report(results map[string][]result) {
 		}
 		rows = append(rows, fmt.Sprintf("| %s − %s | %+.2f | %s |", p.a, p.base, d, g))
 	}
-	if len(rows) > 0 {
-		fmt.Printf("\nCaddy's CPU per delivery, differences within each round, median over the rounds (memory/off − off/off: the memory replay store; off/fallback − off/off: the spool's success path; defaults − memory/off: the spool with the replay journal):\n\n")
-		fmt.Println("| difference | CPU µs per delivery | goal |")
-		fmt.Println("|---|--:|---|")
-		for _, r := range rows {
-			fmt.Println(r)
-		}
+	printTable("Caddy's CPU per delivery, differences within each round, median over the rounds (memory/off − off/off: the memory replay store; off/fallback − off/off: the spool's success path; defaults − memory/off: the spool with the replay journal):",
+		"| difference | CPU µs per delivery | goal |\n|---|--:|---|", rows)
+}
+
+// printTable prints a titled Markdown table of rows, if there are any.
+func printTable(title, head string, rows []string) {
+	if len(rows) == 0 {
+		return
+	}
+	fmt.Printf("\n%s\n\n%s\n", title, head)
+	for _, r := range rows {
+		fmt.Println(r)
 	}
 }

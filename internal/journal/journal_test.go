@@ -278,13 +278,8 @@ func TestClose(t *testing.T) {
 // TestCloseAnswersWaiters closes while Sync callers wait behind a commit.
 func TestCloseAnswersWaiters(t *testing.T) {
 	gate := newGate()
-	entered := make(chan struct{}, 1)
-	var hold atomic.Bool
 	setFdatasync(t, func(f *os.File) error {
-		if hold.CompareAndSwap(true, false) {
-			entered <- struct{}{}
-			<-gate.ch
-		}
+		gate.pass()
 		return datasync(f)
 	})
 	j, err := Open(Options{Dir: t.TempDir()})
@@ -293,11 +288,11 @@ func TestCloseAnswersWaiters(t *testing.T) {
 	}
 	t.Cleanup(gate.open)
 	exp := time.Now().Add(time.Hour)
-	hold.Store(true)
+	gate.hold.Store(true)
 	const n = 8
 	errs := make(chan error, n)
 	go func() { errs <- j.Sync(rec(0, exp, "acme")) }()
-	<-entered
+	<-gate.entered
 	for i := 1; i < n; i++ {
 		go func() { errs <- j.Sync(rec(i, exp, "acme")) }()
 	}
@@ -316,14 +311,28 @@ func TestCloseAnswersWaiters(t *testing.T) {
 	}
 }
 
-// A gate holds an fdatasync until it is opened; a failed test opens it
-// too, so that closing the journal does not hang.
+// A gate holds the next fdatasync once armed (hold), until it is opened;
+// entered says that one is held. A failed test opens it too, so that
+// closing the journal does not hang.
 type gate struct {
-	once sync.Once
-	ch   chan struct{}
+	once    sync.Once
+	ch      chan struct{}
+	hold    atomic.Bool
+	entered chan struct{}
 }
 
-func newGate() *gate { return &gate{ch: make(chan struct{})} }
+func newGate() *gate { return &gate{ch: make(chan struct{}), entered: make(chan struct{}, 1)} }
+
+// pass is called by an fdatasync hook: it holds the call if the gate is
+// armed, and says whether it did.
+func (g *gate) pass() bool {
+	if !g.hold.CompareAndSwap(true, false) {
+		return false
+	}
+	g.entered <- struct{}{}
+	<-g.ch
+	return true
+}
 
 func (g *gate) open() { g.once.Do(func() { close(g.ch) }) }
 
@@ -347,17 +356,12 @@ func TestGroupCommit(t *testing.T) {
 	var (
 		mu      sync.Mutex
 		durable = map[int]bool{} // IDs on disk when an fdatasync returned
-		hold    atomic.Bool
 		calls   atomic.Int64
 	)
 	gate := newGate()
-	entered := make(chan struct{}, 1)
 	setFdatasync(t, func(f *os.File) error {
 		calls.Add(1)
-		if hold.CompareAndSwap(true, false) {
-			entered <- struct{}{}
-			<-gate.ch
-		}
+		gate.pass()
 		if err := datasync(f); err != nil {
 			return err
 		}
@@ -390,10 +394,10 @@ func TestGroupCommit(t *testing.T) {
 			t.Errorf("Sync %d returned before its record was durable", i)
 		}
 	}
-	hold.Store(true)
+	gate.hold.Store(true)
 	wg.Add(n)
 	go sync1(0)
-	<-entered
+	<-gate.entered
 	for i := 1; i < n; i++ {
 		go sync1(i)
 	}
@@ -415,13 +419,8 @@ func TestGroupCommit(t *testing.T) {
 // not returned: the batch is not in the replay.
 func TestReplaySynced(t *testing.T) {
 	gate := newGate()
-	entered := make(chan struct{}, 1)
-	var hold atomic.Bool
 	setFdatasync(t, func(f *os.File) error {
-		if hold.CompareAndSwap(true, false) {
-			entered <- struct{}{}
-			<-gate.ch
-		}
+		gate.pass()
 		return datasync(f)
 	})
 	j := openT(t, Options{Dir: t.TempDir()})
@@ -430,10 +429,10 @@ func TestReplaySynced(t *testing.T) {
 	if err := j.Sync(rec(1, exp, "acme")); err != nil {
 		t.Fatal(err)
 	}
-	hold.Store(true)
+	gate.hold.Store(true)
 	errs := make(chan error, 1)
 	go func() { errs <- j.Sync(rec(2, exp, "acme")) }()
-	<-entered
+	<-gate.entered
 	if got := ids(replayAll(t, j, time.Now())); !slices.Equal(got, []int{1}) {
 		t.Errorf("replay during the commit of 2: %v, want [1]", got)
 	}
@@ -450,13 +449,10 @@ func TestReplaySynced(t *testing.T) {
 // error, the segment is sealed, and the next Sync goes to a new segment.
 func TestSyncFailure(t *testing.T) {
 	errDisk := errors.New("disk on fire")
-	var hold, fail atomic.Bool
+	var fail atomic.Bool
 	gate := newGate()
-	entered := make(chan struct{}, 1)
 	setFdatasync(t, func(f *os.File) error {
-		if hold.CompareAndSwap(true, false) {
-			entered <- struct{}{}
-			<-gate.ch
+		if gate.pass() {
 			return datasync(f)
 		}
 		if fail.CompareAndSwap(true, false) {
@@ -474,10 +470,10 @@ func TestSyncFailure(t *testing.T) {
 
 	// 2 is held in its fdatasync (which succeeds) while 3..6 queue; their
 	// batch's fdatasync fails.
-	hold.Store(true)
+	gate.hold.Store(true)
 	errs := make(chan error, 5)
 	go func() { errs <- j.Sync(rec(2, exp, "acme")) }()
-	<-entered
+	<-gate.entered
 	for i := 3; i <= 6; i++ {
 		go func() { errs <- j.Sync(rec(i, exp, "acme")) }()
 	}
@@ -1071,4 +1067,42 @@ func processCPU() (time.Duration, bool) {
 		return 0, false
 	}
 	return time.Duration(u+s) * 10 * time.Millisecond, true
+}
+
+// TestCommitInterval: commits start at least CommitInterval apart, so that
+// records arriving meanwhile share one; one after a quiet spell is
+// committed without waiting it out.
+func TestCommitInterval(t *testing.T) {
+	const interval = 50 * time.Millisecond
+	var mu sync.Mutex
+	var at []time.Time
+	setFdatasync(t, func(f *os.File) error {
+		mu.Lock()
+		at = append(at, time.Now())
+		mu.Unlock()
+		return datasync(f)
+	})
+	j := openT(t, Options{Dir: t.TempDir(), CommitInterval: interval})
+	time.Sleep(interval) // the segment's header was synced as it opened
+	exp := time.Now().Add(time.Hour)
+	mu.Lock()
+	at = at[:0]
+	mu.Unlock()
+	for i := range 4 {
+		if err := j.Sync(rec(i, exp, "acme")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(at) != 4 {
+		t.Fatalf("%d fdatasyncs for 4 commits", len(at))
+	}
+	for i := 1; i < len(at); i++ {
+		// Writing the batch comes between the start and the fdatasync:
+		// a little of the interval may look shorter.
+		if gap := at[i].Sub(at[i-1]); gap < interval-10*time.Millisecond {
+			t.Errorf("commit %d started %v after the one before, want at least %v", i, gap, interval)
+		}
+	}
 }
