@@ -8,6 +8,7 @@ import (
 	"math"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -102,15 +103,19 @@ gives one line on stderr and exit status 1.
 				if err != nil {
 					return commandError(c, err)
 				}
-				code, status, err := d.send(url)
+				code, status, body, err := d.send(url)
 				if err != nil {
 					return commandError(c, err)
 				}
 				fmt.Fprintln(c.OutOrStdout(), status)
-				if code/100 != 2 {
-					return commandError(c, fmt.Errorf("the receiver refused the delivery: %s", status))
+				if code/100 == 2 {
+					return nil
 				}
-				return nil
+				if reason := refusalReason(body); reason != "" {
+					fmt.Fprintln(c.OutOrStdout(), "reason:", reason)
+					status += " (" + reason + ")"
+				}
+				return commandError(c, fmt.Errorf("the receiver refused the delivery: %s", status))
 			}
 
 			spool := &cobra.Command{
@@ -388,8 +393,8 @@ func (senderClaims) GetSubject() (string, error)                  { return "", n
 func (senderClaims) GetAudience() (jwt.ClaimStrings, error)       { return nil, nil }
 
 // mint signs a delivery as the production sender (or, with style
-// "documented", the published example) signs it: see the README, Sending
-// test deliveries.
+// "documented", the published example) signs it: see the README, Sending test
+// deliveries.
 func mint(o mintOptions) (*minted, error) {
 	audience := "urn:trivialsec:webhook:client_endpoint:" + o.account
 	iat := o.now.Unix()
@@ -435,22 +440,45 @@ func mint(o mintOptions) (*minted, error) {
 }
 
 // send posts the delivery as the production sender does and returns the
-// response's status code and status line.
-func (m *minted) send(url string) (code int, status string, err error) {
+// response's status code, status line, and the start of its body.
+func (m *minted) send(url string) (code int, status string, body []byte, err error) {
 	req, err := http.NewRequest(http.MethodPost, url, bytes.NewReader(m.body))
 	if err != nil {
-		return 0, "", fmt.Errorf("bad --url: %v", err)
+		return 0, "", nil, fmt.Errorf("bad --url: %v", err)
 	}
 	req.Header.Set("Authorization", m.authorization)
 	req.Header.Set("User-Agent", "Trivial Security")
 	client := &http.Client{Timeout: 30 * time.Second}
 	resp, err := client.Do(req)
 	if err != nil {
-		return 0, "", fmt.Errorf("cannot reach %s: %v", url, errors.Unwrap(err))
+		return 0, "", nil, fmt.Errorf("cannot reach %s: %v", url, errors.Unwrap(err))
 	}
 	defer resp.Body.Close()
+	body, _ = io.ReadAll(io.LimitReader(resp.Body, 1<<10))
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
-	return resp.StatusCode, resp.Proto + " " + resp.Status, nil
+	return resp.StatusCode, resp.Proto + " " + resp.Status, body, nil
+}
+
+// refusalReason reads the module's reason code from a refusal's body, as a
+// handle_errors route writes {http.trivialsec_webhook.reason} (the README's
+// examples: "<status> <reason>", or the reason alone): "" if the body is
+// not that.
+func refusalReason(body []byte) string {
+	fields := strings.Fields(string(body))
+	if len(fields) == 2 {
+		if _, err := strconv.Atoi(fields[0]); err == nil {
+			fields = fields[1:]
+		}
+	}
+	if len(fields) != 1 {
+		return ""
+	}
+	for r := reasonMethodNotAllowed; r < reasonCount; r++ {
+		if fields[0] == r.String() {
+			return fields[0]
+		}
+	}
+	return ""
 }
 
 // pythonISOFormat writes t as Python's datetime.isoformat() writes an aware

@@ -3,6 +3,7 @@ package trivialsecwebhook
 import (
 	"bytes"
 	"encoding/json"
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 	"os"
 	"path/filepath"
 	"strings"
@@ -32,7 +33,7 @@ func testMintOptions(style string) mintOptions {
 }
 
 // TestMintMatchesSender: what the command mints is what each sender sends
-// (README: Features), and the module accepts it.
+// (docs/checks.md), and the module accepts it.
 func TestMintMatchesSender(t *testing.T) {
 	for _, style := range []string{"production", "documented"} {
 		t.Run(style, func(t *testing.T) {
@@ -216,7 +217,13 @@ func TestCommandSpoolSalvage(t *testing.T) {
 	dir := t.TempDir()
 	want := writeTestSpoolDB(t, dir, 120, 9)
 	scribbleLeaves(t, filepath.Join(dir, "spool.db"))
-	stdout, stderr, err := runCommand(t, "trivialsec-webhook", "spool", "salvage", dir)
+	// The command as the spool's page gives it, on this directory.
+	args := strings.Fields(testkit.Example(t, "docs/spool.md", "spool-salvage"))
+	if len(args) != 5 || args[0] != "caddy" {
+		t.Fatalf("the page's salvage example is %q", args)
+	}
+	args[4] = dir
+	stdout, stderr, err := runCommand(t, args[1:]...)
 	if err != nil || stderr != "" {
 		t.Fatalf("%v, stderr %q", err, stderr)
 	}
@@ -241,5 +248,25 @@ func TestCommandSpoolSalvage(t *testing.T) {
 	if err == nil || stdout != "" || strings.Count(stderr, "\n") != 1 ||
 		!strings.HasPrefix(stderr, "caddy trivialsec-webhook spool salvage: "+filepath.Join(hopeless, "spool.db")+" cannot be salvaged: ") {
 		t.Errorf("%v, stdout %q, stderr %q", err, stdout, stderr)
+	}
+}
+
+// TestRefusalReason: send prints a reason only from a body that is one, as
+// the README's handle_errors examples write it.
+func TestRefusalReason(t *testing.T) {
+	for body, want := range map[string]string{
+		"409 replayed":          "replayed",
+		"bad_signature\n":       "bad_signature",
+		"403 Forbidden":         "",
+		"session expired":       "",
+		"409 replayed, or not":  "",
+		"502 Bad Gateway":       "",
+		"":                      "",
+		"expired expired":       "",
+		"422 invalid_event_id ": "invalid_event_id",
+	} {
+		if got := refusalReason([]byte(body)); got != want {
+			t.Errorf("%q: %q, want %q", body, got, want)
+		}
 	}
 }

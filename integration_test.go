@@ -5,7 +5,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -461,14 +460,9 @@ func scrape(t *testing.T, url string) map[string]float64 {
 // 502 reverse_proxy answers) prints its status text, never a placeholder's
 // literal name.
 func TestReadmeFirstExample(t *testing.T) {
-	readme, err := os.ReadFile("README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, example, found := strings.Cut(string(readme), "```caddy\nhooks.example.com {\n")
-	example, _, _ = strings.Cut(example, "```")
+	example, found := strings.CutPrefix(testkit.Example(t, "README.md", "proxy"), "hooks.example.com {\n")
 	if !found || !strings.Contains(example, "handle_errors") {
-		t.Fatal("the README's first example is not where this test looks for it")
+		t.Fatal("the README's first example is no longer the site this test runs")
 	}
 	port := freePort(t)
 	t.Setenv("TRIVIALSEC_WEBHOOK_SECRET", testSecret)

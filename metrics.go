@@ -2,6 +2,7 @@ package trivialsecwebhook
 
 import (
 	"errors"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -65,6 +66,10 @@ var (
 		"Deliveries held in the spool, by state (pending, parked: no handler serves their account, dead).", []string{"state"}, nil)
 	spoolBytesDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_bytes",
 		"Bytes held in the spool: requests and bodies.", nil, nil)
+	spoolOldestDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_oldest_pending_seconds",
+		"How long the oldest delivery waiting in the spool (pending or parked, not dead) has waited since it was spooled; 0 when none waits.", nil, nil)
+	spoolFullDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_full_ratio",
+		"How full the fullest spool store is: the bytes it holds over its max_size, 0 to 1. A store that is full answers what it cannot take with 502.", nil, nil)
 	spoolUpDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_up",
 		"1 when every spool store of the process takes deliveries; 0 when one cannot be opened or does not answer, and its routes run without the spool.", nil, nil)
 )
@@ -72,24 +77,38 @@ var (
 func (spoolGauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- spoolEntriesDesc
 	ch <- spoolBytesDesc
+	ch <- spoolOldestDesc
+	ch <- spoolFullDesc
 	ch <- spoolUpDesc
 }
 
 func (spoolGauges) Collect(ch chan<- prometheus.Metric) {
 	var sum spoolStats
-	up := 1.0
+	up, full := 1.0, 0.0
 	eachSpool(func(s spoolStore) bool {
 		st := s.stats()
 		sum.pending, sum.parked, sum.dead, sum.bytes = sum.pending+st.pending, sum.parked+st.parked, sum.dead+st.dead, sum.bytes+st.bytes
+		if st.maxBytes > 0 {
+			full = max(full, float64(st.bytes)/float64(st.maxBytes))
+		}
+		if !st.oldest.IsZero() && (sum.oldest.IsZero() || st.oldest.Before(sum.oldest)) {
+			sum.oldest = st.oldest
+		}
 		if st.down {
 			up = 0
 		}
 		return true
 	})
+	var waited float64
+	if !sum.oldest.IsZero() {
+		waited = max(0, time.Since(sum.oldest).Seconds())
+	}
 	ch <- prometheus.MustNewConstMetric(spoolEntriesDesc, prometheus.GaugeValue, float64(sum.pending), statePending)
 	ch <- prometheus.MustNewConstMetric(spoolEntriesDesc, prometheus.GaugeValue, float64(sum.parked), stateParked)
 	ch <- prometheus.MustNewConstMetric(spoolEntriesDesc, prometheus.GaugeValue, float64(sum.dead), stateDead)
 	ch <- prometheus.MustNewConstMetric(spoolBytesDesc, prometheus.GaugeValue, float64(sum.bytes))
+	ch <- prometheus.MustNewConstMetric(spoolOldestDesc, prometheus.GaugeValue, waited)
+	ch <- prometheus.MustNewConstMetric(spoolFullDesc, prometheus.GaugeValue, full)
 	ch <- prometheus.MustNewConstMetric(spoolUpDesc, prometheus.GaugeValue, up)
 }
 

@@ -133,8 +133,8 @@ type Replay struct {
 	// The Redis server, for store `redis`: redis://[user:password@]host:port[/db]
 	// or rediss:// for TLS; or its Sentinels, with ?master_name=<name> and
 	// &addr=<sentinel> for each more. The module's own query parameters:
-	// wait_replicas=N (and wait_timeout), allow_eviction=true (README: The
-	// Redis server, Redis Sentinel). Write it as a placeholder, {env.NAME}
+	// wait_replicas=N (and wait_timeout), allow_eviction=true
+	// (docs/several-instances.md). Write it as a placeholder, {env.NAME}
 	// or {file.PATH}, when it holds a password.
 	URL string `json:"url,omitempty"`
 
@@ -727,8 +727,8 @@ func keeps(status int) bool { return status != 0 && !retryable(status) }
 // journal, and returns once it is on disk: a crash from then on keeps it. A
 // journal that cannot write is said at ERROR and counted, and the delivery
 // goes on: the memory store refuses its copies until a restart, and
-// refusing it would lose a genuine delivery for sure (README: Replay
-// protection).
+// refusing it would lose a genuine delivery for sure (docs/checks.md,
+// Replay protection).
 func (h *Handler) keep(id uuid.UUID, expires time.Time) {
 	if err := h.journal.reserve(h.Account, id, expires); err != nil {
 		replayJournalErrors.Inc()

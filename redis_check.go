@@ -16,7 +16,7 @@ import (
 
 // Before a store writes to a Redis, it makes sure that the server keeps
 // what it is given and that this module may run there every command the
-// store needs (README: The Redis server). A store whose check finds a
+// store needs (docs/several-instances.md, The Redis server). A store whose check finds a
 // problem writes nothing: the sender gets the failure, as with Redis down,
 // and the log says, at ERROR, what to change. The check runs when the store
 // is provisioned (a missing permission or Redis Cluster then refuses the
@@ -254,6 +254,7 @@ try('SSCAN', k..'s', 0, 'COUNT', 10)
 try('ZADD', k..'z', 1, 'x')
 try('ZSCORE', k..'z', 'x')
 try('ZCARD', k..'z')
+try('ZRANGE', k..'z', 0, 0, 'WITHSCORES')
 try('ZREM', k..'z', 'x')
 try('ZREMRANGEBYSCORE', k..'z', 0, 1)
 try('SET', k..'k', 'v', 'NX', 'PX', 60000)

@@ -14,7 +14,7 @@ import (
 // Deliveries held on the instance's disk while Redis does not answer, as
 // an attacker would try them: copies sent while one is held, late, or
 // first; and a spool write whose outcome is unknown with nowhere to hold
-// it. (README: Replay protection, Several instances.)
+// it. (docs/checks.md, Replay protection; docs/several-instances.md.)
 
 // shortLived is a delivery of id whose token was issued now and
 // expires life later (the real sender's live a day; an attacker's captured

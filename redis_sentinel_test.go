@@ -334,7 +334,7 @@ func TestRedisSentinelPrimaryPassword(t *testing.T) {
 }
 
 // BenchmarkRedisEval: what wait_replicas=1 adds to a write, with the
-// primary and its replica on loopback (README: Redis Sentinel): one
+// primary and its replica on loopback (docs/several-instances.md, Redis Sentinel): one
 // writer at a time, then as many as GOMAXPROCS x 16 at once, as
 // concurrent deliveries write.
 func BenchmarkRedisEval(b *testing.B) {

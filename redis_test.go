@@ -132,7 +132,7 @@ func TestIntegrationRedisAcrossReloads(t *testing.T) {
 	reverse_proxy %s`, testAccount, t.Name(), up.Listener.Addr()))
 	d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
 	// A connection that Caddy's listener hand-off closes before any answer
-	// (see the README) is sent again: this test is about the store.
+	// (see docs/deploying.md) is sent again: this test is about the store.
 	send := func() int {
 		t.Helper()
 		for try := 0; ; try++ {

@@ -13,7 +13,7 @@ import (
 // A token binds only event_id, not the payload, and lives a day: a captured
 // delivery could be replayed, or replayed with another payload, until it
 // expires. The replay store remembers each accepted event ID until its
-// token's exp + leeway, and refuses it meanwhile (README: Replay protection).
+// token's exp + leeway, and refuses it meanwhile (docs/checks.md, Replay protection).
 
 // defaultReplayMaxEntries caps the memory replay store. An entry costs 64 to
 // 84 bytes of heap, map and expiry heap together (BenchmarkMemoryStoreFootprint:

@@ -26,8 +26,7 @@ import (
 
 // The sender posts each delivery once and never retries. The spool keeps a
 // verified delivery the next handler could not take, on stable storage, and
-// delivers it again through the same route until it is taken (README: Never
-// lose a delivery). This file is its configuration, what an entry holds,
+// delivers it again through the same route until it is taken (docs/spool.md). This file is its configuration, what an entry holds,
 // and the policy every store shares; spool_file.go is the embedded store,
 // spool_redis.go the one shared by instances, spool_redrive.go the re-drive
 // both use.
@@ -196,6 +195,7 @@ type spoolStore interface {
 	// stats is what the metrics report.
 	stats() spoolStats
 	setPolicy(p spoolPolicy)
+	setGrace(d time.Duration)
 	register(d *driver)
 	unregister(d *driver)
 }
@@ -205,6 +205,8 @@ type spoolStore interface {
 type spoolStats struct {
 	pending, parked, dead, bytes int64
 	down                         bool
+	oldest                       time.Time // when the oldest pending entry, parked or not, was spooled; zero if none
+	maxBytes                     int64     // max_size
 }
 
 // add counts n entries (n may be negative) of a state and size.
@@ -249,6 +251,14 @@ func eachSpool(fn func(spoolStore) bool) {
 // configured: the handlers load it.
 type spoolApp struct {
 	stores []spoolStore
+	ctx    caddy.Context
+}
+
+// Provision keeps the config's context: Start reads the HTTP app's
+// settings through it.
+func (a *spoolApp) Provision(ctx caddy.Context) error {
+	a.ctx = ctx
+	return nil
 }
 
 // CaddyModule returns the Caddy module information.
@@ -265,9 +275,17 @@ func (a *spoolApp) use(s spoolStore) {
 	}
 }
 
-// Start opens the stores.
+// Start opens the stores, and gives them the HTTP servers' grace period:
+// re-drives in flight when a store stops have that long to finish.
 func (a *spoolApp) Start() error {
+	var grace time.Duration
+	if app, err := a.ctx.AppIfConfigured("http"); err == nil {
+		if h, ok := app.(*caddyhttp.App); ok {
+			grace = time.Duration(h.GracePeriod)
+		}
+	}
 	for _, s := range a.stores {
+		s.setGrace(grace)
 		if err := s.start(); err != nil {
 			return err
 		}
@@ -1021,4 +1039,7 @@ func (h *Handler) serveSpoolFirst(w http.ResponseWriter, r *http.Request, next c
 }
 
 // Interface guard
-var _ caddy.App = (*spoolApp)(nil)
+var (
+	_ caddy.App         = (*spoolApp)(nil)
+	_ caddy.Provisioner = (*spoolApp)(nil)
+)

@@ -22,7 +22,7 @@ import (
 
 // The Redis store: one spool shared by every instance that names the same
 // Redis and key prefix, so that an instance that dies for good takes no
-// delivery with it (README: Several instances).
+// delivery with it (docs/several-instances.md).
 //
 // Keys, after the prefix:
 //
@@ -377,7 +377,7 @@ func (s *redisSpool) startAs(name string) {
 // store. A turn it could not hand back (Redis did not answer) is taken over
 // once its lease has expired, after claim_after + attempt_timeout.
 func (s *redisSpool) Destruct() error {
-	s.stop()
+	s.finish()
 	s.workers.Wait() // no attempt is under way now
 	s.mu.Lock()
 	consumer := s.consumer
@@ -474,20 +474,22 @@ end
 // other instances read are Redis's: TIME. A script that acts on a turn
 // this instance holds does so only while the instance holds its lease.
 var (
-	// KEYS: entry, ids, stats, stream, done. ARGV: event ID, meta, request,
-	// body, size, account, ms until due, max_size, attempts, error, ms
-	// since spooled. 'done': delivered or deleted already.
-	redisAddScript = newRedisScript("the spool's add script (HGET, EXISTS, HSET, SADD, HINCRBY, TIME, XADD)", `
+	// KEYS: entry, ids, stats, stream, done, waiting. ARGV: event ID, meta,
+	// request, body, size, account, ms until due, max_size, attempts,
+	// error, ms since spooled. 'done': delivered or deleted already.
+	redisAddScript = newRedisScript("the spool's add script (HGET, EXISTS, HSET, SADD, HINCRBY, TIME, XADD, ZADD)", `
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then return state end
 if redis.call('EXISTS', KEYS[5]) == 1 then return 'done' end
 local bytes = tonumber(redis.call('HGET', KEYS[3], 'bytes') or '0')
 if bytes + tonumber(ARGV[5]) > tonumber(ARGV[8]) then return 'full' end
 local t = now()
+local spooled = t - tonumber(ARGV[11])
 redis.call('HSET', KEYS[1], 'meta', ARGV[2], 'request', ARGV[3], 'body', ARGV[4], 'size', ARGV[5],
 	'account', ARGV[6], 'state', 'pending', 'attempts', ARGV[9], 'next', t + tonumber(ARGV[7]),
-	'spooled', t - tonumber(ARGV[11]), 'error', ARGV[10], 'rev', 1)
+	'spooled', spooled, 'error', ARGV[10], 'rev', 1)
 redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[6], spooled, ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'bytes', ARGV[5])
 redis.call('HINCRBY', KEYS[3], 'pending', 1)
 redis.call('HINCRBY', KEYS[3], 'pending:' .. ARGV[6], 1)
@@ -540,11 +542,11 @@ for i = 1, #KEYS - 2 do
 end
 return out`)
 
-	// KEYS: entry, stats, stream, lease. ARGV: group, consumer, turn, rev,
-	// state, attempts, ms until due, error, lease value. Saves a failed
-	// attempt's outcome, if the turn and the lease are ours; a dead
-	// letter's turn ends.
-	redisFailedScript = newRedisScript("the spool's failed-attempt script (GET, XPENDING, HMGET, XACK, XDEL, TIME, HSET, HINCRBY)", `
+	// KEYS: entry, stats, stream, lease, waiting. ARGV: group, consumer,
+	// turn, rev, state, attempts, ms until due, error, lease value, event
+	// ID. Saves a failed attempt's outcome, if the turn and the lease are
+	// ours; a dead letter's turn ends.
+	redisFailedScript = newRedisScript("the spool's failed-attempt script (GET, XPENDING, HMGET, XACK, XDEL, TIME, HSET, HINCRBY, ZREM)", `
 if not holds(KEYS[4], ARGV[9]) then return 0 end
 local p = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
@@ -561,25 +563,27 @@ if ARGV[5] ~= 'pending' then
 	redis.call('HINCRBY', KEYS[2], 'pending', -1)
 	redis.call('HINCRBY', KEYS[2], 'pending:' .. cur[3], -1)
 	redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
+	redis.call('ZREM', KEYS[5], ARGV[10])
 	redis.call('XACK', KEYS[3], ARGV[1], ARGV[3])
 	redis.call('XDEL', KEYS[3], ARGV[3])
 end
 return 1`)
 
-	// KEYS: entry, ids, stats, done, and for a delivery, the stream and
-	// our lease. ARGV: event ID, the tombstone's ms to live, 1 if
+	// KEYS: entry, ids, stats, done, waiting, and for a delivery, the
+	// stream and our lease. ARGV: event ID, the tombstone's ms to live, 1 if
 	// delivered, and for a delivery the group, the turn, our consumer and
 	// the lease's value. Deletes an entry, delivered or dropped, and
 	// leaves its tombstone: a late write of it adds nothing. A delivered
 	// entry is deleted whoever holds it now (another attempt at it would
 	// deliver it twice); its turn ends if it is ours, under our lease:
 	// whoever holds it else meets a stale turn.
-	redisDeleteScript = newRedisScript("the spool's delete script (HMGET, DEL, SREM, HINCRBY, SET, GET, XPENDING, XACK, XDEL)", `
+	redisDeleteScript = newRedisScript("the spool's delete script (HMGET, DEL, SREM, ZREM, HINCRBY, SET, GET, XPENDING, XACK, XDEL)", `
 local cur = redis.call('HMGET', KEYS[1], 'state', 'size', 'account')
 local n = 0
 if cur[1] then
 	redis.call('DEL', KEYS[1])
 	redis.call('SREM', KEYS[2], ARGV[1])
+	redis.call('ZREM', KEYS[5], ARGV[1])
 	redis.call('HINCRBY', KEYS[3], cur[1], -1)
 	redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(cur[2]))
 	if cur[1] == 'pending' and cur[3] then
@@ -590,20 +594,20 @@ end
 if n == 1 or ARGV[3] == '1' then
 	redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
 end
-if KEYS[5] and holds(KEYS[6], ARGV[7]) then
-	local p = redis.call('XPENDING', KEYS[5], ARGV[4], ARGV[5], ARGV[5], 1)
+if KEYS[6] and holds(KEYS[7], ARGV[7]) then
+	local p = redis.call('XPENDING', KEYS[6], ARGV[4], ARGV[5], ARGV[5], 1)
 	if #p > 0 and p[1][2] == ARGV[6] then
-		redis.call('XACK', KEYS[5], ARGV[4], ARGV[5])
-		redis.call('XDEL', KEYS[5], ARGV[5])
+		redis.call('XACK', KEYS[6], ARGV[4], ARGV[5])
+		redis.call('XDEL', KEYS[6], ARGV[5])
 	end
 end
 return n`)
 
-	// KEYS: entry, stats, stream. ARGV: event ID. Makes an entry due now
-	// under a new rev, with a new turn: the old turn, wherever it is, is
-	// stale.
-	redisRetryScript = newRedisScript("the spool's retry script (HMGET, HINCRBY, TIME, HSET, XADD)", `
-local cur = redis.call('HMGET', KEYS[1], 'state', 'account')
+	// KEYS: entry, stats, stream, waiting. ARGV: event ID. Makes an entry
+	// due now under a new rev, with a new turn: the old turn, wherever it
+	// is, is stale.
+	redisRetryScript = newRedisScript("the spool's retry script (HMGET, HINCRBY, TIME, HSET, XADD, ZADD)", `
+local cur = redis.call('HMGET', KEYS[1], 'state', 'account', 'spooled')
 if not cur[1] then return 0 end
 local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('HSET', KEYS[1], 'state', 'pending', 'next', now())
@@ -611,6 +615,7 @@ if cur[1] ~= 'pending' then
 	redis.call('HINCRBY', KEYS[2], cur[1], -1)
 	redis.call('HINCRBY', KEYS[2], 'pending', 1)
 	redis.call('HINCRBY', KEYS[2], 'pending:' .. cur[2], 1)
+	redis.call('ZADD', KEYS[4], tonumber(cur[3]) or now(), ARGV[1])
 end
 redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'rev', rev)
 return 1`)
@@ -721,7 +726,7 @@ return 1`)
 )
 
 // redisEntryCost is what an entry counts toward max_size: what Redis holds
-// for it, near enough (README: Several instances).
+// for it, near enough (docs/several-instances.md).
 func redisEntryCost(fields ...int) int64 {
 	n := int64(redisEntryOverhead)
 	for _, f := range fields {
@@ -754,7 +759,7 @@ func (s *redisSpool) add(e *spoolEntry) error {
 		return fmt.Errorf("spool redis: %w", err)
 	}
 	res, err := s.run(ctx, redisAddScript,
-		[]string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.streamKey(m.Account), s.doneKey(id)},
+		[]string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.streamKey(m.Account), s.doneKey(id), s.prefix + "waiting"},
 		id, meta, req, e.body, cost, m.Account, due, maxSize, m.Attempts, m.LastError, age).Text()
 	switch {
 	case err != nil:
@@ -829,7 +834,7 @@ func (s *redisSpool) delivered(m spoolMeta) {
 	if consumer == "" {
 		consumer = s.name // its lease lost: the turn is not ended, the entry is deleted all the same
 	}
-	keys := []string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.doneKey(id), s.streamKey(m.Account), s.leaseKey(consumer)}
+	keys := []string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.doneKey(id), s.prefix + "waiting", s.streamKey(m.Account), s.leaseKey(consumer)}
 	ttl := s.doneTTL(m.ExpiresAt).Milliseconds()
 	for {
 		// Not s.ctx(): a delivery taken as the store stops is deleted all
@@ -891,8 +896,8 @@ func (s *redisSpool) failed(m spoolMeta) error {
 	ctx, cancel := s.ctx()
 	defer cancel()
 	return s.run(ctx, redisFailedScript,
-		[]string{s.entryKey(m.EventID.String()), s.prefix + "stats", s.streamKey(m.Account), s.leaseKey(consumer)},
-		redisSpoolGroup, consumer, m.turn, m.rev, m.State, m.Attempts, due, m.LastError, s.lease).Err()
+		[]string{s.entryKey(m.EventID.String()), s.prefix + "stats", s.streamKey(m.Account), s.leaseKey(consumer), s.prefix + "waiting"},
+		redisSpoolGroup, consumer, m.turn, m.rev, m.State, m.Attempts, due, m.LastError, s.lease, m.EventID.String()).Err()
 }
 
 // list reads every entry of the store, whichever instance holds it, with
@@ -1009,8 +1014,44 @@ func (s *redisSpool) stats() spoolStats {
 	}
 	st.parked = min(st.parked, st.pending)
 	st.pending -= st.parked
+	st.oldest = s.oldest(ctx)
+	s.mu.Lock()
+	st.maxBytes = s.policy.maxSize
+	s.mu.Unlock()
 	s.last.Store(st)
 	return *st
+}
+
+// redisOldestTries bounds how many entries oldest looks at: each one
+// delivered or dead that it meets first is taken out of waiting.
+const redisOldestTries = 16
+
+// redisUnwaitScript takes an entry out of waiting unless it is pending.
+// KEYS: waiting, entry. ARGV: event ID.
+var redisUnwaitScript = newRedisScript("the spool's waiting clean-up script (HGET, ZREM)", `
+if redis.call('HGET', KEYS[2], 'state') == 'pending' then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+return 1`)
+
+// oldest is when the oldest pending entry, parked or not, was spooled:
+// the head of waiting (entries by the time they were spooled). An entry
+// that is no longer pending there (one an instance of an earlier version
+// made a dead letter) is taken out: a trim of an index, run without
+// wait_replicas's WAIT. Zero when none waits, or when Redis does not say.
+func (s *redisSpool) oldest(ctx context.Context) time.Time {
+	for range redisOldestTries {
+		head, err := s.client.ZRangeWithScores(ctx, s.prefix+"waiting", 0, 0).Result()
+		if s.note("ZRANGE", err) != nil || len(head) == 0 {
+			return time.Time{}
+		}
+		id, _ := head[0].Member.(string)
+		at := s.local(int64(head[0].Score))
+		n, err := redisUnwaitScript.Run(ctx, s.client.Client, []string{s.prefix + "waiting", s.entryKey(id)}, id).Int()
+		if s.note(redisUnwaitScript.name, err) != nil || n == 0 {
+			return at // pending, or Redis did not say: the head's age is the best there is
+		}
+	}
+	return time.Time{}
 }
 
 // retryNow makes an entry due now, under a new rev: whichever instance
@@ -1026,7 +1067,7 @@ func (s *redisSpool) retryNow(id uuid.UUID) (bool, error) {
 	case err != nil:
 		return false, fmt.Errorf("spool redis: %w", err)
 	}
-	n, err := s.run(ctx, redisRetryScript, []string{key, s.prefix + "stats", s.streamKey(account)}, id.String()).Int()
+	n, err := s.run(ctx, redisRetryScript, []string{key, s.prefix + "stats", s.streamKey(account), s.prefix + "waiting"}, id.String()).Int()
 	if err != nil {
 		return false, fmt.Errorf("spool redis: %w", err)
 	}
@@ -1046,7 +1087,7 @@ func (s *redisSpool) remove(id uuid.UUID) (bool, error) {
 			exp = m.ExpiresAt
 		}
 	}
-	n, err := s.run(ctx, redisDeleteScript, []string{key, s.prefix + "ids", s.prefix + "stats", s.doneKey(id.String())},
+	n, err := s.run(ctx, redisDeleteScript, []string{key, s.prefix + "ids", s.prefix + "stats", s.doneKey(id.String()), s.prefix + "waiting"},
 		id.String(), s.doneTTL(exp).Milliseconds(), 0).Int()
 	if err != nil {
 		return false, fmt.Errorf("spool redis: %w", err)
@@ -1119,7 +1160,9 @@ func (s *redisSpool) room() int {
 // entries.
 func (s *redisSpool) readLoop() {
 	defer s.workers.Done()
-	for s.stopped.Err() == nil {
+	// It stops with dispatching (finish): a turn read then would wait,
+	// unattempted, until the hand-back.
+	for s.halted.Err() == nil {
 		consumer, accounts := s.consumerName(), s.accounts()
 		s.mu.Lock()
 		for account := range s.reading {
@@ -1158,7 +1201,7 @@ func (s *redisSpool) readLoop() {
 			streams = append(streams, ">")
 		}
 		count := (room + len(accounts) - 1) / len(accounts)
-		res, err := s.client.XReadGroup(s.stopped, &redis.XReadGroupArgs{
+		res, err := s.client.XReadGroup(s.halted, &redis.XReadGroupArgs{
 			Group: redisSpoolGroup, Consumer: consumer, Streams: streams, Count: int64(count), Block: redisReadBlock,
 		}).Result()
 		if err != nil && !errors.Is(err, redis.Nil) {
@@ -1703,12 +1746,13 @@ func (s *redisSpool) count() (bool, error) {
 			cancel()
 			return false, err
 		}
-		cmds := make([]*redis.SliceCmd, 0, len(ids))
+		cmds, read := make([]*redis.SliceCmd, 0, len(ids)), make([]string, 0, len(ids))
 		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 			for _, id := range ids {
 				if !seen[id] {
 					seen[id] = true
-					cmds = append(cmds, p.HMGet(ctx, s.entryKey(id), "state", "account"))
+					read = append(read, id)
+					cmds = append(cmds, p.HMGet(ctx, s.entryKey(id), "state", "account", "spooled"))
 				}
 			}
 			return nil
@@ -1717,12 +1761,19 @@ func (s *redisSpool) count() (bool, error) {
 		if s.note("HMGET", err) != nil && !errors.Is(err, redis.Nil) {
 			return false, err
 		}
-		for _, cmd := range cmds {
-			if v := cmd.Val(); len(v) == 2 && v[0] == statePending {
+		var waiting []redis.Z
+		for i, cmd := range cmds {
+			if v := cmd.Val(); len(v) == 3 && v[0] == statePending {
 				if account, _ := v[1].(string); account != "" {
 					counts[account]++
 				}
+				spooled, _ := v[2].(string)
+				ms, _ := strconv.ParseInt(spooled, 10, 64)
+				waiting = append(waiting, redis.Z{Score: float64(ms), Member: read[i]})
 			}
+		}
+		if err := s.addWaiting(waiting); err != nil {
+			return false, err
 		}
 		if cursor = next; cursor == 0 {
 			break
@@ -1739,6 +1790,18 @@ func (s *redisSpool) count() (bool, error) {
 	defer cancel()
 	n, err := s.run(ctx, redisCountScript, []string{s.prefix + "stats"}, args...).Int()
 	return n == 1, err
+}
+
+// addWaiting puts pending entries in waiting, where an instance of an
+// earlier version, which kept no such index, spooled them. One that is
+// delivered meanwhile is taken out again by oldest.
+func (s *redisSpool) addWaiting(entries []redis.Z) error {
+	if len(entries) == 0 {
+		return nil
+	}
+	ctx, cancel := s.ctx()
+	defer cancel()
+	return s.note("ZADD", s.client.ZAddNX(ctx, s.prefix+"waiting", entries...).Err())
 }
 
 // served runs the served-accounts script for ops (account -> 'mark',

@@ -140,7 +140,7 @@ func TestRedisSpoolTurns(t *testing.T) {
 	if found, _ := s.remove(m.EventID); found {
 		t.Error("removed twice")
 	}
-	if st := s.stats(); st != (spoolStats{}) || len(listed(t, s)) != 0 {
+	if st := s.stats(); st != (spoolStats{maxBytes: s.policy.maxSize}) || len(listed(t, s)) != 0 {
 		t.Fatalf("after remove: %+v", st)
 	}
 }

@@ -90,9 +90,15 @@ type scheduler struct {
 	wake     chan struct{}
 	landed   chan struct{} // poked when an attempt ends: a worker is free (the Redis store reads more)
 
-	stop    context.CancelFunc
-	stopped context.Context
-	workers sync.WaitGroup
+	// halted ends dispatching (finish), stopped everything else, the
+	// attempts in flight included (stop); stopped halts too.
+	halt     context.CancelFunc
+	halted   context.Context
+	stop     context.CancelFunc
+	stopped  context.Context
+	workers  sync.WaitGroup
+	attempts sync.WaitGroup // the attempts in flight
+	grace    time.Duration  // how long finish waits for them; 0: attempt_timeout
 }
 
 // redriveStore is what the scheduler needs of a store.
@@ -130,7 +136,48 @@ func newScheduler(store redriveStore, shared bool, policy spoolPolicy) *schedule
 		landed:   make(chan struct{}, 1),
 	}
 	s.stopped, s.stop = context.WithCancel(context.Background())
+	s.halted, s.halt = context.WithCancel(s.stopped) // a stop halts too
 	return s
+}
+
+// setGrace sets how long the attempts in flight have to finish when the
+// store stops: the grace period of the HTTP servers of the config that
+// started last (grace_period), 0 for none.
+func (s *scheduler) setGrace(d time.Duration) {
+	s.mu.Lock()
+	s.grace = d
+	s.mu.Unlock()
+}
+
+// finish stops dispatching, and lets the attempts in flight end: a service
+// that has read a delivery answers, and its answer is recorded, rather
+// than the delivery being made again later (by another instance, with a
+// shared store). It waits at most the grace period, or attempt_timeout
+// (each attempt's own bound) without one; then it stops the store's loops,
+// cutting short what is still in flight, which stays in the spool.
+func (s *scheduler) finish() {
+	s.halt()
+	s.mu.Lock() // dispatch starts nothing once halted, under s.mu
+	wait := s.grace
+	if wait <= 0 {
+		wait = s.policy.attemptTimeout
+	}
+	n := len(s.inflight)
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() {
+		s.attempts.Wait()
+		close(done)
+	}()
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-done:
+	case <-t.C:
+		s.store.log().Warn("spool: re-drives still under way at the end of the grace period are cut short: they stay in the spool, and are delivered again",
+			zap.Int("in_flight_at_stop", n), zap.Duration("waited", wait))
+	}
+	s.stop()
 }
 
 // setPolicy applies the Spool settings of the config that uses the store
@@ -319,7 +366,7 @@ func (s *scheduler) redriveLoop() {
 		wait := s.dispatch(time.Now())
 		timer.Reset(wait)
 		select {
-		case <-s.stopped.Done():
+		case <-s.halted.Done():
 			return
 		case <-s.wake:
 		case <-timer.C:
@@ -344,7 +391,7 @@ func (s *scheduler) dispatch(now time.Time) time.Duration {
 		if it.at.After(now) {
 			return it.at.Sub(now)
 		}
-		if len(s.inflight) >= redriveWorkers {
+		if len(s.inflight) >= redriveWorkers || s.halted.Err() != nil {
 			return time.Hour // a worker that finishes wakes the loop
 		}
 		heap.Pop(&s.due)
@@ -358,6 +405,7 @@ func (s *scheduler) dispatch(now time.Time) time.Duration {
 		}
 		s.inflight[it.id] = true
 		s.workers.Add(1)
+		s.attempts.Add(1)
 		go s.attempt(*m, d) // with no driver: a dead letter
 	}
 	return time.Hour
@@ -400,6 +448,7 @@ const storeDownWait = time.Second
 // flight.
 func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	defer s.workers.Done()
+	defer s.attempts.Done()
 	defer s.signal() // a worker is free
 	landed := false
 	defer func() {

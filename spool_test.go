@@ -135,7 +135,7 @@ func (g *spoolRig) load(caddyfile string) {
 		g.t.Fatalf("reload: %v", err)
 	}
 	// A connection accepted while the old config hands the listener over
-	// can be reset (Caddy's own behaviour, README: Reloads): let the
+	// can be reset (Caddy's own behaviour, docs/deploying.md): let the
 	// handover end before the test sends what it counts.
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		if resp, err := senderClient.Get(g.base + "/"); err == nil {
@@ -286,8 +286,15 @@ func TestSpoolUpstreamDown(t *testing.T) {
 		if strings.Contains(string(raw), "report_id") || strings.Contains(string(raw), productionDelivery().token()[:30]) {
 			t.Errorf("the listing shows a body or a token: %s", raw)
 		}
-		if got := scrape(t, g.base+"/metrics")[`caddy_trivialsec_webhook_spool_entries{state="pending"}`]; got != 20 {
+		m := scrape(t, g.base+"/metrics")
+		if got := m[`caddy_trivialsec_webhook_spool_entries{state="pending"}`]; got != 20 {
 			t.Errorf("spool_entries{pending} = %v", got)
+		}
+		if got := m["caddy_trivialsec_webhook_spool_oldest_pending_seconds"]; got <= 0 || got > 60 {
+			t.Errorf("spool_oldest_pending_seconds = %v", got)
+		}
+		if got, want := m["caddy_trivialsec_webhook_spool_full_ratio"], m["caddy_trivialsec_webhook_spool_bytes"]/defaultSpoolMaxSize; got != want || got <= 0 {
+			t.Errorf("spool_full_ratio = %v, want %v", got, want)
 		}
 
 		if err := g.up.Up(); err != nil {
@@ -304,7 +311,7 @@ func TestSpoolUpstreamDown(t *testing.T) {
 				t.Errorf("%s rose by %v, want %v", series, got, want)
 			}
 		}
-		if after[`caddy_trivialsec_webhook_spool_entries{state="pending"}`] != 0 {
+		if after[`caddy_trivialsec_webhook_spool_entries{state="pending"}`] != 0 || after["caddy_trivialsec_webhook_spool_oldest_pending_seconds"] != 0 {
 			t.Error("entries left pending")
 		}
 	})
@@ -716,7 +723,7 @@ func TestSpool202IsClean(t *testing.T) {
 // TestSpoolRedisDown: with the Redis store down, a delivery the next
 // handler fails is held on the instance's disk and answered 202, with a
 // WARN line; nothing is re-driven meanwhile; once Redis is back (with what
-// it acknowledged, as the README asks), the held delivery moves into it,
+// it acknowledged, as docs/several-instances.md asks), the held delivery moves into it,
 // and the re-drive resumes and delivers each entry once.
 func TestSpoolRedisDown(t *testing.T) {
 	srv := testredis.StartDurable(t)

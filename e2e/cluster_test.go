@@ -298,7 +298,7 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 }
 
 // TestClusterRedisRestarts: Redis killed while the instances re-drive, and
-// started again (with the append-only file the README asks for): nothing
+// started again (with the append-only file docs/several-instances.md asks for): nothing
 // is delivered while it is down, a delivery made meanwhile is held on the
 // instance's disk (202), unchecked, and every entry, that one included, is
 // delivered once when it is back.

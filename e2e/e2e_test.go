@@ -186,9 +186,10 @@ http://127.0.0.1:%d {
 		if !strings.Contains(got[len(got)-1], `"event_id": "`+id+`"`) || !strings.Contains(got[len(got)-1], `"note": "caf\u00e9"`) {
 			t.Errorf("upstream got %s", got[len(got)-1])
 		}
-		// The same event again: a replay, refused, and send says so.
+		// The same event again: a replay, refused, and send says so, with
+		// the reason the handle_errors route wrote.
 		code, out, _ = run(t, env, args...)
-		if code != 1 || strings.TrimSpace(out) != "HTTP/1.1 409 Conflict" {
+		if code != 1 || out != "HTTP/1.1 409 Conflict\nreason: replayed\n" {
 			t.Fatalf("%s replay: exit %d, %q", style, code, out)
 		}
 	}

@@ -58,7 +58,7 @@ func main() {
 	rounds := flag.Int("rounds", 5, "rounds")
 	profile := flag.String("profile", "", "write a 10 s CPU profile of Caddy, taken during the first round, to this file")
 	only := flag.String("only", "", "measure only the target of this name")
-	redisURL := flag.String("redis", "", "also measure the Redis stores on this redis:// URL (configure it as the README asks: appendonly yes, appendfsync always)")
+	redisURL := flag.String("redis", "", "also measure the Redis stores on this redis:// URL (configure it as docs/several-instances.md asks: appendonly yes, appendfsync always)")
 	flag.Parse()
 	if *redisURL != "" {
 		benchRedisURL = *redisURL

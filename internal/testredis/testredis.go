@@ -31,7 +31,7 @@ func Start(t testing.TB) *Server {
 	return start(t, "")
 }
 
-// StartDurable runs redis-server as the README asks for a shared spool:
+// StartDurable runs redis-server as docs/several-instances.md asks for a shared spool:
 // every write in its append-only file, fsync'd before Redis answers. What
 // it acknowledged survives Stop (a SIGKILL) and Restart.
 func StartDurable(t testing.TB) *Server {

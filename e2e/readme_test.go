@@ -1,0 +1,316 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
+)
+
+// The README's and the docs' shell examples, run as a user runs them: in
+// sh, with the binary TestMain built in place of `go run ./cmd/caddy` and
+// of `caddy` on the PATH, and loopback ports in place of :8080 and :2019.
+// A line `# ...` after a command is what the command must print.
+
+// shellStep is one command of an example, and what it must print.
+type shellStep struct {
+	command string
+	want    []string
+}
+
+// shellSteps splits an example into its commands (a line ending in `\`
+// goes on) and the `# ` lines after each, what it prints.
+func shellSteps(example string) []shellStep {
+	var steps []shellStep
+	var cur string
+	for _, line := range strings.Split(strings.TrimSuffix(example, "\n"), "\n") {
+		switch {
+		case strings.HasPrefix(line, "# ") && cur == "" && len(steps) > 0:
+			steps[len(steps)-1].want = append(steps[len(steps)-1].want, strings.TrimPrefix(line, "# "))
+		case strings.HasSuffix(line, "\\"):
+			cur += strings.TrimSuffix(line, "\\") + " "
+		default:
+			steps = append(steps, shellStep{command: cur + line})
+			cur = ""
+		}
+	}
+	return steps
+}
+
+// shell runs a command in sh, in dir, with caddy on the PATH; it returns
+// the exit status and stdout.
+func shell(t *testing.T, dir, command string, env ...string) (int, string) {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(caddyBin, filepath.Join(bin, "caddy")); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "sh", "-c", command)
+	cmd.Dir = dir
+	cmd.Env = append(cleanEnv(), append(env, "PATH="+bin+string(os.PathListSeparator)+os.Getenv("PATH"))...)
+	var out, errOut bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	err := cmd.Run()
+	if _, exited := err.(*exec.ExitError); err != nil && !exited {
+		t.Fatalf("%s: %v", command, err)
+	}
+	if errOut.Len() > 0 {
+		t.Logf("%s\nstderr: %s", command, errOut.String())
+	}
+	return cmd.ProcessState.ExitCode(), out.String()
+}
+
+// checkPrints compares what a step printed with the lines the example
+// shows; a shown line ending in " ..." is a prefix.
+func checkPrints(t *testing.T, step shellStep, got string) {
+	t.Helper()
+	var lines []string
+	if got != "" {
+		lines = strings.Split(strings.TrimSuffix(got, "\n"), "\n")
+	}
+	if len(lines) != len(step.want) {
+		t.Errorf("%s\nprinted %q, the example shows %q", step.command, got, step.want)
+		return
+	}
+	for i, want := range step.want {
+		if p, ok := strings.CutSuffix(want, " ..."); ok && strings.HasPrefix(lines[i], p+" ") || lines[i] == want {
+			continue
+		}
+		t.Errorf("%s\nprinted %q, the example shows %q", step.command, lines[i], want)
+	}
+}
+
+// quickStartServer runs the README's first command from a copy of the
+// repository's example.Caddyfile on a loopback port, and returns the URL
+// that stands for http://localhost:8080.
+func quickStartServer(t *testing.T) string {
+	t.Helper()
+	runLine := strings.TrimSpace(testkit.Example(t, "README.md", "quickstart-run"))
+	if !strings.Contains(runLine, "go run ./cmd/caddy run --config example.Caddyfile") {
+		t.Fatalf("the quick start's run command is %q", runLine)
+	}
+	example, err := os.ReadFile(filepath.Join(testkit.Root(), "example.Caddyfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Count(string(example), "\n:8080 {\n") != 1 {
+		t.Fatal("example.Caddyfile no longer serves :8080")
+	}
+	port := freePort(t)
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "example.Caddyfile"),
+		bytes.Replace(example, []byte("\n:8080 {\n"), fmt.Appendf(nil, "\nhttp://127.0.0.1:%d {\n", port), 1), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sh", "-c", strings.Replace(runLine, "go run ./cmd/caddy", caddyBin, 1))
+	cmd.Dir = dir
+	cmd.Env = append(cleanEnv(), "XDG_DATA_HOME="+filepath.Join(dir, "data"))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var log bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		_ = cmd.Wait()
+		if t.Failed() {
+			t.Logf("caddy's log:\n%s", log.String())
+		}
+	})
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if c, err := net.Dial("tcp", addr); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the quick start's Caddy does not listen on %s", addr)
+		}
+	}
+	return "http://" + addr
+}
+
+// TestReadmeQuickStart runs the quick start: Caddy on example.Caddyfile,
+// then a delivery, its replay and a forgery, each printing what the README
+// shows, and exiting 0 only when accepted.
+func TestReadmeQuickStart(t *testing.T) {
+	base := quickStartServer(t)
+	var exports []string
+	steps := shellSteps(testkit.Example(t, "README.md", "quickstart-send"))
+	for _, step := range steps {
+		command := strings.ReplaceAll(step.command, "go run ./cmd/caddy", caddyBin)
+		command = strings.ReplaceAll(command, "http://localhost:8080", base)
+		if strings.HasPrefix(command, "export ") {
+			exports = append(exports, command)
+			continue
+		}
+		code, out := shell(t, t.TempDir(), strings.Join(append(exports, command), "\n"))
+		checkPrints(t, step, out)
+		if want := len(step.want) > 0 && strings.Contains(step.want[0], " 2"); (code == 0) != want {
+			t.Errorf("%s: exit status %d", step.command, code)
+		}
+	}
+	if len(steps) != 4 {
+		t.Errorf("the quick start has %d steps, want an export and three sends", len(steps))
+	}
+}
+
+// TestReadmeSignWithCurl runs the README's sign-and-curl example against the
+// quick start's Caddy.
+func TestReadmeSignWithCurl(t *testing.T) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Fatal("curl is not installed: the README's curl example cannot run (apt-get install curl)")
+	}
+	base := quickStartServer(t)
+	dir := t.TempDir()
+	for _, step := range shellSteps(testkit.Example(t, "README.md", "sign-curl")) {
+		code, out := shell(t, dir, strings.ReplaceAll(step.command, "http://localhost:8080", base), "TRIVIALSEC_WEBHOOK_SECRET=<your signing secret>")
+		if code != 0 {
+			t.Errorf("%s: exit status %d", step.command, code)
+		}
+		checkPrints(t, step, out)
+	}
+}
+
+// TestReadmeBuilding: the README's build recipe is the build TestMain made
+// (xcaddy build --with the module), the xcaddy it installs runs, the
+// module is listed as the README shows, and the Dockerfile builds the same
+// on the Caddy version this module is built and tested with. (No image
+// registry is reachable here: the Dockerfile itself is not built.)
+func TestReadmeBuilding(t *testing.T) {
+	steps := shellSteps(testkit.Example(t, "README.md", "build-xcaddy"))
+	if len(steps) != 3 {
+		t.Fatalf("the build example has %d steps, want 3", len(steps))
+	}
+	if want := "xcaddy build --with " + modulePath; steps[1].command != want {
+		t.Errorf("the README builds with %q; TestMain builds with %q (and =<this checkout>)", steps[1].command, want)
+	}
+	gobin := t.TempDir()
+	if code, _ := shell(t, t.TempDir(), steps[0].command, "GOBIN="+gobin); code != 0 {
+		t.Errorf("%s: exit status %d", steps[0].command, code)
+	} else if out, err := exec.Command(filepath.Join(gobin, "xcaddy"), "version").CombinedOutput(); err != nil {
+		t.Errorf("the xcaddy the README installs does not run: %v\n%s", err, out)
+	}
+	code, out := shell(t, t.TempDir(), strings.Replace(steps[2].command, "./caddy", "caddy", 1))
+	if code != 0 {
+		t.Errorf("%s: exit status %d", steps[2].command, code)
+	}
+	checkPrints(t, steps[2], out)
+
+	dockerfile := testkit.Example(t, "README.md", "build-dockerfile")
+	version := strings.TrimPrefix(caddyVersion, "v")
+	for _, want := range []string{"FROM caddy:" + version + "-builder AS builder\n", "RUN " + steps[1].command + "\n", "FROM caddy:" + version + "\n",
+		"COPY --from=builder /usr/bin/caddy /usr/bin/caddy\n"} {
+		if !strings.Contains(dockerfile, want) {
+			t.Errorf("the Dockerfile has no line %q", strings.TrimSpace(want))
+		}
+	}
+}
+
+// TestReadmeTestCommand: the README's test command is the one CI runs.
+func TestReadmeTestCommand(t *testing.T) {
+	command := strings.TrimSpace(testkit.Example(t, "README.md", "test-suite"))
+	ci, err := os.ReadFile(filepath.Join(testkit.Root(), ".ci", "run"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(ci), "\n"+command+"\n") {
+		t.Errorf(".ci/run does not run the README's test command %q", command)
+	}
+}
+
+// TestSpoolAdminExample runs the spool page's admin API example against a
+// Caddy whose service is down: the listing shows both spooled deliveries,
+// a retry keeps one, and a delete drops the other.
+func TestSpoolAdminExample(t *testing.T) {
+	port, adminPort, downPort := freePort(t), freePort(t), freePort(t)
+	startServer(t, fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	persist_config off
+}
+
+http://127.0.0.1:%d {
+	trivialsec_webhook {
+		account acme
+		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
+		spool {
+			backoff 1h 2h
+		}
+	}
+	reverse_proxy 127.0.0.1:%d
+}
+`, adminPort, port, downPort), port, []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret})
+	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
+	var ids []string
+	for range 2 {
+		id := uuid.NewString()
+		auth, body := mint(secret, "acme", id, time.Now())
+		if status := post(t, url, auth, body); status != 202 {
+			t.Fatalf("status %d, want 202 (spooled)", status)
+		}
+		ids = append(ids, id)
+	}
+	steps := shellSteps(testkit.Example(t, "docs/spool.md", "spool-admin"))
+	if len(steps) != 3 {
+		t.Fatalf("the admin example has %d commands, want 3", len(steps))
+	}
+	admin := fmt.Sprintf("127.0.0.1:%d", adminPort)
+	type entry struct {
+		State    string `json:"state"`
+		Attempts int    `json:"attempts"`
+	}
+	listing := func() map[string]entry {
+		_, out := shell(t, t.TempDir(), strings.ReplaceAll(steps[0].command, "localhost:2019", admin))
+		var entries []struct {
+			EventID string `json:"event_id"`
+			entry
+		}
+		if err := json.Unmarshal([]byte(out), &entries); err != nil {
+			t.Fatalf("the listing %q: %v", out, err)
+		}
+		states := map[string]entry{}
+		for _, e := range entries {
+			states[e.EventID] = e.entry
+		}
+		return states
+	}
+	before := listing()
+	if len(before) != 2 || before[ids[0]].State != "pending" || before[ids[1]].State != "pending" {
+		t.Fatalf("listing %v, want both pending", before)
+	}
+	for i, step := range steps[1:] {
+		command := strings.ReplaceAll(strings.ReplaceAll(step.command, "localhost:2019", admin), "<event_id>", ids[i])
+		if code, out := shell(t, t.TempDir(), command); code != 0 {
+			t.Errorf("%s: exit status %d, %q", command, code, out)
+		}
+	}
+	// The retry is an attempt at once (the backoff would wait an hour),
+	// which fails: the service is still down.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		got := listing()
+		if len(got) == 1 && got[ids[0]].State == "pending" && got[ids[0]].Attempts > before[ids[0]].Attempts {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("listing %v, want only %s, retried (more than %d attempts) and pending again", got, ids[0], before[ids[0]].Attempts)
+		}
+	}
+}
