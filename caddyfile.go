@@ -259,16 +259,29 @@ func parseSpool(d *caddyfile.Dispenser) (*Spool, error) {
 			default:
 				s.ClaimAfter = dur
 			}
+		case sub == "redrive_concurrency" && len(args) == 1:
+			n, err := strconv.Atoi(args[0])
+			if err != nil || n < 1 {
+				return nil, d.Errf("spool redrive_concurrency %q is not a positive whole number: write it like 4", args[0])
+			}
+			s.RedriveConcurrency = n
+		case sub == "redrive_rate" && len(args) == 1:
+			r, err := strconv.ParseFloat(args[0], 64)
+			if err != nil || !(r > 0) {
+				return nil, d.Errf("spool redrive_rate %q is not a positive number of deliveries a second: write it like 50, or 0.5", args[0])
+			}
+			s.RedriveRate = r
 		case sub == "max_size" && len(args) == 1:
 			size, err := humanize.ParseBytes(args[0])
 			if err != nil || size == 0 || size > 1<<50 {
 				return nil, d.Errf("spool max_size %q is not a size: write it like 1GiB", args[0])
 			}
 			s.MaxSize = int64(size)
-		case sub == "mode" || sub == "backoff" || sub == "max_age" || sub == "attempt_timeout" || sub == "max_size" || sub == "claim_after":
+		case sub == "mode" || sub == "backoff" || sub == "max_age" || sub == "attempt_timeout" || sub == "max_size" || sub == "claim_after" ||
+			sub == "redrive_concurrency" || sub == "redrive_rate":
 			return nil, d.ArgErr()
 		default:
-			return nil, d.Errf("unknown spool setting %q: use store, mode, backoff, max_age, max_size, attempt_timeout or claim_after", sub)
+			return nil, d.Errf("unknown spool setting %q: use store, mode, backoff, max_age, max_size, attempt_timeout, claim_after, redrive_concurrency or redrive_rate", sub)
 		}
 		if sub == "claim_after" && s.Store != "redis" {
 			claimErr = d.Errf("spool claim_after is for store redis: store redis <url> [<key_prefix>]")

@@ -186,25 +186,20 @@ func (l *handoverListener) Close() error {
 }
 
 // waitForCertificates waits, at most cert_wait or until the listener is
-// closed, until the TLS app holds a certificate for each name the server
-// serves over TLS, by its host matchers (those automatic HTTPS does not
-// skip).
+// closed, until Caddy's certificate cache holds a certificate for each
+// name the server serves over TLS, by its host matchers (those automatic
+// HTTPS does not skip). It reads the cache through its lock only: the TLS
+// app itself is still being started (Manage) as the servers accept.
 func (h *Handover) waitForCertificates(closed <-chan struct{}) {
-	names := h.tlsNames()
+	names := h.stored(h.tlsNames())
 	if len(names) == 0 {
 		return
 	}
-	app, err := h.ctx.AppIfConfigured("tls")
-	if err != nil {
-		return
-	}
-	tlsApp := app.(*caddytls.TLS)
-	names = h.stored(names)
 	deadline := time.Now().Add(time.Duration(h.CertWait))
 	for {
 		var missing []string
 		for _, name := range names {
-			if !tlsApp.HasCertificateForSubject(name) {
+			if len(caddytls.AllMatchingCertificates(name)) == 0 {
 				missing = append(missing, name)
 			}
 		}

@@ -2,18 +2,22 @@ package trivialsecwebhook
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"maps"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
 	"runtime/debug"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -87,6 +91,15 @@ type Spool struct {
 	// and each re-drive, before it counts as failed. The sender waits 30 s
 	// for an answer. Default: 20s.
 	AttemptTimeout caddy.Duration `json:"attempt_timeout,omitempty"`
+
+	// How many re-drives this instance makes at once, at most. Default:
+	// 16.
+	RedriveConcurrency int `json:"redrive_concurrency,omitempty"`
+
+	// How many re-drives this instance starts a second, at most, so that
+	// a service coming back after an outage is not flooded with its
+	// backlog. Default: 0, no limit.
+	RedriveRate float64 `json:"redrive_rate,omitempty"`
 }
 
 func init() {
@@ -305,7 +318,11 @@ const (
 	defaultSpoolMaxSize   = 1 << 30
 	defaultAttemptTimeout = 20 * time.Second
 	defaultClaimAfter     = time.Minute
-	defaultSpoolKeyPrefix = "trivialsec_webhook:spool:"
+
+	defaultRedriveConcurrency = 16
+	maxRedriveConcurrency     = 1024
+	minRedriveRate            = 0.01
+	defaultSpoolKeyPrefix     = "trivialsec_webhook:spool:"
 )
 
 // defaultSpoolDir is the file store's directory, unless the config names
@@ -336,6 +353,9 @@ func (s *Spool) setDefaults() {
 	}
 	if s.AttemptTimeout == 0 {
 		s.AttemptTimeout = caddy.Duration(defaultAttemptTimeout)
+	}
+	if s.RedriveConcurrency == 0 {
+		s.RedriveConcurrency = defaultRedriveConcurrency
 	}
 	if s.Store == "redis" {
 		if s.KeyPrefix == "" {
@@ -386,6 +406,10 @@ func (s *Spool) validateFields() error {
 		return errors.New("spool max_size must be positive: write it like 1GiB")
 	case s.AttemptTimeout < 0:
 		return errors.New("spool attempt_timeout must be positive: write it like 20s")
+	case s.RedriveConcurrency < 0 || s.RedriveConcurrency > maxRedriveConcurrency:
+		return fmt.Errorf("spool redrive_concurrency must be 1 to %d: write it like 4", maxRedriveConcurrency)
+	case s.RedriveRate != 0 && !(s.RedriveRate >= minRedriveRate) || math.IsInf(s.RedriveRate, 0):
+		return fmt.Errorf("spool redrive_rate must be at least %g deliveries a second: write it like 50, or 0.5", minRedriveRate)
 	}
 	return nil
 }
@@ -398,7 +422,12 @@ type spoolPolicy struct {
 	maxSize                int64
 	attemptTimeout         time.Duration
 	claimAfter             time.Duration // the Redis store's
+	concurrency            int           // re-drives at once
+	rate                   float64       // re-drives started a second; 0: no limit
 }
+
+// workers is how many re-drives a store makes at once (redrive_concurrency).
+func (p spoolPolicy) workers() int { return cmp.Or(p.concurrency, defaultRedriveConcurrency) }
 
 func (s *Spool) policy() spoolPolicy {
 	return spoolPolicy{
@@ -408,17 +437,27 @@ func (s *Spool) policy() spoolPolicy {
 		maxSize:        s.MaxSize,
 		attemptTimeout: time.Duration(s.AttemptTimeout),
 		claimAfter:     time.Duration(s.ClaimAfter),
+		concurrency:    s.RedriveConcurrency,
+		rate:           s.RedriveRate,
 	}
 }
 
 // retryAt says when a delivery that failed its attempts-th attempt goes
-// again: after a random wait between backoffMin and backoffMin·2^(attempts-1),
-// at most backoffMax; never past its max_age, when the last attempt is
-// made. dead is true when max_age has passed already.
-func (p spoolPolicy) retryAt(now, spooledAt time.Time, attempts int) (at time.Time, dead bool) {
+// again: after the wait the service asked for (Retry-After), at least
+// backoffMin, or else a random wait between backoffMin and
+// backoffMin·2^(attempts-1); at most backoffMax; never past its max_age,
+// when the last attempt is made. dead is true when max_age has passed
+// already.
+func (p spoolPolicy) retryAt(now, spooledAt time.Time, attempts int, asked time.Duration) (at time.Time, dead bool) {
 	deadline := spooledAt.Add(p.maxAge)
 	if !now.Before(deadline) {
 		return time.Time{}, true
+	}
+	if asked > 0 {
+		if at = now.Add(min(max(asked, p.backoffMin), p.backoffMax)); at.After(deadline) {
+			at = deadline
+		}
+		return at, false
 	}
 	ceiling := p.backoffMax
 	if shift := attempts - 1; shift < 32 && p.backoffMin<<shift < p.backoffMax && p.backoffMin<<shift > 0 {
@@ -433,6 +472,31 @@ func (p spoolPolicy) retryAt(now, spooledAt time.Time, attempts int) (at time.Ti
 		at = deadline
 	}
 	return at, false
+}
+
+// retryAfter is the wait a 503 or a 429 the handlers wrote asks for in
+// Retry-After (RFC 9110, 10.2.3: seconds, or an HTTP date): 0 for another
+// status, a status from an error (handle_errors may answer it, with
+// headers of its own), none, one that does not parse, or a date past.
+func retryAfter(status int, err error, h http.Header, now time.Time) time.Duration {
+	if err != nil || status != http.StatusServiceUnavailable && status != http.StatusTooManyRequests {
+		return 0
+	}
+	v := strings.TrimSpace(h.Get("Retry-After"))
+	if v == "" || len(v) > 64 {
+		return 0
+	}
+	n, perr := strconv.ParseUint(v, 10, 32)
+	switch {
+	case perr == nil:
+		return time.Duration(n) * time.Second
+	case errors.Is(perr, strconv.ErrRange):
+		return math.MaxInt64 // longer than any backoff max
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
 }
 
 // retryable reports whether an attempt that ended with this status should
@@ -463,10 +527,6 @@ func spoolDir(dir string) (string, error) {
 	}
 	return abs, nil
 }
-
-// redriveWorkers is how many deliveries a store re-drives at once: enough
-// to keep up with mode always, few enough for a service coming back.
-const redriveWorkers = 16
 
 // serveRedriven passes a re-driven delivery on to next, with its event's
 // placeholders set, and records on the mark that it reached this handler,
@@ -927,7 +987,7 @@ func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accept
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, now), request: spoolRequestOf(r), body: body}
 	e.meta.Server = h.driver.key
 	e.meta.Attempts, e.meta.LastError = 1, failure
-	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1)
+	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1, retryAfter(status, err, rec.Header(), now))
 	switch serr := h.spool.add(e); {
 	case serr == nil, spooledAlready(serr):
 		if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed: spooled the delivery, answered 202; the spool delivers it again"); c != nil {

@@ -640,16 +640,11 @@ func (s *fileSpool) list() ([]spoolMeta, error) {
 	return out, nil
 }
 
-// stats is what the store holds. Finding the oldest pending entry reads
-// every entry's metadata in memory (about a millisecond per 100,000).
+// stats is what the store holds.
 func (s *fileSpool) stats() spoolStats {
 	s.mu.Lock()
 	st := s.tally
-	for _, m := range s.entries {
-		if m.State != stateDead && (st.oldest.IsZero() || m.SpooledAt.Before(st.oldest)) {
-			st.oldest = m.SpooledAt
-		}
-	}
+	st.oldest = s.oldestWaiting()
 	st.maxBytes = s.policy.maxSize
 	s.mu.Unlock()
 	st.down = !s.opened.Load()

@@ -1135,7 +1135,7 @@ func (s *redisSpool) waiting(by time.Time) []*spoolMeta {
 }
 
 // room is how many more entries this instance's workers could attempt
-// soon: redriveWorkers, less the attempts under way, the entries it holds
+// soon: redrive_concurrency, less the attempts under way, the entries it holds
 // that are due, and those that come due within a quarter of claim_after
 // of the accounts another live instance serves (this instance would
 // otherwise read every turn while those wait for their time, and leave the
@@ -1152,7 +1152,7 @@ func (s *redisSpool) room() int {
 			busy++
 		}
 	}
-	return redriveWorkers - busy
+	return s.policy.workers() - busy
 }
 
 // readLoop reads new turns from the streams of the accounts this instance
@@ -1236,20 +1236,20 @@ func (s *redisSpool) waitForRoom() {
 }
 
 // shed hands back the due entries this instance holds beyond what its
-// workers can attempt soon (they are queued behind redriveWorkers others),
+// workers can attempt soon (they are queued behind redrive_concurrency others),
 // when another live instance serves their account: one that has room reads
 // them. An instance alone keeps them.
 func (s *redisSpool) shed(consumer string) {
 	now := s.now()
 	s.mu.Lock()
 	waiting := s.waiting(now)
-	if len(waiting) <= redriveWorkers {
+	if len(waiting) <= s.policy.workers() {
 		s.mu.Unlock()
 		return
 	}
 	slices.SortFunc(waiting, func(a, b *spoolMeta) int { return a.NextAttempt.Compare(b.NextAttempt) })
 	var excess []spoolMeta
-	for _, m := range waiting[redriveWorkers:] {
+	for _, m := range waiting[s.policy.workers():] {
 		if s.others[m.Account] {
 			s.unindex(m) // no attempt starts on it now
 			excess = append(excess, *m)

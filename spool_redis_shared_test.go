@@ -728,10 +728,10 @@ func TestRedisSpoolHoldsTurnsItsReadLost(t *testing.T) {
 	r.up.Answer(func(http.Header, *http.Request) int { <-release; return http.StatusOK })
 	a := r.instance("a", sharedPolicy(time.Second, time.Second), true).start()
 	r.instance("b", sharedPolicy(time.Second, time.Second), true).start()
-	ids := r.spoolNew(a.redisSpool, testAccount, 2*redriveWorkers)
+	ids := r.spoolNew(a.redisSpool, testAccount, 2*defaultRedriveConcurrency)
 	r.until("both instances busy", func() bool {
 		p, err := r.admin.XPending(context.Background(), sharedPrefix+"stream:"+testAccount, redisSpoolGroup).Result()
-		return err == nil && p.Consumers["a"] == redriveWorkers && p.Consumers["b"] == redriveWorkers
+		return err == nil && p.Consumers["a"] == defaultRedriveConcurrency && p.Consumers["b"] == defaultRedriveConcurrency
 	})
 	x := r.spoolNew(a.redisSpool, testAccount, 1)
 	// a's read of x: Redis gave it to a, the reply never came back.

@@ -212,7 +212,7 @@ func TestRedisSpoolRoomCountsWhatComesDue(t *testing.T) {
 	now := time.Now()
 	s.now = func() time.Time { return now }
 	s.mu.Lock()
-	for i := range redriveWorkers {
+	for i := range defaultRedriveConcurrency {
 		at := now.Add(5 * time.Second) // due within claim_after/4
 		if i%2 == 0 {
 			at = now.Add(time.Hour) // not soon
@@ -220,13 +220,13 @@ func TestRedisSpoolRoomCountsWhatComesDue(t *testing.T) {
 		s.schedule(spoolMeta{EventID: uuid.New(), State: statePending, Account: testAccount, NextAttempt: at})
 	}
 	s.mu.Unlock()
-	if got, want := s.room(), redriveWorkers; got != want {
+	if got, want := s.room(), defaultRedriveConcurrency; got != want {
 		t.Errorf("alone: room %d, want %d: only the entries due count", got, want)
 	}
 	s.mu.Lock()
 	s.others[testAccount] = true
 	s.mu.Unlock()
-	if got, want := s.room(), redriveWorkers/2; got != want {
+	if got, want := s.room(), defaultRedriveConcurrency/2; got != want {
 		t.Errorf("another instance serving the account: room %d, want %d: the entries due within claim_after/4 count", got, want)
 	}
 }

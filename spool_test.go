@@ -594,7 +594,7 @@ func TestRetryAt(t *testing.T) {
 		var longest time.Duration
 		for range 200 {
 			now := spooled.Add(time.Minute)
-			at, dead := p.retryAt(now, spooled, attempts)
+			at, dead := p.retryAt(now, spooled, attempts, 0)
 			wait := at.Sub(now)
 			if dead || wait < time.Second || wait > ceiling {
 				t.Fatalf("attempt %d: wait %v (dead %v), want 1s to %v", attempts, wait, dead, ceiling)
@@ -605,10 +605,10 @@ func TestRetryAt(t *testing.T) {
 			t.Errorf("attempt %d: the longest of 200 waits is %v, with a ceiling of %v", attempts, longest, ceiling)
 		}
 	}
-	if at, dead := p.retryAt(spooled.Add(time.Hour-time.Second), spooled, 30); dead || !at.Equal(spooled.Add(time.Hour)) {
+	if at, dead := p.retryAt(spooled.Add(time.Hour-time.Second), spooled, 30, 0); dead || !at.Equal(spooled.Add(time.Hour)) {
 		t.Errorf("near max_age: %v %v, want the last attempt at max_age", at, dead)
 	}
-	if _, dead := p.retryAt(spooled.Add(time.Hour), spooled, 3); !dead {
+	if _, dead := p.retryAt(spooled.Add(time.Hour), spooled, 3, 0); !dead {
 		t.Error("at max_age: not dead")
 	}
 }
