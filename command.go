@@ -8,6 +8,7 @@ import (
 	"math"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -473,12 +474,10 @@ func refusalReason(body []byte) string {
 	if len(fields) != 1 {
 		return ""
 	}
-	for r := reasonMethodNotAllowed; r < reasonCount; r++ {
-		if fields[0] == r.String() {
-			return fields[0]
-		}
+	if !slices.Contains(reasonCodes[reasonMethodNotAllowed:], fields[0]) {
+		return ""
 	}
-	return ""
+	return fields[0]
 }
 
 // pythonISOFormat writes t as Python's datetime.isoformat() writes an aware

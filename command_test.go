@@ -3,6 +3,7 @@ package trivialsecwebhook
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 	"os"
 	"path/filepath"
@@ -267,6 +268,16 @@ func TestRefusalReason(t *testing.T) {
 	} {
 		if got := refusalReason([]byte(body)); got != want {
 			t.Errorf("%q: %q, want %q", body, got, want)
+		}
+	}
+	for r := reasonMethodNotAllowed; r < reasonCount; r++ {
+		for _, body := range []string{fmt.Sprintf("%d %s", r.status(), r.String()), r.String()} {
+			if got := refusalReason([]byte(body)); got != r.String() {
+				t.Errorf("%q: %q, want %q", body, got, r.String())
+			}
+		}
+		if got := refusalReason([]byte(strings.ToUpper(r.String()))); got != "" {
+			t.Errorf("%q: %q, want none: the codes are lowercase", strings.ToUpper(r.String()), got)
 		}
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -34,26 +33,22 @@ func init() {
 //     connections accepted before the stop began are read, and answered,
 //     before Shutdown. On a reload, the new config already accepts on the
 //     same sockets; on an exit, the next process will.
-//   - The process's first config accepts nothing on a TLS server until the
-//     TLS app holds a certificate for each of the server's names that has
-//     one in storage (at most cert_wait): Caddy loads certificates in the
+//   - A config accepts nothing on a TLS server until Caddy's certificate
+//     cache holds a certificate for each of the server's names that has one
+//     in storage (at most cert_wait): Caddy loads certificates in the
 //     background once its listeners are open, and a handshake before then
 //     fails. A name with none yet is being obtained, which can take an
-//     ACME challenge on these very listeners: it is not waited for.
+//     ACME challenge on these very listeners: it is not waited for. On a
+//     reload, the cache has them already.
 type Handover struct {
 	// CertWait bounds the wait for certificates at start. Default: 10s.
 	CertWait caddy.Duration `json:"cert_wait,omitempty"`
 
 	ctx       caddy.Context
 	server    *caddyhttp.Server // the server whose listeners it wraps
-	first     bool              // the process's first config: it waits for certificates
 	mu        sync.Mutex
 	listeners []*handoverListener
 }
-
-// handoverStarted is set once a config of the process has started: a
-// reload's listeners are served at once.
-var handoverStarted atomic.Bool
 
 // CaddyModule returns the Caddy module information.
 func (*Handover) CaddyModule() caddy.ModuleInfo {
@@ -69,7 +64,6 @@ const defaultCertWait = 10 * time.Second
 func (h *Handover) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.server, _ = ctx.Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
-	h.first = !handoverStarted.Load()
 	if h.CertWait == 0 {
 		h.CertWait = caddy.Duration(defaultCertWait)
 	}
@@ -77,21 +71,11 @@ func (h *Handover) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, name := range []string{"started", "stopping"} {
-		if err := events.(*caddyevents.App).On(name, h); err != nil {
-			return err
-		}
-	}
-	return nil
+	return events.(*caddyevents.App).On("stopping", h)
 }
 
-// Handle notes that a config started, and stops the listeners from
-// accepting when the config stops.
-func (h *Handover) Handle(_ context.Context, e caddy.Event) error {
-	if e.Name() == "started" {
-		handoverStarted.Store(true)
-		return nil
-	}
+// Handle stops the listeners from accepting when the config stops.
+func (h *Handover) Handle(context.Context, caddy.Event) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, l := range h.listeners {
@@ -146,12 +130,10 @@ type handoverListener struct {
 	close   sync.Once
 }
 
-// Accept waits for the certificates once, then accepts, until the process
-// exits: then it accepts nothing more, and waits for Shutdown to close it.
+// Accept waits for the certificates once, then accepts, until the config
+// stops: then it accepts nothing more, and waits for Shutdown to close it.
 func (l *handoverListener) Accept() (net.Conn, error) {
-	if l.h.first {
-		l.ready.Do(func() { l.h.waitForCertificates(l.closed) })
-	}
+	l.ready.Do(func() { l.h.waitForCertificates(l.closed) })
 	conn, err := l.Listener.Accept()
 	if err != nil && l.isStopped() {
 		<-l.closed
@@ -191,8 +173,11 @@ func (l *handoverListener) Close() error {
 // HTTPS does not skip). It reads the cache through its lock only: the TLS
 // app itself is still being started (Manage) as the servers accept.
 func (h *Handover) waitForCertificates(closed <-chan struct{}) {
-	names := h.stored(h.tlsNames())
+	names := h.tlsNames()
 	if len(names) == 0 {
+		return // no TLS server: storage is not read
+	}
+	if names = h.stored(names); len(names) == 0 {
 		return
 	}
 	deadline := time.Now().Add(time.Duration(h.CertWait))

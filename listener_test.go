@@ -3,6 +3,7 @@ package trivialsecwebhook
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
@@ -40,9 +42,10 @@ func TestHandoverCaddyfile(t *testing.T) {
 	}
 }
 
-// TestHandoverServesAndReloads: behind the wrapper, a TLS site answers its
-// first connection with the certificate loaded, a plain one answers, and a
-// reload (which is not an exit) leaves both accepting.
+// TestHandoverServesAndReloads: behind the wrapper, a TLS site and a plain
+// one answer, before and after a reload: the wrapper breaks neither
+// serving nor the hand-over of a reload. (What it changes at a stop and a
+// start, TestHandoverStopsAccepting and e2e/restart_test.go show.)
 func TestHandoverServesAndReloads(t *testing.T) {
 	httpPort, httpsPort, adminPort := freePort(t), freePort(t), freePort(t)
 	config := func(body string) string {
@@ -92,4 +95,58 @@ http://127.0.0.1:%d {
 	check("first")
 	g.load(config("second"))
 	check("second")
+}
+
+// TestHandoverStopsAccepting: once its config stops, the wrapper accepts
+// nothing more, though connections wait (they are the next config's, or
+// process's), and its Accept returns only when the server closes it.
+func TestHandoverStopsAccepting(t *testing.T) {
+	inner, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &Handover{}
+	l := h.WrapListener(inner)
+	accepted := make(chan error, 1)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				accepted <- err
+				return
+			}
+			c.Close()
+		}
+	}()
+	c, err := net.Dial("tcp", inner.Addr().String()) // accepted before the stop
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	stopping, err := caddy.NewEvent(caddy.Context{Context: context.Background()}, "stopping", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Handle(context.Background(), stopping); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-accepted:
+		t.Fatalf("Accept returned %v once the config stopped: the server would end before Shutdown", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if _, err := net.Dial("tcp", inner.Addr().String()); err == nil {
+		t.Error("the listener still takes connections after the stop") // its socket closes here: no systemd holds it
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-accepted:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("Accept after Close: %v, want net.ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Accept did not return once the listener was closed")
+	}
 }

@@ -474,15 +474,22 @@ func (p spoolPolicy) retryAt(now, spooledAt time.Time, attempts int, asked time.
 	return at, false
 }
 
-// retryAfter is the wait a 503 or a 429 the handlers wrote asks for in
-// Retry-After (RFC 9110, 10.2.3: seconds, or an HTTP date): 0 for another
-// status, a status from an error (handle_errors may answer it, with
-// headers of its own), none, one that does not parse, or a date past.
-func retryAfter(status int, err error, h http.Header, now time.Time) time.Duration {
-	if err != nil || status != http.StatusServiceUnavailable && status != http.StatusTooManyRequests {
+// askedRetry reports whether a status asks for a Retry-After: a 503 or a
+// 429.
+func askedRetry(status int) bool {
+	return status == http.StatusServiceUnavailable || status == http.StatusTooManyRequests
+}
+
+// retryAfter is the wait a 503 or a 429 that the handlers after the module
+// wrote asks for, with the Retry-After value they set as they wrote it
+// (RFC 9110, 10.2.3: seconds, or an HTTP date): 0 for another status, a
+// status from an error (handle_errors may answer it, with headers of its
+// own), none, one that does not parse, or a date past.
+func retryAfter(status int, err error, value string, now time.Time) time.Duration {
+	if err != nil || !askedRetry(status) {
 		return 0
 	}
-	v := strings.TrimSpace(h.Get("Retry-After"))
+	v := strings.TrimSpace(value)
 	if v == "" || len(v) > 64 {
 		return 0
 	}
@@ -547,8 +554,8 @@ func (h *Handler) serveRedriven(w http.ResponseWriter, r *http.Request, next cad
 	if h.spool != nil && any(h.spool) != any(rd.from) && h.moveHeld(r, rd) {
 		return nil
 	}
-	sw := &statusWriter{ResponseWriter: w}
-	defer func() { rd.status = sw.status }() // a panic too: send judges it
+	sw := &statusWriter{ResponseWriter: w, before: w.Header().Get("Retry-After")}
+	defer func() { rd.status, rd.asked = sw.status, sw.asked }() // a panic too: send judges it
 	rd.err = next.ServeHTTP(sw, r)
 	return rd.err
 }
@@ -849,6 +856,7 @@ type fallbackWriter struct {
 	status int           // the first final status written; 0: none yet
 	held   bool          // status is a retryable failure, held back
 	buf    *bytes.Buffer // the held answer's body, from failureBuffers
+	asked  string        // Retry-After as a 503 or 429 was written
 }
 
 func (w *fallbackWriter) WriteHeader(status int) {
@@ -860,6 +868,9 @@ func (w *fallbackWriter) WriteHeader(status int) {
 		return
 	}
 	w.status, w.held = status, retryable(status)
+	if askedRetry(status) {
+		w.asked = w.Header().Get("Retry-After")
+	}
 	if !w.held {
 		w.ResponseWriter.WriteHeader(status)
 	}
@@ -987,7 +998,7 @@ func (h *Handler) spoolFailure(w http.ResponseWriter, r *http.Request, a *accept
 	e := &spoolEntry{meta: spoolMetaOf(h.Account, &a.ev, now), request: spoolRequestOf(r), body: body}
 	e.meta.Server = h.driver.key
 	e.meta.Attempts, e.meta.LastError = 1, failure
-	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1, retryAfter(status, err, rec.Header(), now))
+	e.meta.NextAttempt, _ = h.policy.retryAt(now, now, 1, retryAfter(status, err, mark.changed("Retry-After", rec.asked), now))
 	switch serr := h.spool.add(e); {
 	case serr == nil, spooledAlready(serr):
 		if c := h.logger.Check(zapcore.WarnLevel, "the next handler failed: spooled the delivery, answered 202; the spool delivers it again"); c != nil {
@@ -1051,6 +1062,21 @@ func markHeader(h http.Header) (m headerMark) {
 // restore puts h back as it was: the names it did not have are taken off,
 // and the ones it had get their values back (reverse_proxy clears every
 // header after an informational answer).
+// changed is value, a header's value now, unless the header had that value
+// when the mark was made (a handler before the module set it): "" then.
+func (m *headerMark) changed(name, value string) string {
+	before := m.more.Get(name)
+	for i := range m.n {
+		if m.names[i] == name && len(m.values[i]) > 0 {
+			before = m.values[i][0]
+		}
+	}
+	if value == before {
+		return ""
+	}
+	return value
+}
+
 func (m *headerMark) restore(h http.Header) {
 	clear(h)
 	if m.more != nil {

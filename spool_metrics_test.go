@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testredis"
@@ -53,6 +54,11 @@ func TestSpoolOldestPending(t *testing.T) {
 			t.Fatal(err)
 		}
 		oldest(t, s, spooled[2])
+		// A dead letter retried waits again, as old as it is.
+		if _, err := s.retryNow(metas[0].EventID); err != nil {
+			t.Fatal(err)
+		}
+		oldest(t, s, spooled[0])
 	})
 	t.Run("redis", func(t *testing.T) {
 		srv := testredis.Start(t)
@@ -103,14 +109,57 @@ func TestSpoolOldestPending(t *testing.T) {
 			t.Fatal(err)
 		}
 		oldest(t, s, spooled[0])
-		// With wait_replicas and no replica, the reading writes nothing
-		// that waits for one.
+		// With wait_replicas and no replica, the reading's trim of a dead
+		// head waits for no replica.
+		if err := admin.HSet(ctx, s.entryKey(metas[0].EventID.String()), "state", stateDead).Err(); err != nil {
+			t.Fatal(err)
+		}
 		waiting, err := loadRedisClient(srv.URL() + "?wait_replicas=1&wait_timeout=2s")
 		if err != nil {
 			t.Fatal(err)
 		}
 		w := newRedisSpool(waiting, defaultSpoolKeyPrefix, testPolicy)
 		defer w.Destruct()
-		oldest(t, w, spooled[0])
+		oldest(t, w, spooled[2])
+		if n, _ := admin.ZCard(ctx, defaultSpoolKeyPrefix+"waiting").Result(); n != 1 {
+			t.Errorf("waiting holds %d entries, want 1: the dead head was not trimmed", n)
+		}
 	})
+}
+
+// TestOldestWaitingKept: the index keeps its oldest waiting entry as
+// entries come, die, come back and go, with dead letters alone between.
+func TestOldestWaitingKept(t *testing.T) {
+	s := newFileSpool(t.TempDir(), testPolicy)
+	now := time.Now()
+	at := func(ago time.Duration) spoolMeta {
+		return spoolMeta{EventID: uuid.New(), State: statePending, SpooledAt: now.Add(-ago), Account: testAccount}
+	}
+	check := func(what string, want time.Time) {
+		t.Helper()
+		if got := s.oldestWaiting(); !got.Equal(want) {
+			t.Errorf("%s: oldest %v, want %v", what, got, want)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	check("empty", time.Time{})
+	dead := at(3 * time.Hour)
+	s.schedule(dead)
+	s.restate(s.entries[dead.EventID], stateDead)
+	check("a dead letter alone", time.Time{})
+	check("a dead letter alone, again", time.Time{})
+	young := at(time.Hour)
+	s.schedule(young)
+	check("one waiting beside it", young.SpooledAt)
+	old := at(2 * time.Hour)
+	s.schedule(old) // spooled before: held elsewhere, moved in
+	check("an older one comes", old.SpooledAt)
+	s.restate(s.entries[dead.EventID], statePending) // retried
+	check("the dead letter retried", dead.SpooledAt)
+	s.scheduler.unindex(s.entries[dead.EventID])
+	check("it is delivered", old.SpooledAt)
+	s.scheduler.unindex(s.entries[old.EventID])
+	s.scheduler.unindex(s.entries[young.EventID])
+	check("none left", time.Time{})
 }

@@ -58,9 +58,10 @@ type redrive struct {
 	from redriveStore
 	meta *spoolMeta
 
-	reached bool  // the handler of the account passed it on
-	status  int   // the first final status the handlers after it wrote; 0: none
-	err     error // what they returned
+	reached bool   // the handler of the account passed it on
+	status  int    // the first final status the handlers after it wrote; 0: none
+	asked   string // the Retry-After they wrote with it (statusWriter)
+	err     error  // what they returned
 }
 
 // redriveOf returns the mark of a re-driven request, or nil.
@@ -102,6 +103,7 @@ type scheduler struct {
 	grace    time.Duration  // how long finish waits for them; 0: attempt_timeout
 	limiter  *rate.Limiter  // redrive_rate; nil: no limit
 	oldest   uuid.UUID      // a waiting entry none waits longer than, while it waits (oldestWaiting)
+	noneWait bool           // the last scan found none waiting, and none has since
 }
 
 // redriveStore is what the scheduler needs of a store.
@@ -166,7 +168,6 @@ func (s *scheduler) finish() {
 	if wait <= 0 {
 		wait = s.policy.attemptTimeout
 	}
-	n := len(s.inflight)
 	s.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
@@ -178,8 +179,11 @@ func (s *scheduler) finish() {
 	select {
 	case <-done:
 	case <-t.C:
+		s.mu.Lock()
+		n := len(s.inflight)
+		s.mu.Unlock()
 		s.store.log().Warn("spool: re-drives still under way at the end of the grace period are cut short: they stay in the spool, and are delivered again",
-			zap.Int("in_flight_at_stop", n), zap.Duration("waited", wait))
+			zap.Int("cut", n), zap.Duration("waited", wait))
 	}
 	s.stop()
 }
@@ -242,17 +246,21 @@ func (s *scheduler) noteWaiting(m *spoolMeta) {
 		return
 	}
 	if cur, ok := s.entries[s.oldest]; !ok || cur.State == stateDead || m.SpooledAt.Before(cur.SpooledAt) {
-		s.oldest = m.EventID
+		s.oldest, s.noneWait = m.EventID, false
 	}
 }
 
 // oldestWaiting is when the entry that has waited longest (not a dead
 // letter) was spooled, zero if none waits: s.oldest while it waits, else a
 // scan of the index (10 ms for 100,000 entries), which happens when that
-// entry is delivered or dies. Call with s.mu held.
+// entry is delivered or dies, not again while none waits. Call with s.mu
+// held.
 func (s *scheduler) oldestWaiting() time.Time {
 	if m, ok := s.entries[s.oldest]; ok && m.State != stateDead {
 		return m.SpooledAt
+	}
+	if s.noneWait {
+		return time.Time{}
 	}
 	var oldest *spoolMeta
 	for _, m := range s.entries {
@@ -261,6 +269,7 @@ func (s *scheduler) oldestWaiting() time.Time {
 		}
 	}
 	if oldest == nil {
+		s.noneWait = true
 		return time.Time{}
 	}
 	s.oldest = oldest.EventID
@@ -694,7 +703,7 @@ func (s *scheduler) send(m *spoolMeta, d *driver, req spoolRequest, body []byte,
 	if o != taken {
 		failure = describeFailure(status, err)
 	}
-	return o, status, failure, retryAfter(status, err, w.header, time.Now())
+	return o, status, failure, retryAfter(status, err, rd.asked, time.Now())
 }
 
 // dueItem is when a pending entry is due.
@@ -800,11 +809,18 @@ func (w *discardWriter) Write(p []byte) (int, error) {
 type statusWriter struct {
 	http.ResponseWriter
 	status int
+	before string // Retry-After before the handlers ran
+	asked  string // Retry-After as they wrote a 503 or 429, if they set it
 }
 
 func (w *statusWriter) WriteHeader(status int) {
 	if w.status == 0 && status >= 200 {
 		w.status = status
+		if askedRetry(status) {
+			if v := w.Header().Get("Retry-After"); v != w.before {
+				w.asked = v
+			}
+		}
 	}
 	w.ResponseWriter.WriteHeader(status)
 }

@@ -63,7 +63,10 @@ func TestSpoolStopLetsRedrivesFinish(t *testing.T) {
 				g.waitFor("the service answered what it read", func() bool { return answered.Load() == started.Load() })
 				taken := g.up.Taken()
 				for _, id := range ids {
-					if n := taken[id]; n < 1 || (tc.once && n != 1) {
+					// Past the grace period, the cut attempt (which the
+					// service still answered) stays in the spool, and is
+					// made again.
+					if n := taken[id]; n < 1 || (tc.once && n != 1) || (!tc.once && n < 2) {
 						t.Errorf("event %s taken %d times", id, n)
 					}
 				}
@@ -221,10 +224,46 @@ func TestRetryAfterHeader(t *testing.T) {
 		{502, nil, "30", 0},
 		{503, errors.New("dial tcp: connection refused"), "30", 0}, // an error's status: handle_errors answers it
 	} {
-		h := http.Header{}
-		h.Set("Retry-After", tc.value)
-		if got := retryAfter(tc.status, tc.err, h, now); got != tc.want {
+		if got := retryAfter(tc.status, tc.err, tc.value, now); got != tc.want {
 			t.Errorf("%d %q (err %v): %v, want %v", tc.status, tc.value, tc.err, got, tc.want)
 		}
 	}
+}
+
+// TestSpoolRetryAfterOfTheSite: a Retry-After that a handler before the
+// module sets (the site's own header) is not the service's: a 503 without
+// one backs off as usual, on the first attempt and on a re-drive.
+func TestSpoolRetryAfterOfTheSite(t *testing.T) {
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRigEdited(t, "spool {\n\t\t\t"+store+"backoff 1m 20m\n\t\t}", func(c string) string {
+			return strings.Replace(c, "\tmetrics /metrics\n", "\tmetrics /metrics\n\theader Retry-After 600\n", 1)
+		})
+		g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
+		id, status := g.deliver()
+		if status != http.StatusAccepted {
+			t.Fatalf("status %d, want 202", status)
+		}
+		for attempts := 1; attempts <= 2; attempts++ {
+			if attempts == 2 {
+				if code := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+id+"/retry"); code != http.StatusAccepted {
+					t.Fatalf("retry: %d", code)
+				}
+			}
+			var next time.Time
+			g.waitFor(fmt.Sprintf("attempt %d", attempts), func() bool {
+				for _, l := range g.list() {
+					if l.EventID == id && l.Attempts == attempts {
+						next, _ = time.Parse(time.RFC3339Nano, l.NextAttempt)
+						return true
+					}
+				}
+				return false
+			})
+			// The backoff: 1 min after the first, 1 to 2 min after the
+			// second; the site's header would say 10 min.
+			if wait := time.Until(next); wait > 3*time.Minute {
+				t.Errorf("attempt %d: next attempt in %v: the site's Retry-After was taken for the service's", attempts, wait.Round(time.Second))
+			}
+		}
+	})
 }

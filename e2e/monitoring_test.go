@@ -21,7 +21,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-	"unicode"
 
 	"github.com/google/uuid"
 
@@ -193,56 +192,14 @@ func TestMonitoringRules(t *testing.T) {
 	}
 }
 
-// githubAnchors lists the anchors GitHub makes of a Markdown page's
-// headings: lowercase, spaces to '-', other punctuation dropped, and a
-// repeated anchor suffixed -1, -2, ...
-func githubAnchors(t *testing.T, page string) map[string]bool {
-	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(testkit.Root(), page))
+// TestMonitoringRunbooks: each alert's runbook_url names a section of
+// docs/monitoring.md of its own. (That every code block of the page is run
+// by a test, TestDocExamplesAreTested checks, as for every page.)
+func TestMonitoringRunbooks(t *testing.T) {
+	anchors, err := testkit.HeadingAnchors(monitoringDoc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	anchors := map[string]bool{}
-	seen := map[string]int{}
-	fenced := false
-	for _, line := range strings.Split(string(raw), "\n") {
-		if strings.HasPrefix(strings.TrimSpace(line), "```") {
-			fenced = !fenced
-			continue
-		}
-		text, ok := strings.CutPrefix(line, "#")
-		if fenced || !ok {
-			continue
-		}
-		text = strings.TrimLeft(text, "#")
-		if text == "" || text[0] != ' ' {
-			continue
-		}
-		var b strings.Builder
-		for _, r := range strings.ToLower(strings.TrimSpace(text)) {
-			switch {
-			case r == ' ':
-				b.WriteRune('-')
-			case r == '-' || r == '_' || unicode.IsLetter(r) || unicode.IsDigit(r) || unicode.Is(unicode.Mn, r):
-				b.WriteRune(r)
-			}
-		}
-		anchor := b.String()
-		if n := seen[anchor]; n > 0 {
-			anchors[fmt.Sprintf("%s-%d", anchor, n)] = true
-		} else {
-			anchors[anchor] = true
-		}
-		seen[anchor]++
-	}
-	return anchors
-}
-
-// TestMonitoringRunbooks: each alert's runbook_url names a section of
-// docs/monitoring.md of its own; every fenced block of the page but sample
-// output is a named example that this file runs.
-func TestMonitoringRunbooks(t *testing.T) {
-	anchors := githubAnchors(t, monitoringDoc)
 	for _, r := range readAlertRules(t) {
 		anchor := strings.TrimPrefix(r.runbook, runbookBase)
 		if !anchors[anchor] {
@@ -251,32 +208,6 @@ func TestMonitoringRunbooks(t *testing.T) {
 		if anchor != strings.ToLower(r.name) {
 			t.Errorf("%s: the runbook of %s is #%s: give each alert the section named after it", alertsFile, r.name, anchor)
 		}
-	}
-
-	blocks, err := testkit.DocBlocks(monitoringDoc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	src, err := os.ReadFile("monitoring_test.go")
-	if err != nil {
-		t.Fatal(err)
-	}
-	names := map[string]bool{}
-	for _, b := range blocks {
-		if b.Lang == "text" {
-			continue
-		}
-		switch {
-		case b.Example == "":
-			t.Errorf("%s:%d: a %s block without an `<!-- example: monitoring-... -->` line above it", monitoringDoc, b.Line, b.Lang)
-		case !strings.HasPrefix(b.Example, "monitoring-"):
-			t.Errorf("%s:%d: example %q: name it monitoring-...", monitoringDoc, b.Line, b.Example)
-		case names[b.Example]:
-			t.Errorf("%s:%d: example %q is named twice", monitoringDoc, b.Line, b.Example)
-		case !bytes.Contains(src, []byte(`testkit.Example(t, monitoringDoc, "`+b.Example+`")`)):
-			t.Errorf("%s:%d: example %q is run by no test in e2e/monitoring_test.go", monitoringDoc, b.Line, b.Example)
-		}
-		names[b.Example] = true
 	}
 }
 

@@ -190,11 +190,12 @@ func TestReadmeSignWithCurl(t *testing.T) {
 	}
 }
 
-// TestReadmeBuilding: the README's build recipe is the build TestMain made
-// (xcaddy build --with the module), the xcaddy it installs runs, the
-// module is listed as the README shows, and the Dockerfile builds the same
-// on the Caddy version this module is built and tested with. (No image
-// registry is reachable here: the Dockerfile itself is not built.)
+// TestReadmeBuilding: the README's build command is the one TestMain runs
+// (xcaddy build --with the module; TestMain pins xcaddy and Caddy, the
+// README takes the latest), the xcaddy it installs runs, the binary lists
+// the modules the README shows, and the Dockerfile holds the same build on
+// the Caddy version this module is tested with. (No image registry is
+// reachable here: the Dockerfile itself is not built.)
 func TestReadmeBuilding(t *testing.T) {
 	steps := shellSteps(testkit.Example(t, "README.md", "build-xcaddy"))
 	if len(steps) != 3 {

@@ -26,37 +26,6 @@ import (
 
 const deployingPage = "docs/deploying.md"
 
-// TestDeployingPageExamples: every code block of docs/deploying.md but
-// sample output is named, so that a test finds it, and each name is one a
-// test of this file uses.
-func TestDeployingPageExamples(t *testing.T) {
-	blocks, err := testkit.DocBlocks(deployingPage)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tested := map[string]bool{"deploy-install": true, "deploy-handover": true, "deploy-lb-options": true, "deploy-lb-health": true, "deploy-lb-timeout": true}
-	seen := map[string]bool{}
-	for _, b := range blocks {
-		if b.Lang == "text" {
-			continue
-		}
-		switch {
-		case b.Example == "":
-			t.Errorf("%s:%d: a %q block without an `<!-- example: deploy-... -->` line", b.Page, b.Line, b.Lang)
-		case !tested[b.Example]:
-			t.Errorf("%s:%d: example %q is run by no test", b.Page, b.Line, b.Example)
-		case seen[b.Example]:
-			t.Errorf("%s:%d: example %q is named twice", b.Page, b.Line, b.Example)
-		}
-		seen[b.Example] = true
-	}
-	for name := range tested {
-		if !seen[name] {
-			t.Errorf("%s has no example %q", deployingPage, name)
-		}
-	}
-}
-
 // unit is a systemd unit file: section, then key, then values in order.
 type unit map[string]map[string][]string
 

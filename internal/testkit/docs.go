@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"runtime"
 	"strings"
+	"unicode"
 )
 
 // DocBlock is one fenced code block of a page of the documentation.
@@ -114,4 +115,48 @@ func Example(t interface {
 	}
 	t.Fatalf("%s has no example named %q (a `<!-- example: %s -->` line right above its code block)", page, name, name)
 	return ""
+}
+
+// HeadingAnchors lists the anchors GitHub makes of a page's headings:
+// lowercase, spaces to '-', other punctuation dropped, and a repeated
+// anchor suffixed -1, -2, ...
+func HeadingAnchors(page string) (map[string]bool, error) {
+	raw, err := os.ReadFile(filepath.Join(Root(), page))
+	if err != nil {
+		return nil, err
+	}
+	anchors := map[string]bool{}
+	seen := map[string]int{}
+	fenced := false
+	for _, line := range strings.Split(string(raw), "\n") {
+		if strings.HasPrefix(strings.TrimSpace(line), "```") {
+			fenced = !fenced
+			continue
+		}
+		text, ok := strings.CutPrefix(line, "#")
+		if fenced || !ok {
+			continue
+		}
+		text = strings.TrimLeft(text, "#")
+		if text == "" || text[0] != ' ' {
+			continue
+		}
+		var b strings.Builder
+		for _, r := range strings.ToLower(strings.TrimSpace(text)) {
+			switch {
+			case r == ' ':
+				b.WriteRune('-')
+			case r == '-' || r == '_' || unicode.IsLetter(r) || unicode.IsDigit(r) || unicode.Is(unicode.Mn, r):
+				b.WriteRune(r)
+			}
+		}
+		anchor := b.String()
+		if n := seen[anchor]; n > 0 {
+			anchors[fmt.Sprintf("%s-%d", anchor, n)] = true
+		} else {
+			anchors[anchor] = true
+		}
+		seen[anchor]++
+	}
+	return anchors, nil
 }
