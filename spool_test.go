@@ -537,7 +537,9 @@ func TestSpoolDeadLetters(t *testing.T) {
 // spooled under the old config goes through the new one.
 func TestSpoolReload(t *testing.T) {
 	eachStore(t, func(t *testing.T, store string) {
-		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 20ms 100ms\n\t\t}")
+		// No retry is due before the reload: an attempt under way as the
+		// old config stops finishes through it, as a request does.
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 2s 4s\n\t\t}")
 		g.up.Down()
 		ids := g.deliverSpooled(5)
 		g.reload("second")
