@@ -201,8 +201,12 @@ type spoolStore interface {
 	up() bool
 	// logFields name the store in log lines.
 	logFields() []zap.Field
-	// list, retryNow and remove are the admin API's, on the whole store.
-	list() ([]spoolMeta, error)
+	// page, summary, retryNow and remove are the admin API's, on the whole
+	// store (spool_query.go). page returns the first limit entries f
+	// selects after the cursor (nil: from the first), in spooled order,
+	// and how many f selects in all.
+	page(f spoolFilter, after *spoolCursor, limit int) ([]spoolMeta, int64, error)
+	summary() (spoolSummary, error)
 	retryNow(id uuid.UUID) (bool, error)
 	remove(id uuid.UUID) (bool, error)
 	// stats is what the metrics report.

@@ -625,19 +625,41 @@ func (s *fileSpool) known() error {
 	return nil
 }
 
-// list returns the entries' metadata; an error while the store is not
-// open, whose entries are not known.
-func (s *fileSpool) list() ([]spoolMeta, error) {
+// page is a page of the entries f selects; an error while the store is
+// not open, whose entries are not known. It reads the index, in memory.
+func (s *fileSpool) page(f spoolFilter, after *spoolCursor, limit int) ([]spoolMeta, int64, error) {
 	if err := s.known(); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
+	p := newSpoolPage(after, limit)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make([]spoolMeta, 0, len(s.entries))
 	for _, m := range s.entries {
-		out = append(out, *m)
+		if f.selects(m.State, m.EventName, m.SpooledAt.UnixMilli()) {
+			p.offer(m)
+		}
 	}
-	return out, nil
+	out, total := p.result()
+	return out, total, nil
+}
+
+// summary counts the index, in memory.
+func (s *fileSpool) summary() (spoolSummary, error) {
+	if err := s.known(); err != nil {
+		return spoolSummary{}, err
+	}
+	var sum spoolSummary
+	s.mu.Lock()
+	for _, m := range s.entries {
+		sum.count(m.State, m.EventName, spoolCount{Entries: 1, Bytes: m.Size})
+		if m.State == statePending {
+			sum.nextAttempt = earliest(sum.nextAttempt, m.NextAttempt)
+		}
+	}
+	sum.oldestPending = s.oldestWaiting()
+	s.mu.Unlock()
+	sum.breakers = s.breakers()
+	return sum, nil
 }
 
 // stats is what the store holds.

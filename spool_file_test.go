@@ -46,9 +46,12 @@ func testEntry(body string) *spoolEntry {
 // listed is what a store lists.
 func listed(t testing.TB, s spoolStore) []spoolMeta {
 	t.Helper()
-	l, err := s.list()
+	l, total, err := s.page(spoolFilter{}, nil, maxSpoolPage)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if total != int64(len(l)) {
+		t.Fatalf("the store lists %d entries, and says it holds %d", len(l), total)
 	}
 	return l
 }

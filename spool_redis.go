@@ -900,18 +900,54 @@ func (s *redisSpool) failed(m spoolMeta) error {
 		redisSpoolGroup, consumer, m.turn, m.rev, m.State, m.Attempts, due, m.LastError, s.lease, m.EventID.String()).Err()
 }
 
-// list reads every entry of the store, whichever instance holds it, with
-// its times on Redis's clock. A pending entry of an account that no
-// handler of this instance serves is parked.
-func (s *redisSpool) list() ([]spoolMeta, error) {
+// page reads every entry of the store, whichever instance holds it, with
+// its times on Redis's clock, and keeps those f selects. A pending entry of
+// an account that no handler of this instance serves is parked.
+func (s *redisSpool) page(f spoolFilter, after *spoolCursor, limit int) ([]spoolMeta, int64, error) {
+	p := newSpoolPage(after, limit)
+	err := s.each(func(m *spoolMeta) {
+		if f.selects(m.State, m.EventName, m.SpooledAt.UnixMilli()) {
+			p.offer(m)
+		}
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	out, total := p.result()
+	return out, total, nil
+}
+
+// summary reads every entry of the store.
+func (s *redisSpool) summary() (spoolSummary, error) {
+	var sum spoolSummary
+	err := s.each(func(m *spoolMeta) {
+		c := spoolCount{Entries: 1, Bytes: m.Size}
+		sum.countState(m.State, c)
+		if m.State == stateParked {
+			sum.countEvent(m.EventName, statePending, c)
+		} else {
+			sum.countEvent(m.EventName, m.State, c)
+		}
+		if m.State != stateDead {
+			sum.oldestPending = earliest(sum.oldestPending, m.SpooledAt)
+		}
+		if m.State == statePending {
+			sum.nextAttempt = earliest(sum.nextAttempt, m.NextAttempt)
+		}
+	})
+	sum.breakers = s.breakers()
+	return sum, err
+}
+
+// each calls fn with every entry of the store.
+func (s *redisSpool) each(fn func(m *spoolMeta)) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*redisTimeout)
 	defer cancel()
 	ids, err := s.client.SMembers(ctx, s.prefix+"ids").Result()
 	if err != nil {
-		return nil, fmt.Errorf("spool redis: %w", err)
+		return fmt.Errorf("spool redis: %w", err)
 	}
 	handled := s.handled()
-	out := make([]spoolMeta, 0, len(ids))
 	for chunk := range slices.Chunk(ids, 1000) {
 		cmds := make([]*redis.SliceCmd, len(chunk))
 		_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
@@ -921,7 +957,7 @@ func (s *redisSpool) list() ([]spoolMeta, error) {
 			return nil
 		})
 		if err != nil && !errors.Is(err, redis.Nil) {
-			return nil, fmt.Errorf("spool redis: %w", err)
+			return fmt.Errorf("spool redis: %w", err)
 		}
 		for _, cmd := range cmds {
 			m, ok := metaOf(cmd.Val())
@@ -932,10 +968,10 @@ func (s *redisSpool) list() ([]spoolMeta, error) {
 			if m.State == statePending && !handled[m.Account] {
 				m.State = stateParked
 			}
-			out = append(out, m.spoolMeta)
+			fn(&m.spoolMeta)
 		}
 	}
-	return out, nil
+	return nil
 }
 
 // redisTime is a time of Redis's clock, as Redis gave it; zero stays zero.

@@ -178,10 +178,24 @@ func (g *spoolRig) send(d *delivery) int {
 	return resp.StatusCode
 }
 
-// list is the admin API's listing.
+// list is the admin API's listing, every page of it.
 func (g *spoolRig) list() []spoolListing {
 	g.t.Helper()
-	resp, err := senderClient.Get(g.admin + "/trivialsec_webhook/spool")
+	var out []spoolListing
+	next := ""
+	for {
+		page := g.listPage("limit=1000&next=" + next)
+		out = append(out, page.Entries...)
+		if next = page.Next; next == "" {
+			return out
+		}
+	}
+}
+
+// listPage is one page of the admin API's listing, with query parameters.
+func (g *spoolRig) listPage(query string) spoolListingPage {
+	g.t.Helper()
+	resp, err := senderClient.Get(g.admin + "/trivialsec_webhook/spool?" + query)
 	if err != nil {
 		g.t.Fatal(err)
 	}
@@ -190,7 +204,7 @@ func (g *spoolRig) list() []spoolListing {
 	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "application/json" {
 		g.t.Fatalf("listing: %d %s", resp.StatusCode, raw)
 	}
-	var out []spoolListing
+	var out spoolListingPage
 	if err := json.Unmarshal([]byte(raw), &out); err != nil {
 		g.t.Fatalf("listing %s: %v", raw, err)
 	}

@@ -84,11 +84,11 @@ func (in *instance) list(t *testing.T) []listed {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var out []listed
+	var out struct{ Entries []listed }
 	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 200 {
 		t.Fatalf("listing: %d %v", resp.StatusCode, err)
 	}
-	return out
+	return out.Entries
 }
 
 // adminDo sends an admin API request and returns its status.

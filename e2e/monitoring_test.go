@@ -830,11 +830,11 @@ func deadLetter(t *testing.T, listing, id string) *spoolEntry {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var entries []spoolEntry
-	if err := json.NewDecoder(resp.Body).Decode(&entries); err != nil || resp.StatusCode != 200 {
+	var page struct{ Entries []spoolEntry }
+	if err := json.NewDecoder(resp.Body).Decode(&page); err != nil || resp.StatusCode != 200 {
 		t.Fatalf("GET %s: %d %v", listing, resp.StatusCode, err)
 	}
-	for _, e := range entries {
+	for _, e := range page.Entries {
 		if e.EventID == id {
 			return &e
 		}

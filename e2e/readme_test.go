@@ -280,15 +280,17 @@ http://127.0.0.1:%d {
 	}
 	listing := func() map[string]entry {
 		_, out := shell(t, t.TempDir(), strings.ReplaceAll(steps[0].command, "localhost:2019", admin))
-		var entries []struct {
-			EventID string `json:"event_id"`
-			entry
+		var page struct {
+			Entries []struct {
+				EventID string `json:"event_id"`
+				entry
+			}
 		}
-		if err := json.Unmarshal([]byte(out), &entries); err != nil {
+		if err := json.Unmarshal([]byte(out), &page); err != nil {
 			t.Fatalf("the listing %q: %v", out, err)
 		}
 		states := map[string]entry{}
-		for _, e := range entries {
+		for _, e := range page.Entries {
 			states[e.EventID] = e.entry
 		}
 		return states
