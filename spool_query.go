@@ -95,6 +95,9 @@ func parseSpoolFilter(q url.Values) (spoolFilter, error) {
 		}
 	}
 	f.eventName = q.Get("event_name")
+	if f.eventName != "" && eventIndex([]byte(f.eventName)) < 0 {
+		return f, fmt.Errorf("event_name %q: use one of %s", f.eventName, strings.Join(eventNames[:], ", "))
+	}
 	for _, p := range []struct {
 		name string
 		to   *time.Time
