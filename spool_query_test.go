@@ -286,7 +286,7 @@ func TestSpoolListingFilters(t *testing.T) {
 		}
 		want := map[string]map[string]int64{
 			"report_created": {statePending: 53, stateDead: 7},
-			"report_deleted":  {statePending: 35, stateDead: 5},
+			"report_deleted": {statePending: 35, stateDead: 5},
 		}
 		var bytes int64
 		for name, byState := range want {
