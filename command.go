@@ -23,7 +23,9 @@ import (
 
 // The `caddy trivialsec-webhook` command mints deliveries exactly as Trivial
 // Security's production sender does, to test a receiver end to end without
-// the SaaS; and salvages a damaged spool store (spool salvage).
+// the SaaS; salvages a damaged spool store (spool salvage); and lists and
+// drains the spool of a running Caddy (spool list|summary|retry|delete,
+// spool_command.go).
 
 // secretEnv is the environment variable the command reads the signing
 // secret from, unless --secret-file is given.
@@ -32,8 +34,8 @@ const secretEnv = "TRIVIALSEC_WEBHOOK_SECRET"
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "trivialsec-webhook",
-		Usage: "sign|send --account <name> [flags] | spool salvage <dir>",
-		Short: "Mints or sends a Trivial Security webhook delivery; salvages a damaged spool",
+		Usage: "sign|send --account <name> [flags] | spool salvage <dir> | spool list|summary|retry|delete [flags]",
+		Short: "Mints or sends a Trivial Security webhook delivery; watches, drains and salvages the spool",
 		Long: `
 Mints a webhook delivery exactly as Trivial Security's production sender does:
 a bare HS256 token (no "Bearer"), sub as 32 hex digits, aud an array, nbf 3 s
@@ -59,8 +61,28 @@ which other users could read in the process list.
          it opens; a Caddy running with the store open holds its lock, and
          the store is then not damaged: salvage refuses it.
 
+  spool list [filters] [--limit <n>] [--next <cursor> | --all-pages] [--json]
+         lists the entries of a running Caddy's spool, oldest first, a page
+         at a time
+  spool summary [--json]
+         sums it up: by state, by event name, the oldest pending entry, the
+         next attempt, the breakers
+  spool retry <event_id>... | [filters] | --all
+         delivers the entries again now, dead letters too
+  spool delete <event_id>... | [filters] | --all
+         drops them
+         These four ask the admin API of the running Caddy, at --address,
+         or at the admin address of the config --config names, or at
+         localhost:2019; --json prints its answer, one JSON document. The
+         filters are --state, --event-name, --spooled-after and
+         --spooled-before. Exit status 0 when done, 1 when the admin API
+         refused or failed or could not be reached, 2 for a usage mistake
+         (nothing was asked of Caddy), 3 when retry or delete was given an
+         event ID that is not in the spool. See "spool <command> --help".
+
 A usage mistake (an unknown flag or subcommand, a stray argument, a bad value)
-gives one line on stderr and exit status 1.
+gives one line on stderr and exit status 1 (2 for spool list, summary, retry
+and delete).
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			sign := &cobra.Command{
@@ -120,10 +142,10 @@ gives one line on stderr and exit status 1.
 			}
 
 			spool := &cobra.Command{
-				Use:   "spool salvage <dir>",
-				Short: "Salvages a damaged spool store: spool salvage <dir>",
+				Use:   "spool salvage|list|summary|retry|delete",
+				Short: "Watches and drains a running Caddy's spool; salvages a damaged spool store",
 				Args:  cobra.ArbitraryArgs,
-				RunE:  subcommandMissing("salvage"),
+				RunE:  subcommandMissing("salvage, list, summary, retry or delete"),
 			}
 			salvage := &cobra.Command{
 				Use:   "salvage <dir>",
@@ -157,6 +179,7 @@ damaged (Caddy keeps no damaged store open), and is refused.
 				},
 			}
 			spool.AddCommand(salvage)
+			addSpoolAdminCommands(spool)
 			cmd.AddCommand(sign, send, spool)
 
 			// Every mistake is said here, once, as one line on stderr;
@@ -164,7 +187,7 @@ damaged (Caddy keeps no damaged store open), and is refused.
 			// "Error: ..." unless the command silences it), and Caddy's
 			// Main exits 1 on the error returned.
 			cmd.Args = cobra.ArbitraryArgs
-			cmd.RunE = subcommandMissing("sign, send or spool salvage")
+			cmd.RunE = subcommandMissing("sign, send or spool")
 			cmd.SuggestionsMinimumDistance = 2
 			cmd.SetFlagErrorFunc(usageError) // the subcommands' too
 			for _, c := range []*cobra.Command{cmd, sign, send, spool, salvage} {
