@@ -81,8 +81,7 @@ which other users could read in the process list.
          event ID that is not in the spool. See "spool <command> --help".
 
 A usage mistake (an unknown flag or subcommand, a stray argument, a bad value)
-gives one line on stderr and exit status 1 (2 for spool list, summary, retry
-and delete).
+gives one line on stderr and exit status 2.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			sign := &cobra.Command{
@@ -185,7 +184,7 @@ damaged (Caddy keeps no damaged store open), and is refused.
 			// Every mistake is said here, once, as one line on stderr;
 			// cobra says none (Caddy's root prints a returned error as
 			// "Error: ..." unless the command silences it), and Caddy's
-			// Main exits 1 on the error returned.
+			// Main exits 1 on the error returned, 2 on a usage mistake.
 			cmd.Args = cobra.ArbitraryArgs
 			cmd.RunE = subcommandMissing("sign, send or spool")
 			cmd.SuggestionsMinimumDistance = 2
@@ -205,9 +204,9 @@ func commandError(c *cobra.Command, err error) error {
 }
 
 // usageError prints a usage mistake as one line on stderr, with where to
-// read the usage; Caddy then exits 1.
+// read the usage; Caddy then exits 2.
 func usageError(c *cobra.Command, err error) error {
-	return commandError(c, fmt.Errorf("%w (see \"%s --help\")", err, c.CommandPath()))
+	return exitStatus(c, exitUsage, commandError(c, fmt.Errorf("%w (see \"%s --help\")", err, c.CommandPath())))
 }
 
 // noArgs refuses arguments: the commands that take flags only.

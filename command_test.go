@@ -132,7 +132,7 @@ func runCommand(t *testing.T, args ...string) (stdout, stderr string, err error)
 }
 
 // TestCommandUsageMistakes: each usage mistake is one line on stderr that
-// names it and where the usage is, and an error (exit status 1); nothing
+// names it and where the usage is, and exit status 2; nothing
 // on stdout, no help.
 func TestCommandUsageMistakes(t *testing.T) {
 	t.Setenv(secretEnv, testSecret)
@@ -179,8 +179,12 @@ func TestCommandUsageMistakes(t *testing.T) {
 	} {
 		t.Run(strings.Join(tc.args[1:], "_"), func(t *testing.T) {
 			stdout, stderr, err := runCommand(t, tc.args...)
-			if err == nil {
-				t.Error("no error: exit status 0")
+			want := exitUsage // a usage mistake points at the help
+			if !strings.HasSuffix(tc.want, "--help\")") {
+				want = 1
+			}
+			if code := exitCode(err); code != want {
+				t.Errorf("exit status %d, want %d", code, want)
 			}
 			if stderr != tc.want+"\n" || stdout != "" {
 				t.Errorf("stderr %q\nwant   %q\nstdout %q", stderr, tc.want+"\n", stdout)

@@ -80,7 +80,7 @@ entry: one table, or one JSON document of the same form without "next"
 meanwhile can make it differ from the entries'). Pages are then --limit
 entries, 1000 unless given.
 ` + spoolFilterHelp + spoolAdminHelp,
-		Args: noArgsSpool,
+		Args: noArgs,
 	}
 	summary := &cobra.Command{
 		Use:   "summary [--json]",
@@ -92,7 +92,7 @@ entry was spooled, when the next attempt is due, and the breakers of the
 routes the spool delivers through. --json prints the admin API's answer as
 it is: one JSON document.
 ` + spoolAdminHelp,
-		Args: noArgsSpool,
+		Args: noArgs,
 	}
 	retry := &cobra.Command{
 		Use:   "retry <event_id>... | [filters] | --all",
@@ -149,7 +149,6 @@ one JSON document, {"matched", "acted", "gone", "refused"} or {"matched",
 			f.String("spooled-after", "", "RFC 3339 time, or a duration meaning that long ago (1h)")
 			f.String("spooled-before", "", "RFC 3339 time, or a duration meaning that long ago (1h)")
 		}
-		c.SetFlagErrorFunc(spoolUsageError)
 		c.SilenceErrors = true
 		c.SilenceUsage = true
 	}
@@ -163,14 +162,14 @@ one JSON document, {"matched", "acted", "gone", "refused"} or {"matched",
 	list.RunE = func(c *cobra.Command, _ []string) error {
 		a, err := spoolArgsFromFlags(c, nil, time.Now())
 		if err != nil {
-			return spoolUsageError(c, err)
+			return usageError(c, err)
 		}
 		return a.list(c)
 	}
 	summary.RunE = func(c *cobra.Command, _ []string) error {
 		a, err := spoolArgsFromFlags(c, nil, time.Now())
 		if err != nil {
-			return spoolUsageError(c, err)
+			return usageError(c, err)
 		}
 		return a.summary(c)
 	}
@@ -178,25 +177,12 @@ one JSON document, {"matched", "acted", "gone", "refused"} or {"matched",
 		c.RunE = func(c *cobra.Command, ids []string) error {
 			a, err := spoolArgsFromFlags(c, ids, time.Now())
 			if err != nil {
-				return spoolUsageError(c, err)
+				return usageError(c, err)
 			}
 			return a.act(c)
 		}
 	}
 	spool.AddCommand(list, summary, retry, del)
-}
-
-// spoolUsageError is usageError, with exit status 2.
-func spoolUsageError(c *cobra.Command, err error) error {
-	return exitStatus(c, exitUsage, usageError(c, err))
-}
-
-// noArgsSpool refuses arguments, with exit status 2.
-func noArgsSpool(c *cobra.Command, args []string) error {
-	if len(args) > 0 {
-		return spoolUsageError(c, fmt.Errorf("unexpected argument %q: %s takes flags only", args[0], c.Name()))
-	}
-	return nil
 }
 
 // statusError is an error that Caddy's Main exits with a status other than
