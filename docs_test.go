@@ -216,6 +216,7 @@ var docSnippets = []struct{ page, name string }{
 	{"docs/spool.md", "spool-idempotent"},
 	{"docs/several-instances.md", "instances-redis"},
 	{"docs/checks.md", "checks-read-body-timeout"},
+	{"docs/backlog.md", "backlog-pace"},
 }
 
 func TestDocCaddyfileSnippets(t *testing.T) {

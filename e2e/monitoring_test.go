@@ -733,44 +733,38 @@ http://127.0.0.1:%d {
 	}
 	t.Logf("%d alerts and %d panels (%d queries) checked in a real Prometheus", len(rules), panels, exprs)
 
-	// The runbook's admin API commands list, retry and delete the dead
-	// letter.
+	// The runbook's commands list, retry and delete the dead letter.
 	for _, line := range strings.Split(strings.TrimSpace(testkit.Example(t, monitoringDoc, "monitoring-dead-letters")), "\n") {
-		args := strings.Fields(line)
-		method := http.MethodGet
-		if len(args) == 4 && args[1] == "-X" {
-			method, args = args[2], []string{args[0], args[3]}
+		args := strings.Fields(strings.ReplaceAll(line, "<event_id>", deadID))
+		if len(args) < 4 || args[0] != "caddy" || args[1] != "trivialsec-webhook" || args[2] != "spool" {
+			t.Fatalf("%s: %q is not `caddy trivialsec-webhook spool ...`", monitoringDoc, line)
 		}
-		if len(args) != 2 || args[0] != "curl" {
-			t.Fatalf("%s: %q is not `curl [-X METHOD] URL`", monitoringDoc, line)
+		var before *spoolEntry
+		if args[3] == "retry" {
+			before = deadLetter(t, "http://"+adminAddr+"/trivialsec_webhook/spool", deadID)
 		}
-		target := "http://" + strings.NewReplacer("localhost:2019", adminAddr, "<event_id>", deadID).Replace(args[1])
-		switch method {
-		case http.MethodGet:
-			entry := deadLetter(t, target, deadID)
-			if entry == nil || entry.State != "dead" {
-				t.Fatalf("%s: the dead letter is not listed as dead: %+v", line, entry)
+		code, out, errOut := run(t, nil, append(args[1:], "--address", adminAddr)...)
+		if code != 0 {
+			t.Fatalf("%s: exit %d, stdout %q, stderr %q", line, code, out, errOut)
+		}
+		switch args[3] {
+		case "list":
+			if !regexp.MustCompile(`(?m)^` + deadID + ` +\S+ +dead +`).MatchString(out) {
+				t.Fatalf("%s: the dead letter is not listed as dead:\n%s", line, out)
 			}
-		case http.MethodPost:
-			before := deadLetter(t, "http://"+adminAddr+"/trivialsec_webhook/spool", deadID)
-			if status := adminRequest(t, method, target); status != 202 {
-				t.Fatalf("%s: %d, want 202", line, status)
-			}
+		case "retry":
 			// Retried at once, it fails again (the upstream is down) and
 			// is a dead letter again, past its max_age.
 			waitFor(t, deadline, "the retried dead letter is tried again", func() bool {
 				e := deadLetter(t, "http://"+adminAddr+"/trivialsec_webhook/spool", deadID)
 				return e != nil && e.State == "dead" && e.Attempts > before.Attempts
 			})
-		case http.MethodDelete:
-			if status := adminRequest(t, method, target); status != 204 {
-				t.Fatalf("%s: %d, want 204", line, status)
-			}
+		case "delete":
 			if e := deadLetter(t, "http://"+adminAddr+"/trivialsec_webhook/spool", deadID); e != nil {
 				t.Fatalf("%s: still listed: %+v", line, e)
 			}
 		default:
-			t.Fatalf("%s: method %s", line, method)
+			t.Fatalf("%s: command %s", line, args[3])
 		}
 	}
 	if time.Now().After(deadline) {

@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -315,5 +317,138 @@ http://127.0.0.1:%d {
 		if time.Now().After(deadline) {
 			t.Fatalf("listing %v, want only %s, retried (more than %d attempts) and pending again", got, ids[0], before[ids[0]].Attempts)
 		}
+	}
+}
+
+// TestBacklogExamples runs the README's and the backlog page's `spool`
+// commands, as they are written but for the admin address, against a
+// Caddy whose service is down: three client_activity deliveries (one made
+// a dead letter by a 422) and two report_created ones.
+func TestBacklogExamples(t *testing.T) {
+	up, err := testkit.StartUpstream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(up.Close)
+	up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
+	port, adminPort := freePort(t), freePort(t)
+	env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret}
+	startServer(t, fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	persist_config off
+}
+
+http://127.0.0.1:%d {
+	trivialsec_webhook {
+		account acme
+		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
+		spool {
+			backoff 1h 2h
+		}
+	}
+	reverse_proxy %s
+}
+`, adminPort, port, up.Addr), port, env)
+	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
+	admin := fmt.Sprintf("127.0.0.1:%d", adminPort)
+	// spool runs one of the examples' commands, asking the test's Caddy:
+	// 0 and its stdout, or the test fails.
+	withAddress := regexp.MustCompile(`(caddy trivialsec-webhook spool \w+)`)
+	dir := t.TempDir()
+	spool := func(command string) string {
+		t.Helper()
+		command = withAddress.ReplaceAllString(command, "$1 --address "+admin)
+		code, out := shell(t, dir, command)
+		if code != 0 {
+			t.Fatalf("%s: exit status %d, stdout %q", command, code, out)
+		}
+		return out
+	}
+	var activity []string
+	for range 3 {
+		id := uuid.NewString()
+		auth, body := mint(secret, "acme", id, time.Now())
+		if status := post(t, url, auth, body); status != 202 {
+			t.Fatalf("status %d, want 202 (spooled)", status)
+		}
+		activity = append(activity, id)
+	}
+	for range 2 {
+		if code, out, errOut := run(t, env, "trivialsec-webhook", "send", "--url", url, "--account", "acme", "--event", "report_created"); code != 0 {
+			t.Fatalf("send: exit %d, %q %q", code, out, errOut)
+		}
+	}
+	// One dead letter: retried, the service refuses it.
+	up.Answer(func(http.Header, *http.Request) int { return http.StatusUnprocessableEntity })
+	spool("caddy trivialsec-webhook spool retry " + activity[0])
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(spool("caddy trivialsec-webhook spool list --state dead"), activity[0]) {
+		if time.Now().After(deadline) {
+			t.Fatal("no dead letter after 15 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
+
+	// The backlog page: the summary, three listings, three bulk actions.
+	summary := spool(testkit.Example(t, "docs/backlog.md", "backlog-summary"))
+	for _, want := range []string{`(?m)^pending +4 `, `(?m)^dead +1 `, `(?m)^client_activity +2 +0 +1$`, `(?m)^report_created +2 +0 +0$`} {
+		if !regexp.MustCompile(want).MatchString(summary) {
+			t.Errorf("summary: no %s in:\n%s", want, summary)
+		}
+	}
+	lists := shellSteps(testkit.Example(t, "docs/backlog.md", "backlog-list"))
+	if len(lists) != 3 {
+		t.Fatalf("backlog-list has %d commands, want 3", len(lists))
+	}
+	if out := spool(lists[0].command); !regexp.MustCompile(`(?m)^` + activity[0] + ` +client_activity +dead +2 .* 422 Unprocessable Entity$`).MatchString(out) || !strings.HasSuffix(out, "\n1 entry\n") {
+		t.Errorf("%s:\n%s", lists[0].command, out)
+	}
+	if out := spool(lists[1].command); strings.Count(out, " report_created ") != 2 || !strings.HasSuffix(out, "\n2 entries\n") {
+		t.Errorf("%s:\n%s", lists[1].command, out)
+	}
+	spool(lists[2].command)
+	raw, err := os.ReadFile(filepath.Join(dir, "backlog.json"))
+	var page struct {
+		Total   int               `json:"total"`
+		Entries []json.RawMessage `json:"entries"`
+	}
+	if err != nil || json.Unmarshal(raw, &page) != nil || page.Total != 5 || len(page.Entries) != 5 {
+		t.Errorf("%s wrote %q (%v)", lists[2].command, raw, err)
+	}
+	bulk := shellSteps(testkit.Example(t, "docs/backlog.md", "backlog-bulk"))
+	if len(bulk) != 3 {
+		t.Fatalf("backlog-bulk has %d commands, want 3", len(bulk))
+	}
+	if out := spool(bulk[0].command); out != "retried 1 of 1 (0 gone, 0 refused)\n" {
+		t.Errorf("%s: %q", bulk[0].command, out)
+	}
+	if out := spool(bulk[1].command); out != "deleted 0 of 0 (0 gone, 0 refused)\n" { // none is a day old
+		t.Errorf("%s: %q", bulk[1].command, out)
+	}
+	one := regexp.MustCompile(`[0-9a-f-]{36}`).ReplaceAllString(bulk[2].command, activity[1])
+	if out := spool(one); out != "retried 1 of 1 (0 gone, 0 refused)\n" {
+		t.Errorf("%s: %q", one, out)
+	}
+
+	// The README's four, in order: the last deletes nothing (none is a
+	// day old), and the dead letter, retried, is pending again.
+	steps := shellSteps(testkit.Example(t, "README.md", "readme-backlog"))
+	if len(steps) != 4 {
+		t.Fatalf("readme-backlog has %d commands, want 4", len(steps))
+	}
+	for deadline := time.Now().Add(15 * time.Second); strings.Contains(spool(steps[1].command), activity[0]); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the dead letter, retried, is still dead after 15 s")
+		}
+	}
+	if out := spool(steps[0].command); !regexp.MustCompile(`(?m)^pending +5 `).MatchString(out) {
+		t.Errorf("%s:\n%s", steps[0].command, out)
+	}
+	if out := spool(steps[2].command); out != "retried 0 of 0 (0 gone, 0 refused)\n" {
+		t.Errorf("%s: %q", steps[2].command, out)
+	}
+	if out := spool(steps[3].command); out != "deleted 0 of 0 (0 gone, 0 refused)\n" {
+		t.Errorf("%s: %q", steps[3].command, out)
 	}
 }
