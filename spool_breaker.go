@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"container/heap"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -53,7 +54,7 @@ const breakerShown = 10 * time.Minute
 
 // breakersOff turns the breakers off: for the benchmark that measures what
 // they save (BenchmarkSpoolOutageDrain), nothing else.
-var breakersOff bool
+var breakersOff atomic.Bool
 
 // route is a route re-drives go through: an account, and the key of its
 // handler's server.
@@ -223,7 +224,7 @@ func (s *scheduler) waitingOn(b *breaker) int {
 // ended. With no d (a dead letter made without an attempt) there is no
 // route.
 func (s *scheduler) settle(account string, d *driver, id uuid.UUID, verdict routeVerdict, asked time.Duration, failure string) {
-	if d == nil || breakersOff {
+	if d == nil || breakersOff.Load() {
 		return
 	}
 	s.mu.Lock()

@@ -426,7 +426,7 @@ func TestSpoolBreakerOutageDrain(t *testing.T) {
 	if os.Getenv("BREAKER_BENCH") == "" {
 		t.Skip("a measurement: BREAKER_BENCH=1 runs it")
 	}
-	t.Cleanup(func() { breakersOff = false })
+	t.Cleanup(func() { breakersOff.Store(false) })
 	for _, off := range []bool{false, true} {
 		name := "breaker"
 		if off {
@@ -434,7 +434,7 @@ func TestSpoolBreakerOutageDrain(t *testing.T) {
 		}
 		t.Run(name, func(t *testing.T) {
 			eachStore(t, func(t *testing.T, store string) {
-				breakersOff = off
+				breakersOff.Store(off)
 				const n = 5000
 				up := startSwitchUpstream(t)
 				g := startSpoolRigTo(t, "spool {\n\t\t\t"+store+"backoff 100ms 5s\n\t\t}", up.Addr().String())
@@ -465,4 +465,35 @@ func storeName(store string) string {
 		return "file"
 	}
 	return "redis"
+}
+
+// TestSpoolBreakerLoneEntry: a route's only entry, held back by its open
+// breaker with nothing else due, goes as the probe at the probe's time,
+// again and again;
+// once the service answers, it is delivered, and the breaker closes.
+func TestSpoolBreakerLoneEntry(t *testing.T) {
+	eachStore(t, func(t *testing.T, store string) {
+		g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 50ms 100ms\n\t\t}")
+		var down atomic.Bool
+		down.Store(true)
+		g.up.Answer(func(http.Header, *http.Request) int {
+			if down.Load() {
+				return http.StatusServiceUnavailable
+			}
+			return http.StatusOK
+		})
+		ids := g.deliverSpooled(1)
+		// Probes fail, each time with a random wait of the breaker's and
+		// another of the entry's: sooner or later the entry comes due
+		// before the probe's time, and waits for it.
+		g.waitFor("the breaker opened, and probes failed", func() bool {
+			b := g.breaker()
+			return b.State == "open" && b.Failures >= 12
+		})
+		down.Store(false)
+		g.checkTakenOnce(ids)
+		if b := g.breaker(); b.State != "closed" || b.Failures != 0 {
+			t.Errorf("after the delivery: %+v", b)
+		}
+	})
 }

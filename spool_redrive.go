@@ -442,7 +442,9 @@ func (s *scheduler) redriveLoop() {
 // dispatch starts the entries due at now, and returns how long to wait for
 // the next one. A due entry with no ready handler to take it waits (it is
 // parked) until one is ready; when its account has no handler at all, it is
-// "parked" in the listing, and at its max_age it becomes a dead letter.
+// "parked" in the listing, and at its max_age it becomes a dead letter. A
+// due entry whose route's breaker is open waits for it, and the breaker's
+// probes go first (spool_breaker.go).
 func (s *scheduler) dispatch(now time.Time) time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -472,6 +474,9 @@ func (s *scheduler) dispatch(now time.Time) time.Duration {
 			if probe, held = s.gate(m, d, now); held {
 				heap.Pop(&s.due)
 				probe.hold(it)
+				if !probe.probing && probe.nextProbe.After(now) {
+					wait = min(wait, probe.nextProbe.Sub(now)) // its probe's time
+				}
 				continue
 			}
 		}
@@ -571,9 +576,9 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	var failure string
 	var asked time.Duration // Retry-After
 	var verdict routeVerdict
-	// What the attempt says of its route goes to the route's breaker
-	// (every attempt through d, its probe's too, ends here); before the
-	// deferred calls above, which end the attempt.
+	// What the attempt says of its route goes to the route's breaker, the
+	// probe's too, whichever way the attempt ends: before the deferred
+	// calls above, which run after it.
 	defer func() { s.settle(m.Account, d, m.EventID, verdict, asked, failure) }()
 	if d == nil {
 		o, failure = refused, fmt.Sprintf("no trivialsec_webhook handler of the running config serves account %q", m.Account)
