@@ -72,6 +72,10 @@ var (
 		"How full the fullest spool store is: the bytes it holds over its max_size, 0 to 1. A store that is full answers what it cannot take with 502.", nil, nil)
 	spoolUpDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_up",
 		"1 when every spool store of the process takes deliveries; 0 when one cannot be opened or does not answer, and its routes run without the spool.", nil, nil)
+	// Its label values are the accounts of the handlers the stores
+	// re-drive through: config-defined.
+	spoolBreakerOpenDesc = prometheus.NewDesc("caddy_trivialsec_webhook_spool_breaker_open",
+		"Routes of an account (its handler's servers) whose re-drives fail, so that its spooled deliveries wait and one at a time goes through as a probe; 0 when none.", []string{"account"}, nil)
 )
 
 func (spoolGauges) Describe(ch chan<- *prometheus.Desc) {
@@ -80,12 +84,17 @@ func (spoolGauges) Describe(ch chan<- *prometheus.Desc) {
 	ch <- spoolOldestDesc
 	ch <- spoolFullDesc
 	ch <- spoolUpDesc
+	ch <- spoolBreakerOpenDesc
 }
 
 func (spoolGauges) Collect(ch chan<- prometheus.Metric) {
 	var sum spoolStats
 	up, full := 1.0, 0.0
+	open := make(map[string]int)
 	eachSpool(func(s spoolStore) bool {
+		if b, ok := s.(interface{ openBreakers(map[string]int) }); ok {
+			b.openBreakers(open)
+		}
 		st := s.stats()
 		sum.pending, sum.parked, sum.dead, sum.bytes = sum.pending+st.pending, sum.parked+st.parked, sum.dead+st.dead, sum.bytes+st.bytes
 		if st.maxBytes > 0 {
@@ -110,6 +119,9 @@ func (spoolGauges) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(spoolOldestDesc, prometheus.GaugeValue, waited)
 	ch <- prometheus.MustNewConstMetric(spoolFullDesc, prometheus.GaugeValue, full)
 	ch <- prometheus.MustNewConstMetric(spoolUpDesc, prometheus.GaugeValue, up)
+	for account, n := range open {
+		ch <- prometheus.MustNewConstMetric(spoolBreakerOpenDesc, prometheus.GaugeValue, float64(n), account)
+	}
 }
 
 // registerMetrics adds the collectors to a config's registry. The same

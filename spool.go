@@ -447,21 +447,27 @@ func (s *Spool) policy() spoolPolicy {
 }
 
 // retryAt says when a delivery that failed its attempts-th attempt goes
-// again: after the wait the service asked for (Retry-After), at least
-// backoffMin, or else a random wait between backoffMin and
-// backoffMin·2^(attempts-1); at most backoffMax; never past its max_age,
-// when the last attempt is made. dead is true when max_age has passed
-// already.
+// again: after backoff, never past its max_age, when the last attempt is
+// made. dead is true when max_age has passed already.
 func (p spoolPolicy) retryAt(now, spooledAt time.Time, attempts int, asked time.Duration) (at time.Time, dead bool) {
 	deadline := spooledAt.Add(p.maxAge)
 	if !now.Before(deadline) {
 		return time.Time{}, true
 	}
+	if at = now.Add(p.backoff(attempts, asked)); at.After(deadline) {
+		at = deadline
+	}
+	return at, false
+}
+
+// backoff is the wait after the attempts-th failure in a row: the wait the
+// service asked for (Retry-After), at least backoffMin, or else a random
+// wait between backoffMin and backoffMin·2^(attempts-1); at most
+// backoffMax. An entry's attempts and a route's breaker (spool_breaker.go)
+// back off by it.
+func (p spoolPolicy) backoff(attempts int, asked time.Duration) time.Duration {
 	if asked > 0 {
-		if at = now.Add(min(max(asked, p.backoffMin), p.backoffMax)); at.After(deadline) {
-			at = deadline
-		}
-		return at, false
+		return min(max(asked, p.backoffMin), p.backoffMax)
 	}
 	ceiling := p.backoffMax
 	if shift := attempts - 1; shift < 32 && p.backoffMin<<shift < p.backoffMax && p.backoffMin<<shift > 0 {
@@ -471,11 +477,7 @@ func (p spoolPolicy) retryAt(now, spooledAt time.Time, attempts int, asked time.
 	if ceiling > p.backoffMin {
 		wait += rand.N(ceiling - p.backoffMin + 1)
 	}
-	at = now.Add(wait)
-	if at.After(deadline) {
-		at = deadline
-	}
-	return at, false
+	return wait
 }
 
 // askedRetry reports whether a status asks for a Retry-After: a 503 or a

@@ -261,6 +261,7 @@ type breakerState struct {
 	State     string    `json:"state"`
 	Failures  int       `json:"failures"` // attempts failed in a row
 	NextProbe time.Time `json:"next_probe,omitzero"`
+	Waiting   int       `json:"waiting"` // open: the due entries that wait for it
 }
 
 // spoolPage collects a page: the first limit entries a filter selects

@@ -1177,14 +1177,16 @@ func (s *redisSpool) waiting(by time.Time) []*spoolMeta {
 // otherwise read every turn while those wait for their time, and leave the
 // other instances none). Alone, it counts only those due: it has no one to
 // leave turns to, and entries it retries soon, again and again, would keep
-// it from reading any other.
+// it from reading any other. Entries whose route's breaker is open are
+// not counted: they wait for it, and would keep it from reading the turns
+// of other routes (readLoop reads no more of their account's).
 func (s *redisSpool) room() int {
 	now := s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	busy := len(s.inflight)
 	for _, m := range s.waiting(now.Add(s.policy.claimAfter / 4)) {
-		if s.others[m.Account] || !m.NextAttempt.After(now) {
+		if (s.others[m.Account] || !m.NextAttempt.After(now)) && !s.heldBack(m) {
 			busy++
 		}
 	}
@@ -1226,6 +1228,16 @@ func (s *redisSpool) readLoop() {
 		s.shed(consumer)
 		room := s.room()
 		if room <= 0 {
+			s.waitForRoom()
+			continue
+		}
+		// Not the turns of an account whose entries wait for an open
+		// breaker: they would wait too. (With none held, it reads them,
+		// for a probe.)
+		s.mu.Lock()
+		accounts = slices.DeleteFunc(accounts, s.stalled)
+		s.mu.Unlock()
+		if len(accounts) == 0 {
 			s.waitForRoom()
 			continue
 		}

@@ -279,7 +279,10 @@ func TestRedisSpoolSaysWhatRedisRefuses(t *testing.T) {
 // gone), the short one takes its deliveries over and delivers each once.
 func TestRedisSpoolTakesOverOnlyFromTheDead(t *testing.T) {
 	r := startSharedRig(t)
-	r.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
+	// 408: retried, and, unlike a 503, no sign of a service that is down,
+	// so that the route's breaker does not hold the deliveries back: each
+	// is tried.
+	r.up.Answer(func(http.Header, *http.Request) int { return http.StatusRequestTimeout })
 	// Retries a minute apart: nothing renews the long one's turns (an
 	// attempt does) while the test runs.
 	long := r.instance("long", sharedPolicy(time.Minute, time.Minute), true).start()
@@ -427,7 +430,10 @@ func TestRedisSpoolSharesTheBacklog(t *testing.T) {
 	})
 	t.Run("held_through_an_outage", func(t *testing.T) {
 		r := startSharedRig(t)
-		r.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
+		// 408: retried, and no sign of a service that is down (with a
+		// 503, the route's breaker would open, and a would read no more
+		// than it holds).
+		r.up.Answer(func(http.Header, *http.Request) int { return http.StatusRequestTimeout })
 		// Retries 3 s apart: between them, a has room to read more, and
 		// reads every delivery.
 		a := r.instance("a", sharedPolicy(time.Second, 3*time.Second), true).start()

@@ -89,6 +89,7 @@ type scheduler struct {
 	parked   map[string][]dueItem // account -> due entries waiting for a ready handler
 	orphans  map[string]bool      // accounts with no handler, whose waiting entries were logged
 	inflight map[uuid.UUID]bool
+	routes   map[route]*breaker // the breakers of the routes it re-drives through (spool_breaker.go)
 	wake     chan struct{}
 	landed   chan struct{} // poked when an attempt ends: a worker is free (the Redis store reads more)
 
@@ -137,6 +138,7 @@ func newScheduler(store redriveStore, shared bool, policy spoolPolicy) *schedule
 		parked:   make(map[string][]dueItem),
 		orphans:  make(map[string]bool),
 		inflight: make(map[uuid.UUID]bool),
+		routes:   make(map[route]*breaker),
 		wake:     make(chan struct{}, 1),
 		landed:   make(chan struct{}, 1),
 	}
@@ -373,6 +375,7 @@ func (s *scheduler) unregister(d *driver) {
 	if len(s.drivers[account]) == 0 {
 		delete(s.drivers, account)
 	}
+	s.forget(route{account, d.key})
 	// Entries that waited for it (a config that never started: its
 	// "started" event never comes) are due again, to wait for another
 	// handler, or to be parked.
@@ -439,10 +442,13 @@ func (s *scheduler) redriveLoop() {
 // dispatch starts the entries due at now, and returns how long to wait for
 // the next one. A due entry with no ready handler to take it waits (it is
 // parked) until one is ready; when its account has no handler at all, it is
-// "parked" in the listing, and at its max_age it becomes a dead letter.
+// "parked" in the listing, and at its max_age it becomes a dead letter. A
+// due entry whose route's breaker is open waits for it, and the breaker's
+// probes go first (spool_breaker.go).
 func (s *scheduler) dispatch(now time.Time) time.Duration {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	wait := s.probe(now)
 	for s.due.Len() > 0 {
 		it := s.due[0]
 		m, ok := s.entries[it.id]
@@ -451,7 +457,7 @@ func (s *scheduler) dispatch(now time.Time) time.Duration {
 			continue
 		}
 		if it.at.After(now) {
-			return it.at.Sub(now)
+			return min(wait, it.at.Sub(now))
 		}
 		if len(s.inflight) >= s.policy.workers() || s.halted.Err() != nil {
 			return time.Hour // a worker that finishes wakes the loop
@@ -462,25 +468,56 @@ func (s *scheduler) dispatch(now time.Time) time.Duration {
 			s.park(m, it)
 			continue
 		}
+		var probe *breaker // the breaker m is the probe of
+		if d != nil {
+			var held bool
+			if probe, held = s.gate(m, d, now); held {
+				heap.Pop(&s.due)
+				probe.hold(it)
+				if !probe.probing && probe.nextProbe.After(now) {
+					wait = min(wait, probe.nextProbe.Sub(now)) // its probe's time
+				}
+				continue
+			}
+		}
 		if d != nil && s.limiter != nil {
-			// redrive_rate: an attempt waits for its turn (a dead letter
-			// made without one does not).
-			r := s.limiter.ReserveN(now, 1)
-			if wait := r.DelayFrom(now); wait > 0 {
-				r.CancelAt(now)
-				return wait
+			if delay := s.reserve(now); delay > 0 {
+				return min(wait, delay)
 			}
 		}
 		heap.Pop(&s.due)
-		if m.State == stateParked {
-			s.restate(m, statePending)
+		if probe != nil {
+			probe.probing, probe.probe = true, it.id
 		}
-		s.inflight[it.id] = true
-		s.workers.Add(1)
-		s.attempts.Add(1)
-		go s.attempt(*m, d) // with no driver: a dead letter
+		s.start(m, d) // with no driver: a dead letter
 	}
-	return time.Hour
+	return wait
+}
+
+// reserve takes a turn of redrive_rate for an attempt at now, or says how
+// long to wait for one (and takes none). Call with s.mu held, and a
+// limiter.
+func (s *scheduler) reserve(now time.Time) time.Duration {
+	// An attempt waits for its turn (a dead letter made without one does
+	// not).
+	r := s.limiter.ReserveN(now, 1)
+	if wait := r.DelayFrom(now); wait > 0 {
+		r.CancelAt(now)
+		return wait
+	}
+	return 0
+}
+
+// start starts an attempt at m through d. Call with s.mu held, m out of
+// the heap.
+func (s *scheduler) start(m *spoolMeta, d *driver) {
+	if m.State == stateParked {
+		s.restate(m, statePending)
+	}
+	s.inflight[m.EventID] = true
+	s.workers.Add(1)
+	s.attempts.Add(1)
+	go s.attempt(*m, d)
 }
 
 // park makes a due entry wait for a ready handler of its account. When the
@@ -538,6 +575,11 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	var status int
 	var failure string
 	var asked time.Duration // Retry-After
+	var verdict routeVerdict
+	// What the attempt says of its route goes to the route's breaker, the
+	// probe's too, whichever way the attempt ends: before the deferred
+	// calls above, which run after it.
+	defer func() { s.settle(m.Account, d, m.EventID, verdict, asked, failure) }()
 	if d == nil {
 		o, failure = refused, fmt.Sprintf("no trivialsec_webhook handler of the running config serves account %q", m.Account)
 	} else {
@@ -554,7 +596,7 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 		case err != nil:
 			o, failure = failed, err.Error()
 		default:
-			o, status, failure, asked = s.send(&m, d, req, body, policy.attemptTimeout)
+			o, status, failure, asked, verdict = s.send(&m, d, req, body, policy.attemptTimeout)
 		}
 		if o == waiting { // not an attempt: checked again soon, without backing off
 			m.LastError = failure
@@ -567,6 +609,7 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 			// request 499, which would read as a refusal): not an attempt,
 			// the entry stays as it is. What the handlers took, or a check
 			// settled, is recorded.
+			verdict = routeUnknown
 			return
 		}
 		spoolAttempts.Inc()
@@ -646,17 +689,18 @@ func (s *scheduler) land(m spoolMeta, remove bool, next time.Time) {
 }
 
 // send runs one entry through its server's routes and says what came of
-// it, with the status, and what failed ("" when it was taken). It is judged
+// it, with the status, what failed ("" when it was taken), the wait the
+// service asked for, and what it says of the route. It is judged
 // by what the handler of the entry's account and the handlers after it
 // did (judge), as the first attempt was: a request that never reached that
 // handler failed, whatever the server answered.
-func (s *scheduler) send(m *spoolMeta, d *driver, req spoolRequest, body []byte, timeout time.Duration) (o outcome, status int, failure string, asked time.Duration) {
+func (s *scheduler) send(m *spoolMeta, d *driver, req spoolRequest, body []byte, timeout time.Duration) (o outcome, status int, failure string, asked time.Duration, verdict routeVerdict) {
 	rd := &redrive{account: m.Account, ev: m.event(), check: m.Unchecked, token: m.ReplayToken, from: s.store, meta: m}
 	ctx, cancel := context.WithTimeout(context.WithValue(s.stopped, redriveKey{}, rd), timeout)
 	defer cancel()
 	r, err := req.build(ctx, body)
 	if err != nil {
-		return failed, 0, err.Error(), 0
+		return failed, 0, err.Error(), 0, routeUnknown
 	}
 	defer func() {
 		p := recover()
@@ -668,8 +712,10 @@ func (s *scheduler) send(m *spoolMeta, d *driver, req spoolRequest, body []byte,
 		// reached the service; anything else is tried again.
 		logPanic(s.store.log(), p)
 		failure = fmt.Sprintf("the handlers panicked: %v", p)
-		if o, status = failed, 0; rd.reached && rd.status != 0 {
+		o, status, verdict = failed, 0, routeUnknown
+		if rd.reached && rd.status != 0 {
 			o, status, _ = judge(rd.status, nil)
+			verdict = verdictOf(o, status)
 		}
 		if o == taken {
 			failure = ""
@@ -685,25 +731,25 @@ func (s *scheduler) send(m *spoolMeta, d *driver, req spoolRequest, body []byte,
 	}
 	switch {
 	case rd.replayed:
-		return replayed, 0, "a copy of a delivery accepted before", 0
+		return replayed, 0, "a copy of a delivery accepted before", 0, routeUnknown
 	case rd.expired:
-		return refused, 0, "held while the replay store did not answer, and not checked before its token's exp + leeway, after which no check can tell a copy: retry it (vouching for it) or delete it", 0
+		return refused, 0, "held while the replay store did not answer, and not checked before its token's exp + leeway, after which no check can tell a copy: retry it (vouching for it) or delete it", 0, routeUnknown
 	case rd.unanswered:
-		return waiting, 0, rd.err.Error(), 0
+		return waiting, 0, rd.err.Error(), 0, routeUnknown
 	case rd.moved:
-		return moved, 0, "", 0
+		return moved, 0, "", 0, routeUnknown
 	}
 	if !rd.reached {
 		// The path, not the query: last_error is listed by the admin API,
 		// and a query may carry a key.
 		return failed, 0, fmt.Sprintf("the route no longer reaches the trivialsec_webhook handler of account %q (%s %s%s: server %s answered %d)",
-			m.Account, req.Method, req.Host, r.URL.Path, d.server.Name(), cmp.Or(w.status, http.StatusOK)), 0
+			m.Account, req.Method, req.Host, r.URL.Path, d.server.Name(), cmp.Or(w.status, http.StatusOK)), 0, routeUnknown
 	}
 	o, status, err = judge(rd.status, rd.err)
 	if o != taken {
 		failure = describeFailure(status, err)
 	}
-	return o, status, failure, retryAfter(status, err, rd.asked, time.Now())
+	return o, status, failure, retryAfter(status, err, rd.asked, time.Now()), verdictOf(o, status)
 }
 
 // dueItem is when a pending entry is due.
