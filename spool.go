@@ -207,6 +207,9 @@ type spoolStore interface {
 	// and how many f selects in all.
 	page(f spoolFilter, after *spoolCursor, limit int) ([]spoolMeta, int64, error)
 	summary() (spoolSummary, error)
+	// probeNow and answeredInline are the breakers' (spool_breaker.go).
+	probeNow(id uuid.UUID)
+	answeredInline(d *driver)
 	retryNow(id uuid.UUID) (bool, error)
 	remove(id uuid.UUID) (bool, error)
 	// stats is what the metrics report.
@@ -812,12 +815,14 @@ func (h *Handler) serveFallback(w http.ResponseWriter, r *http.Request, next cad
 
 	status := rec.status
 	if status != 0 && !rec.held {
+		h.spool.answeredInline(h.driver)
 		return err // an answer that is no failure went out, or began to
 	}
 	// No final status went out unbuffered: judge says failed or refused,
 	// never taken.
 	o, status, failure := judge(status, err)
 	if o == refused {
+		h.spool.answeredInline(h.driver)
 		h.release(r.Context(), a.ev.ID, reserved, status)
 		return err // the next handler refused it: as without the spool
 	}

@@ -254,6 +254,9 @@ func (a adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 	var doErr, down error
 	eachSpool(func(s spoolStore) bool {
 		found, doErr = do(s, id)
+		if found && doErr == nil && action == "retry" {
+			s.probeNow(id) // an operator checking whether the service is back
+		}
 		if errors.Is(doErr, errStoreNotOpen) {
 			down, doErr = doErr, nil // the entry may be in another store
 		}

@@ -247,6 +247,7 @@ func (s *scheduler) settle(account string, d *driver, id uuid.UUID, verdict rout
 	switch verdict {
 	case routeDown:
 		if b.failed(now, s.policy, asked, probe) {
+			s.open.Add(1)
 			s.store.log().Warn("spool: a route's re-drives fail: its due deliveries wait, and one at a time goes through as a probe until one is answered",
 				zap.String("account", r.account), zap.String("server", r.server), zap.String("last_error", failure),
 				zap.Int("failures", b.failures), zap.Time("next_probe", b.nextProbe))
@@ -255,6 +256,7 @@ func (s *scheduler) settle(account string, d *driver, id uuid.UUID, verdict rout
 		openedAt := b.openedAt
 		waited := s.waitingOn(b)
 		if b.open {
+			s.open.Add(-1)
 			for _, it := range b.answered() {
 				heap.Push(&s.due, it)
 			}
@@ -268,6 +270,31 @@ func (s *scheduler) settle(account string, d *driver, id uuid.UUID, verdict rout
 	s.signal()
 }
 
+// answeredInline closes the breaker of d's route, if it is open: a
+// delivery that just came in was answered through the route as it arrived
+// (serveFallback), so the service is back, and the entries that waited are
+// due. Each delivery calls it: without an open breaker it reads one atomic.
+func (s *scheduler) answeredInline(d *driver) {
+	if s.open.Load() > 0 && d != nil {
+		s.settle(d.account, d, uuid.Nil, routeUp, 0, "")
+	}
+}
+
+// probeAccount lets the next probe of each open breaker of account's
+// routes go at once: an operator retried one of its entries through the
+// admin API, to see whether the service is back (probeNow). The probe is
+// the entry of the route that has waited longest.
+func (s *scheduler) probeAccount(account string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for r, b := range s.routes {
+		if r.account == account && b.open {
+			b.nextProbe = time.Now()
+			s.signal()
+		}
+	}
+}
+
 // forget drops the breaker of a route no driver serves any more (a reload
 // moved the account's handler to another server, or dropped it): the
 // entries that waited for it are due, to go their own way. Call with s.mu
@@ -279,6 +306,9 @@ func (s *scheduler) forget(r route) {
 		}
 	}
 	if b := s.routes[r]; b != nil {
+		if b.open {
+			s.open.Add(-1)
+		}
 		for _, it := range b.waiting {
 			heap.Push(&s.due, it)
 		}

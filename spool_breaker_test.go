@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -496,4 +497,59 @@ func TestSpoolBreakerLoneEntry(t *testing.T) {
 			t.Errorf("after the delivery: %+v", b)
 		}
 	})
+}
+
+// TestSpoolBreakerClosesEarly: an open breaker whose next probe is an hour
+// away closes as soon as the service is seen back: a delivery that comes
+// in is answered through the route, or an operator retries one delivery
+// (the route is probed at once). The deliveries that waited go then, not
+// in an hour.
+func TestSpoolBreakerClosesEarly(t *testing.T) {
+	for _, how := range []string{"a delivery answered", "an operator's retry"} {
+		t.Run(how, func(t *testing.T) {
+			eachStore(t, func(t *testing.T, store string) {
+				g := startSpoolRig(t, "spool {\n\t\t\t"+store+"backoff 1h 2h\n\t\t\tredrive_concurrency 1\n\t\t}")
+				g.up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
+				ids := g.deliverSpooled(6)
+				// Due now, one at a time: three fail, and the other
+				// three wait for the breaker.
+				if code := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/retry"); code != http.StatusOK {
+					t.Fatalf("bulk retry: %d", code)
+				}
+				var waited []string
+				g.waitFor("the breaker open, three entries waiting for it", func() bool {
+					waited = nil
+					for _, l := range g.list() {
+						if l.Attempts == 1 {
+							waited = append(waited, l.EventID)
+						}
+					}
+					return g.breaker().State == "open" && len(waited) == 3
+				})
+				if b := g.breaker(); time.Until(b.NextProbe) < 30*time.Minute {
+					t.Fatalf("the next probe is at %s: within the hour's backoff", b.NextProbe)
+				}
+				time.Sleep(100 * time.Millisecond)
+				if n := len(g.up.Received()); n != 6+3 {
+					t.Fatalf("the upstream saw %d requests, want 6 first attempts and 3 re-drives", n)
+				}
+				g.up.Answer(nil)
+				switch how {
+				case "a delivery answered":
+					if _, status := g.deliver(); status != http.StatusOK {
+						t.Fatalf("a new delivery: %d, want 200", status)
+					}
+				default:
+					failed := slices.DeleteFunc(slices.Clone(ids), func(id string) bool { return slices.Contains(waited, id) })
+					if code := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+failed[0]+"/retry"); code != http.StatusAccepted {
+						t.Fatalf("retry: %d", code)
+					}
+				}
+				if _, err := g.up.WaitTaken(waited, 20*time.Second); err != nil {
+					t.Fatal(err)
+				}
+				g.waitFor("the breaker closed", func() bool { return g.breaker().State == "closed" })
+			})
+		})
+	}
 }

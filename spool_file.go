@@ -708,6 +708,17 @@ func (s *fileSpool) retryNow(id uuid.UUID) (bool, error) {
 	return true, nil
 }
 
+// probeNow probes the routes of entry id's account at once, if their
+// breakers are open (an operator retried it).
+func (s *fileSpool) probeNow(id uuid.UUID) {
+	s.mu.Lock()
+	m, ok := s.entries[id]
+	s.mu.Unlock()
+	if ok {
+		s.probeAccount(m.Account)
+	}
+}
+
 // The replay journal: the memory replay store's reservations, kept on disk
 // beside spool.db so that a restart keeps them (docs/checks.md, Replay protection).
 // It is an append-only log (internal/journal): a reservation is appended

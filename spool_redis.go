@@ -1110,6 +1110,16 @@ func (s *redisSpool) retryNow(id uuid.UUID) (bool, error) {
 	return n == 1, nil
 }
 
+// probeNow probes this instance's routes of entry id's account at once,
+// if their breakers are open (an operator retried it).
+func (s *redisSpool) probeNow(id uuid.UUID) {
+	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
+	defer cancel()
+	if account, err := s.client.HGet(ctx, s.entryKey(id.String()), "account").Result(); err == nil {
+		s.probeAccount(account)
+	}
+}
+
 // remove deletes an entry, and leaves its tombstone; the instance that
 // holds its turn finds it gone.
 func (s *redisSpool) remove(id uuid.UUID) (bool, error) {

@@ -90,6 +90,7 @@ type scheduler struct {
 	orphans  map[string]bool      // accounts with no handler, whose waiting entries were logged
 	inflight map[uuid.UUID]bool
 	routes   map[route]*breaker // the breakers of the routes it re-drives through (spool_breaker.go)
+	open     atomic.Int32       // how many of them are open: read without s.mu by each delivery (answeredInline)
 	wake     chan struct{}
 	landed   chan struct{} // poked when an attempt ends: a worker is free (the Redis store reads more)
 
@@ -578,8 +579,14 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	var verdict routeVerdict
 	// What the attempt says of its route goes to the route's breaker, the
 	// probe's too, whichever way the attempt ends: before the deferred
-	// calls above, which run after it.
-	defer func() { s.settle(m.Account, d, m.EventID, verdict, asked, failure) }()
+	// calls above, which run after it; and before a failure lands, so that
+	// the worker it frees finds the breaker open, if it opened.
+	settled := false
+	defer func() {
+		if !settled {
+			s.settle(m.Account, d, m.EventID, verdict, asked, failure)
+		}
+	}()
 	if d == nil {
 		o, failure = refused, fmt.Sprintf("no trivialsec_webhook handler of the running config serves account %q", m.Account)
 	} else {
@@ -648,6 +655,8 @@ func (s *scheduler) attempt(m spoolMeta, d *driver) {
 	if err := s.store.failed(m); err != nil {
 		log.Error("spool: the outcome of an attempt could not be saved", zap.Error(err))
 	}
+	s.settle(m.Account, d, m.EventID, verdict, asked, failure)
+	settled = true
 	s.land(m, false, m.NextAttempt)
 	landed = true
 	if dead {
