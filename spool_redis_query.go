@@ -130,6 +130,9 @@ func (s *redisSpool) page(f spoolFilter, after *spoolCursor, limit int) ([]spool
 		}
 		picked := pickNext(reads, limit-len(out))
 		if len(picked) == 0 {
+			if slices.ContainsFunc(reads, func(r *indexRead) bool { return !r.done }) {
+				continue // a chunk held only members already read
+			}
 			break
 		}
 		metas, err := s.readPicked(ctx, picked, f, handled)

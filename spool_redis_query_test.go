@@ -619,3 +619,34 @@ func TestRedisSpoolIndexesOutliveAnEarlierVersion(t *testing.T) {
 		}
 	}
 }
+
+// TestRedisSpoolPageWithinAMillisecond: 300 entries of one index spooled
+// in the same millisecond (a burst) are each on one page, in the order of
+// their event IDs, whatever the page's size: the index is read in chunks
+// that end within them.
+func TestRedisSpoolPageWithinAMillisecond(t *testing.T) {
+	q := newQueryStore(t)
+	ctx := context.Background()
+	ms := time.Now().UnixMilli()
+	for range 300 {
+		e := testEntry("{}")
+		e.meta.Account, e.meta.EventName = "a1", "report_created"
+		if err := q.add(e); err != nil {
+			t.Fatal(err)
+		}
+		id := e.meta.EventID.String()
+		q.client.HSet(ctx, q.entryKey(id), "spooled", ms)
+		q.client.ZAddXX(ctx, q.indexKey(statePending, indexSuffix("report_created", "a1")), redis.Z{Score: float64(ms), Member: id})
+		q.client.ZAddXX(ctx, q.prefix+"waiting", redis.Z{Score: float64(ms), Member: id})
+	}
+	all := q.everyEntry()
+	for _, limit := range []int{1, 7, 15, 16, 17, 100, 299, 300} {
+		t.Run(fmt.Sprintf("limit=%d", limit), func(t *testing.T) {
+			q.t = t
+			listed := q.walk(spoolFilter{}, limit, nil)
+			if diff := samePage(listed, all); diff != "" {
+				t.Errorf("every page: %s", diff)
+			}
+		})
+	}
+}
