@@ -1992,10 +1992,10 @@ func (s *redisSpool) countBatch(ids []string, counts map[string]int64) error {
 	return s.run(ctx, redisIndexScript, keys, args...).Err()
 }
 
-// trimIndexes takes out of the indexes the entries that are gone, which
-// an instance of an earlier version deleted: the members of each index
-// that the count did not see (seen), unless they are there and in the
-// index's state by then.
+// trimIndexes takes out of the indexes, and the due sets, the entries
+// that are gone, which an instance of an earlier version deleted: the
+// members that the count did not see (seen), unless they are there and in
+// the state of the index (pending, for a due set) by then.
 func (s *redisSpool) trimIndexes(seen map[string]bool) error {
 	ctx, cancel := s.ctx()
 	all, err := s.indexes(ctx)
@@ -2003,18 +2003,23 @@ func (s *redisSpool) trimIndexes(seen map[string]bool) error {
 	if err != nil {
 		return err
 	}
+	states := make(map[string]string) // key -> the state of its members
 	for _, ix := range all {
+		states[ix.key] = ix.state
+		states[s.dueKey(ix.account)] = statePending
+	}
+	for key, state := range states {
 		var cursor uint64
 		for range redisCountPages {
 			ctx, cancel := s.ctx()
-			members, next, err := s.client.ZScan(ctx, ix.key, cursor, "", redisCountBatch).Result()
+			members, next, err := s.client.ZScan(ctx, key, cursor, "", redisCountBatch).Result()
 			if s.note("ZSCAN", err) != nil {
 				cancel()
 				return err
 			}
 			for i := 0; i < len(members); i += 2 { // member, score
 				if id := members[i]; !seen[id] {
-					err := redisUnindexScript.Run(ctx, s.client.Client, []string{ix.key, s.entryKey(id)}, id, ix.state).Err()
+					err := redisUnindexScript.Run(ctx, s.client.Client, []string{key, s.entryKey(id)}, id, state).Err()
 					if s.note(redisUnindexScript.name, err) != nil {
 						cancel()
 						return err

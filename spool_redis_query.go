@@ -258,9 +258,9 @@ func pickNext(reads []*indexRead, n int) []pickedEntry {
 	return out
 }
 
-// redisUnindexScript takes an entry out of an index unless it is stored
-// in the index's state. KEYS: the index, the entry. ARGV: event ID, the
-// state.
+// redisUnindexScript takes an entry out of an index, or a due set (whose
+// entries are pending), unless it is stored in that state. KEYS: the
+// index or due set, the entry. ARGV: event ID, the state.
 var redisUnindexScript = newRedisScript("the spool's index clean-up script (HGET, ZREM)", `
 if redis.call('HGET', KEYS[2], 'state') == ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
