@@ -688,3 +688,35 @@ func TestRedisSpoolPageWithinAMillisecond(t *testing.T) {
 		})
 	}
 }
+
+// TestRedisSpoolCountScriptChecksItAddsUp: the count script puts counts in
+// place only if they add up to stats' pending and dead, as they do when
+// nothing changed the spool during the count.
+func TestRedisSpoolCountScriptChecksItAddsUp(t *testing.T) {
+	q := newQueryStore(t)
+	ctx := context.Background()
+	sfx := indexSuffix("x", "a1")
+	for _, c := range []struct {
+		name string
+		args []any
+		want int
+	}{
+		{"adds up", []any{"pending:a1", 2, "n:pending:" + sfx, 2, "n:dead:" + sfx, 1, "bytes:dead:" + sfx, 10}, 1},
+		{"an account short", []any{"pending:a1", 1, "n:pending:" + sfx, 2, "n:dead:" + sfx, 1}, 0},
+		{"a pending index short", []any{"pending:a1", 2, "n:pending:" + sfx, 1, "n:dead:" + sfx, 1}, 0},
+		{"a dead index short", []any{"pending:a1", 2, "n:pending:" + sfx, 2, "n:dead:" + sfx, 0}, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			q.client.Del(ctx, q.prefix+"stats")
+			q.client.HSet(ctx, q.prefix+"stats", statePending, 2, stateDead, 1, "n:dead:old", 5)
+			n, err := q.run(ctx, redisCountScript, []string{q.prefix + "stats"}, c.args...).Int()
+			if err != nil || n != c.want {
+				t.Fatalf("%d, %v; want %d", n, err, c.want)
+			}
+			stale, _ := q.client.HExists(ctx, q.prefix+"stats", "n:dead:old").Result()
+			if stale != (c.want == 0) {
+				t.Errorf("the count put in place: %v, want %v", !stale, c.want == 1)
+			}
+		})
+	}
+}
