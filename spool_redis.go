@@ -27,12 +27,23 @@ import (
 // Keys, after the prefix:
 //
 //	entry:<event ID>  hash: meta (JSON, as spooled), request (JSON), body,
-//	                  size (what it counts toward max_size), account; and
+//	                  size (what it counts toward max_size), account,
+//	                  event (its name) and bytes (the request's and the
+//	                  body's, as its meta's size); and
 //	                  what changes: state, attempts, spooled and next (Unix
 //	                  ms, Redis's clock), error, rev (bumped by an admin
 //	                  retry)
 //	ids               set: every event ID the spool holds
-//	stats             hash: pending, dead, bytes, and pending:<account>
+//	stats             hash: pending, dead, bytes, pending:<account>, and
+//	                  per index n:<state>:<sfx> and bytes:<state>:<sfx>
+//	waiting           sorted set: the pending entries, by spooled ms
+//	idx:<state>:<sfx> sorted set: the entries stored as state (pending or
+//	                  dead) of an event name and account (sfx:
+//	                  indexSuffix), by spooled ms: what the admin API's
+//	                  pages read; an entry is in one once its hash has
+//	                  an event field
+//	due:<account>     sorted set: the account's pending entries, by next
+//	                  attempt
 //	stream:<account>  stream of turns, each naming an entry and its rev
 //	consumer:<name>   the lease on an instance's consumer name: the proof
 //	                  that the instance lives, for its own claim_after +
@@ -90,9 +101,11 @@ const redisServedTTL = 24 * time.Hour
 
 // redisEntryOverhead is what Redis spends on an entry beyond the bytes of
 // its fields' values: the hash's key, fields and encoding, its turn in the
-// stream, its member of the ids set (measured with INFO memory on Redis 7,
-// jemalloc: TestRedisSpoolCountsWhatRedisHolds).
-const redisEntryOverhead = 1300
+// stream, its members of the ids set and of the waiting, index and due
+// sorted sets (measured with INFO memory on Redis 7, jemalloc:
+// TestRedisSpoolCountsWhatRedisHolds; the index and due members, and the
+// event and bytes fields, about 310 B).
+const redisEntryOverhead = 1610
 
 type redisSpool struct {
 	*scheduler // its index: the entries this instance holds
@@ -184,6 +197,38 @@ func (s *redisSpool) streamKey(account string) string { return s.prefix + "strea
 func (s *redisSpool) leaseKey(name string) string     { return s.prefix + "consumer:" + name }
 func (s *redisSpool) servedKey(account string) string { return s.prefix + "served:" + account }
 func (s *redisSpool) doneKey(id string) string        { return s.prefix + "done:" + id }
+
+// indexSuffix names the indexes of the entries of an event name and
+// account: the event name's length first, so that the name may hold a
+// colon and the suffix still parses (parseIndexSuffix).
+func indexSuffix(event, account string) string {
+	return strconv.Itoa(len(event)) + ":" + event + ":" + account
+}
+
+// parseIndexSuffix is the event name and account of an index suffix.
+func parseIndexSuffix(sfx string) (event, account string, ok bool) {
+	n, rest, ok := strings.Cut(sfx, ":")
+	size, err := strconv.Atoi(n)
+	if !ok || err != nil || size < 0 || len(rest) < size+1 || rest[size] != ':' {
+		return "", "", false
+	}
+	return rest[:size], rest[size+1:], true
+}
+
+// indexKey is the index of the entries stored as state (pending or dead)
+// of an index suffix.
+func (s *redisSpool) indexKey(state, sfx string) string { return s.prefix + "idx:" + state + ":" + sfx }
+
+// dueKey is the account's pending entries, by next attempt.
+func (s *redisSpool) dueKey(account string) string { return s.prefix + "due:" + account }
+
+// indexKeys are the keys a script that may move an entry between states
+// needs: its pending and dead indexes, and its account's due; and its
+// index suffix.
+func (s *redisSpool) indexKeys(event, account string) (keys []string, sfx string) {
+	sfx = indexSuffix(event, account)
+	return []string{s.indexKey(statePending, sfx), s.indexKey(stateDead, sfx), s.dueKey(account)}, sfx
+}
 
 // log is the store's logger: Caddy's current one.
 func (s *redisSpool) log() *zap.Logger {
@@ -458,14 +503,25 @@ func (s *redisSpool) turnBatch(account, consumer string, metas []spoolMeta, each
 }
 
 // redisPrelude is joined to the front of every script: now() is Redis's
-// clock (TIME) in Unix ms, and holds(lease, value) whether the lease holds
-// that value (the instance that runs the script still holds it).
+// clock (TIME) in Unix ms; holds(lease, value) whether the lease holds that
+// value (the instance that runs the script still holds it); tally(stats,
+// state, sfx, n, size) adds n entries of size bytes each (n may be -1) to
+// the counts of an index (stats fields n:<state>:<sfx> and
+// bytes:<state>:<sfx>), and deletes both when none is left.
 const redisPrelude = `local function now()
 	local t = redis.call('TIME')
 	return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local function holds(lease, value)
 	return redis.call('GET', lease) == value
+end
+local function tally(stats, state, sfx, n, size)
+	local f = state .. ':' .. sfx
+	if redis.call('HINCRBY', stats, 'n:' .. f, n) <= 0 then
+		redis.call('HDEL', stats, 'n:' .. f, 'bytes:' .. f)
+	else
+		redis.call('HINCRBY', stats, 'bytes:' .. f, n * tonumber(size))
+	end
 end
 `
 
@@ -474,10 +530,11 @@ end
 // other instances read are Redis's: TIME. A script that acts on a turn
 // this instance holds does so only while the instance holds its lease.
 var (
-	// KEYS: entry, ids, stats, stream, done, waiting. ARGV: event ID, meta,
-	// request, body, size, account, ms until due, max_size, attempts,
-	// error, ms since spooled. 'done': delivered or deleted already.
-	redisAddScript = newRedisScript("the spool's add script (HGET, EXISTS, HSET, SADD, HINCRBY, TIME, XADD, ZADD)", `
+	// KEYS: entry, ids, stats, stream, done, waiting, the entry's pending
+	// index, its account's due. ARGV: event ID, meta, request, body, size, account, ms
+	// until due, max_size, attempts, error, ms since spooled, event name,
+	// index suffix, bytes. 'done': delivered or deleted already.
+	redisAddScript = newRedisScript("the spool's add script (HGET, EXISTS, HSET, SADD, HINCRBY, HDEL, TIME, XADD, ZADD)", `
 local state = redis.call('HGET', KEYS[1], 'state')
 if state then return state end
 if redis.call('EXISTS', KEYS[5]) == 1 then return 'done' end
@@ -487,9 +544,12 @@ local t = now()
 local spooled = t - tonumber(ARGV[11])
 redis.call('HSET', KEYS[1], 'meta', ARGV[2], 'request', ARGV[3], 'body', ARGV[4], 'size', ARGV[5],
 	'account', ARGV[6], 'state', 'pending', 'attempts', ARGV[9], 'next', t + tonumber(ARGV[7]),
-	'spooled', spooled, 'error', ARGV[10], 'rev', 1)
+	'spooled', spooled, 'error', ARGV[10], 'rev', 1, 'event', ARGV[12], 'bytes', ARGV[14])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[6], spooled, ARGV[1])
+redis.call('ZADD', KEYS[7], spooled, ARGV[1])
+redis.call('ZADD', KEYS[8], t + tonumber(ARGV[7]), ARGV[1])
+tally(KEYS[3], 'pending', ARGV[13], 1, ARGV[14])
 redis.call('HINCRBY', KEYS[3], 'bytes', ARGV[5])
 redis.call('HINCRBY', KEYS[3], 'pending', 1)
 redis.call('HINCRBY', KEYS[3], 'pending:' .. ARGV[6], 1)
@@ -542,15 +602,17 @@ for i = 1, #KEYS - 2 do
 end
 return out`)
 
-	// KEYS: entry, stats, stream, lease, waiting. ARGV: group, consumer,
-	// turn, rev, state, attempts, ms until due, error, lease value, event
-	// ID. Saves a failed attempt's outcome, if the turn and the lease are
-	// ours; a dead letter's turn ends.
-	redisFailedScript = newRedisScript("the spool's failed-attempt script (GET, XPENDING, HMGET, XACK, XDEL, TIME, HSET, HINCRBY, ZREM)", `
+	// KEYS: entry, stats, stream, lease, waiting, the entry's pending and
+	// dead indexes, its account's due. ARGV: group, consumer, turn, rev, state, attempts,
+	// ms until due, error, lease value, event ID, index suffix. Saves a
+	// failed attempt's outcome, if the turn and the lease are ours; a dead
+	// letter's turn ends. An entry without an event field is in no index
+	// yet (an earlier version wrote it): count back-fills it.
+	redisFailedScript = newRedisScript("the spool's failed-attempt script (GET, XPENDING, HMGET, XACK, XDEL, TIME, HSET, HINCRBY, HDEL, ZADD, ZREM)", `
 if not holds(KEYS[4], ARGV[9]) then return 0 end
 local p = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[3], ARGV[3], 1)
 if #p == 0 or p[1][2] ~= ARGV[2] then return 0 end
-local cur = redis.call('HMGET', KEYS[1], 'rev', 'state', 'account')
+local cur = redis.call('HMGET', KEYS[1], 'rev', 'state', 'account', 'event', 'bytes', 'spooled')
 if cur[1] ~= ARGV[4] or cur[2] ~= 'pending' then
 	redis.call('XACK', KEYS[3], ARGV[1], ARGV[3])
 	redis.call('XDEL', KEYS[3], ARGV[3])
@@ -559,31 +621,47 @@ end
 local next = 0
 if ARGV[5] == 'pending' then next = now() + tonumber(ARGV[7]) end
 redis.call('HSET', KEYS[1], 'state', ARGV[5], 'attempts', ARGV[6], 'next', next, 'error', ARGV[8])
-if ARGV[5] ~= 'pending' then
+if ARGV[5] == 'pending' then
+	if cur[4] then redis.call('ZADD', KEYS[8], next, ARGV[10]) end
+else
 	redis.call('HINCRBY', KEYS[2], 'pending', -1)
 	redis.call('HINCRBY', KEYS[2], 'pending:' .. cur[3], -1)
 	redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
 	redis.call('ZREM', KEYS[5], ARGV[10])
+	redis.call('ZREM', KEYS[8], ARGV[10])
+	if cur[4] then
+		redis.call('ZREM', KEYS[6], ARGV[10])
+		redis.call('ZADD', KEYS[7], cur[6], ARGV[10])
+		tally(KEYS[2], 'pending', ARGV[11], -1, cur[5])
+		tally(KEYS[2], ARGV[5], ARGV[11], 1, cur[5])
+	end
 	redis.call('XACK', KEYS[3], ARGV[1], ARGV[3])
 	redis.call('XDEL', KEYS[3], ARGV[3])
 end
 return 1`)
 
-	// KEYS: entry, ids, stats, done, waiting, and for a delivery, the
-	// stream and our lease. ARGV: event ID, the tombstone's ms to live, 1 if
-	// delivered, and for a delivery the group, the turn, our consumer and
-	// the lease's value. Deletes an entry, delivered or dropped, and
+	// KEYS: entry, ids, stats, done, waiting, the entry's pending and dead
+	// indexes, its account's due, and for a delivery, the stream and our lease. ARGV:
+	// event ID, the tombstone's ms to live, 1 if delivered, the index
+	// suffix, and for a delivery the group, the turn, our consumer and the
+	// lease's value. Deletes an entry, delivered or dropped, and
 	// leaves its tombstone: a late write of it adds nothing. A delivered
 	// entry is deleted whoever holds it now (another attempt at it would
 	// deliver it twice); its turn ends if it is ours, under our lease:
 	// whoever holds it else meets a stale turn.
-	redisDeleteScript = newRedisScript("the spool's delete script (HMGET, DEL, SREM, ZREM, HINCRBY, SET, GET, XPENDING, XACK, XDEL)", `
-local cur = redis.call('HMGET', KEYS[1], 'state', 'size', 'account')
+	redisDeleteScript = newRedisScript("the spool's delete script (HMGET, DEL, SREM, ZREM, HINCRBY, HDEL, SET, GET, XPENDING, XACK, XDEL)", `
+local cur = redis.call('HMGET', KEYS[1], 'state', 'size', 'account', 'event', 'bytes')
 local n = 0
 if cur[1] then
 	redis.call('DEL', KEYS[1])
 	redis.call('SREM', KEYS[2], ARGV[1])
 	redis.call('ZREM', KEYS[5], ARGV[1])
+	redis.call('ZREM', KEYS[8], ARGV[1])
+	if cur[4] then
+		redis.call('ZREM', KEYS[6], ARGV[1])
+		redis.call('ZREM', KEYS[7], ARGV[1])
+		tally(KEYS[3], cur[1], ARGV[4], -1, cur[5])
+	end
 	redis.call('HINCRBY', KEYS[3], cur[1], -1)
 	redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(cur[2]))
 	if cur[1] == 'pending' and cur[3] then
@@ -594,28 +672,37 @@ end
 if n == 1 or ARGV[3] == '1' then
 	redis.call('SET', KEYS[4], '1', 'PX', ARGV[2])
 end
-if KEYS[6] and holds(KEYS[7], ARGV[7]) then
-	local p = redis.call('XPENDING', KEYS[6], ARGV[4], ARGV[5], ARGV[5], 1)
-	if #p > 0 and p[1][2] == ARGV[6] then
-		redis.call('XACK', KEYS[6], ARGV[4], ARGV[5])
-		redis.call('XDEL', KEYS[6], ARGV[5])
+if KEYS[9] and holds(KEYS[10], ARGV[8]) then
+	local p = redis.call('XPENDING', KEYS[9], ARGV[5], ARGV[6], ARGV[6], 1)
+	if #p > 0 and p[1][2] == ARGV[7] then
+		redis.call('XACK', KEYS[9], ARGV[5], ARGV[6])
+		redis.call('XDEL', KEYS[9], ARGV[6])
 	end
 end
 return n`)
 
-	// KEYS: entry, stats, stream, waiting. ARGV: event ID. Makes an entry
-	// due now under a new rev, with a new turn: the old turn, wherever it
-	// is, is stale.
-	redisRetryScript = newRedisScript("the spool's retry script (HMGET, HINCRBY, TIME, HSET, XADD, ZADD)", `
-local cur = redis.call('HMGET', KEYS[1], 'state', 'account', 'spooled')
+	// KEYS: entry, stats, stream, waiting, the entry's pending and dead
+	// indexes, its account's due. ARGV: event ID, index suffix. Makes an entry due now
+	// under a new rev, with a new turn: the old turn, wherever it is, is
+	// stale.
+	redisRetryScript = newRedisScript("the spool's retry script (HMGET, HINCRBY, HDEL, TIME, HSET, XADD, ZADD, ZREM)", `
+local cur = redis.call('HMGET', KEYS[1], 'state', 'account', 'spooled', 'event', 'bytes')
 if not cur[1] then return 0 end
 local rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
-redis.call('HSET', KEYS[1], 'state', 'pending', 'next', now())
+local t = now()
+redis.call('HSET', KEYS[1], 'state', 'pending', 'next', t)
+if cur[4] then redis.call('ZADD', KEYS[7], t, ARGV[1]) end
 if cur[1] ~= 'pending' then
 	redis.call('HINCRBY', KEYS[2], cur[1], -1)
 	redis.call('HINCRBY', KEYS[2], 'pending', 1)
 	redis.call('HINCRBY', KEYS[2], 'pending:' .. cur[2], 1)
-	redis.call('ZADD', KEYS[4], tonumber(cur[3]) or now(), ARGV[1])
+	redis.call('ZADD', KEYS[4], tonumber(cur[3]) or t, ARGV[1])
+	if cur[4] then
+		redis.call('ZREM', KEYS[6], ARGV[1])
+		redis.call('ZADD', KEYS[5], cur[3], ARGV[1])
+		tally(KEYS[2], cur[1], ARGV[2], -1, cur[5])
+		tally(KEYS[2], 'pending', ARGV[2], 1, cur[5])
+	end
 end
 redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'rev', rev)
 return 1`)
@@ -709,20 +796,67 @@ for i, k in ipairs(KEYS) do
 end
 return out`)
 
-	// KEYS: stats. ARGV: account, count, account, count... Puts the
-	// counts of pending entries per account, as counted, in place of
-	// stats' pending:<account>, if they add up to its pending (nothing
-	// changed the spool meanwhile in a way the count missed): 1 if so,
-	// else 0.
-	redisCountScript = newRedisScript("the spool's count script (HGET, HKEYS, HDEL, HSET)", `
-local sum = 0
-for i = 2, #ARGV, 2 do sum = sum + tonumber(ARGV[i]) end
-if sum ~= tonumber(redis.call('HGET', KEYS[1], 'pending') or '0') then return 0 end
-for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
-	if string.sub(f, 1, 8) == 'pending:' then redis.call('HDEL', KEYS[1], f) end
+	// KEYS: stats. ARGV: field, value, field, value...: the counts as
+	// counted, pending:<account>, n:<state>:<sfx> and bytes:<state>:<sfx>.
+	// Puts them in place of stats' own, if the counts of pending entries
+	// per account, and of entries per index, add up to its pending and
+	// dead (nothing changed the spool meanwhile in a way the count
+	// missed): 1 if so, else 0.
+	redisCountScript = newRedisScript("the spool's count script (HMGET, HKEYS, HDEL, HSET)", `
+local sums = {}
+for i = 1, #ARGV, 2 do
+	local f = ARGV[i]
+	local kind = string.match(f, '^pending:') and 'account' or string.match(f, '^n:(%a+):')
+	if kind then sums[kind] = (sums[kind] or 0) + tonumber(ARGV[i + 1]) end
 end
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], 'pending:' .. ARGV[i], ARGV[i + 1]) end
+local cur = redis.call('HMGET', KEYS[1], 'pending', 'dead')
+local pending, dead = tonumber(cur[1] or '0'), tonumber(cur[2] or '0')
+if (sums['account'] or 0) ~= pending or (sums['pending'] or 0) ~= pending or (sums['dead'] or 0) ~= dead then return 0 end
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+	if string.match(f, '^pending:') or string.match(f, '^n:') or string.match(f, '^bytes:') then redis.call('HDEL', KEYS[1], f) end
+end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1`)
+
+	// KEYS: stats, then for each entry: the entry, its pending and dead
+	// indexes, its account's due. ARGV: for each entry: event ID, event
+	// name, index suffix, spooled ms and bytes (its meta's, for an entry
+	// without a spooled or bytes field). Back-fills the indexes: an entry
+	// an earlier version wrote (no event field) gets one, and its spooled
+	// and bytes fields, and is counted; every entry is put in the index of
+	// its state, and its account's due if pending; one that is gone is
+	// taken out of both indexes and due. Returns how many it counted.
+	redisIndexScript = newRedisScript("the spool's index back-fill script (HMGET, HSET, HSETNX, HINCRBY, HDEL, ZADD, ZREM)", `
+local n = 0
+for i = 0, (#KEYS - 1) / 4 - 1 do
+	local entry, pk, dk, due = KEYS[2 + 4*i], KEYS[3 + 4*i], KEYS[4 + 4*i], KEYS[5 + 4*i]
+	local id, event, sfx, ms, bytes = ARGV[1 + 5*i], ARGV[2 + 5*i], ARGV[3 + 5*i], ARGV[4 + 5*i], ARGV[5 + 5*i]
+	local cur = redis.call('HMGET', entry, 'state', 'event', 'bytes', 'next', 'spooled')
+	if not cur[1] then
+		redis.call('ZREM', pk, id)
+		redis.call('ZREM', dk, id)
+		redis.call('ZREM', due, id)
+	else
+		local spooled = cur[5] or ms
+		if not cur[2] then
+			redis.call('HSET', entry, 'event', event)
+			redis.call('HSETNX', entry, 'spooled', spooled)
+			redis.call('HSETNX', entry, 'bytes', bytes)
+			tally(KEYS[1], cur[1], sfx, 1, cur[3] or bytes)
+			n = n + 1
+		end
+		if cur[1] == 'pending' then
+			redis.call('ZREM', dk, id)
+			redis.call('ZADD', pk, spooled, id)
+			redis.call('ZADD', due, tonumber(cur[4]) or 0, id)
+		else
+			redis.call('ZREM', pk, id)
+			redis.call('ZADD', dk, spooled, id)
+			redis.call('ZREM', due, id)
+		end
+	end
+end
+return n`)
 )
 
 // redisEntryCost is what an entry counts toward max_size: what Redis holds
@@ -752,15 +886,17 @@ func (s *redisSpool) add(e *spoolEntry) error {
 	now := s.now()
 	age := max(0, now.Sub(m.SpooledAt).Milliseconds())
 	due := m.NextAttempt.Sub(now).Milliseconds()
-	cost := redisEntryCost(len(meta), len(req), len(e.body), len(m.LastError), len(m.Account), len(id))
+	cost := redisEntryCost(len(meta), len(req), len(e.body), len(m.LastError), len(m.Account), len(id), len(m.EventName))
 	ctx, cancel := s.ctx()
 	defer cancel()
 	if err := s.guard.usable(ctx); err != nil {
 		return fmt.Errorf("spool redis: %w", err)
 	}
+	sfx := indexSuffix(m.EventName, m.Account)
 	res, err := s.run(ctx, redisAddScript,
-		[]string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.streamKey(m.Account), s.doneKey(id), s.prefix + "waiting"},
-		id, meta, req, e.body, cost, m.Account, due, maxSize, m.Attempts, m.LastError, age).Text()
+		[]string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.streamKey(m.Account), s.doneKey(id), s.prefix + "waiting",
+			s.indexKey(statePending, sfx), s.dueKey(m.Account)},
+		id, meta, req, e.body, cost, m.Account, due, maxSize, m.Attempts, m.LastError, age, m.EventName, sfx, m.Size).Text()
 	switch {
 	case err != nil:
 		s.guard.stale()
@@ -834,13 +970,15 @@ func (s *redisSpool) delivered(m spoolMeta) {
 	if consumer == "" {
 		consumer = s.name // its lease lost: the turn is not ended, the entry is deleted all the same
 	}
-	keys := []string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.doneKey(id), s.prefix + "waiting", s.streamKey(m.Account), s.leaseKey(consumer)}
+	idx, sfx := s.indexKeys(m.EventName, m.Account)
+	keys := []string{s.entryKey(id), s.prefix + "ids", s.prefix + "stats", s.doneKey(id), s.prefix + "waiting"}
+	keys = append(append(keys, idx...), s.streamKey(m.Account), s.leaseKey(consumer))
 	ttl := s.doneTTL(m.ExpiresAt).Milliseconds()
 	for {
 		// Not s.ctx(): a delivery taken as the store stops is deleted all
 		// the same, or it would be delivered again.
 		ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
-		err := s.run(ctx, redisDeleteScript, keys, id, ttl, 1, redisSpoolGroup, m.turn, consumer, s.lease).Err()
+		err := s.run(ctx, redisDeleteScript, keys, id, ttl, 1, sfx, redisSpoolGroup, m.turn, consumer, s.lease).Err()
 		cancel()
 		if err == nil {
 			return
@@ -893,85 +1031,12 @@ func (s *redisSpool) failed(m spoolMeta) error {
 	if m.State == statePending {
 		due = m.NextAttempt.Sub(s.now()).Milliseconds()
 	}
+	idx, sfx := s.indexKeys(m.EventName, m.Account)
+	keys := []string{s.entryKey(m.EventID.String()), s.prefix + "stats", s.streamKey(m.Account), s.leaseKey(consumer), s.prefix + "waiting"}
 	ctx, cancel := s.ctx()
 	defer cancel()
-	return s.run(ctx, redisFailedScript,
-		[]string{s.entryKey(m.EventID.String()), s.prefix + "stats", s.streamKey(m.Account), s.leaseKey(consumer), s.prefix + "waiting"},
-		redisSpoolGroup, consumer, m.turn, m.rev, m.State, m.Attempts, due, m.LastError, s.lease, m.EventID.String()).Err()
-}
-
-// page reads every entry of the store, whichever instance holds it, with
-// its times on Redis's clock, and keeps those f selects. A pending entry of
-// an account that no handler of this instance serves is parked.
-func (s *redisSpool) page(f spoolFilter, after *spoolCursor, limit int) ([]spoolMeta, int64, error) {
-	p := newSpoolPage(after, limit)
-	err := s.each(func(m *spoolMeta) {
-		if f.selects(m.State, m.EventName, m.SpooledAt.UnixMilli()) {
-			p.offer(m)
-		}
-	})
-	if err != nil {
-		return nil, 0, err
-	}
-	out, total := p.result()
-	return out, total, nil
-}
-
-// summary reads every entry of the store.
-func (s *redisSpool) summary() (spoolSummary, error) {
-	var sum spoolSummary
-	err := s.each(func(m *spoolMeta) {
-		c := spoolCount{Entries: 1, Bytes: m.Size}
-		sum.countState(m.State, c)
-		if m.State == stateParked {
-			sum.countEvent(m.EventName, statePending, c)
-		} else {
-			sum.countEvent(m.EventName, m.State, c)
-		}
-		if m.State != stateDead {
-			sum.oldestPending = earliest(sum.oldestPending, m.SpooledAt)
-		}
-		if m.State == statePending {
-			sum.nextAttempt = earliest(sum.nextAttempt, m.NextAttempt)
-		}
-	})
-	sum.breakers = s.breakers()
-	return sum, err
-}
-
-// each calls fn with every entry of the store.
-func (s *redisSpool) each(fn func(m *spoolMeta)) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*redisTimeout)
-	defer cancel()
-	ids, err := s.client.SMembers(ctx, s.prefix+"ids").Result()
-	if err != nil {
-		return fmt.Errorf("spool redis: %w", err)
-	}
-	handled := s.handled()
-	for chunk := range slices.Chunk(ids, 1000) {
-		cmds := make([]*redis.SliceCmd, len(chunk))
-		_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for i, id := range chunk {
-				cmds[i] = p.HMGet(ctx, s.entryKey(id), redisMetaFields...)
-			}
-			return nil
-		})
-		if err != nil && !errors.Is(err, redis.Nil) {
-			return fmt.Errorf("spool redis: %w", err)
-		}
-		for _, cmd := range cmds {
-			m, ok := metaOf(cmd.Val())
-			if !ok {
-				continue
-			}
-			m.SpooledAt, m.NextAttempt = redisTime(m.spooledMs), redisTime(m.nextMs)
-			if m.State == statePending && !handled[m.Account] {
-				m.State = stateParked
-			}
-			fn(&m.spoolMeta)
-		}
-	}
-	return nil
+	return s.run(ctx, redisFailedScript, append(keys, idx...),
+		redisSpoolGroup, consumer, m.turn, m.rev, m.State, m.Attempts, due, m.LastError, s.lease, m.EventID.String(), sfx).Err()
 }
 
 // redisTime is a time of Redis's clock, as Redis gave it; zero stays zero.
@@ -1069,25 +1134,31 @@ if redis.call('HGET', KEYS[2], 'state') == 'pending' then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1])
 return 1`)
 
-// oldest is when the oldest pending entry, parked or not, was spooled:
-// the head of waiting (entries by the time they were spooled). An entry
-// that is no longer pending there (one an instance of an earlier version
-// made a dead letter) is taken out: a trim of an index, run without
-// wait_replicas's WAIT. Zero when none waits, or when Redis does not say.
+// oldest is when the oldest pending entry, parked or not, was spooled, on
+// this instance's clock: the head of waiting (entries by the time they
+// were spooled). Zero when none waits, or when Redis does not say.
 func (s *redisSpool) oldest(ctx context.Context) time.Time {
+	return s.local(s.oldestMs(ctx))
+}
+
+// oldestMs is the head of waiting's score: Unix ms of Redis's clock. An
+// entry that is no longer pending there (one an instance of an earlier
+// version made a dead letter) is taken out: a trim of an index, run
+// without wait_replicas's WAIT. 0 when none waits, or when Redis does not
+// say.
+func (s *redisSpool) oldestMs(ctx context.Context) int64 {
 	for range redisOldestTries {
 		head, err := s.client.ZRangeWithScores(ctx, s.prefix+"waiting", 0, 0).Result()
 		if s.note("ZRANGE", err) != nil || len(head) == 0 {
-			return time.Time{}
+			return 0
 		}
 		id, _ := head[0].Member.(string)
-		at := s.local(int64(head[0].Score))
 		n, err := redisUnwaitScript.Run(ctx, s.client.Client, []string{s.prefix + "waiting", s.entryKey(id)}, id).Int()
 		if s.note(redisUnwaitScript.name, err) != nil || n == 0 {
-			return at // pending, or Redis did not say: the head's age is the best there is
+			return int64(head[0].Score) // pending, or Redis did not say: the head's age is the best there is
 		}
 	}
-	return time.Time{}
+	return 0
 }
 
 // retryNow makes an entry due now, under a new rev: whichever instance
@@ -1096,14 +1167,13 @@ func (s *redisSpool) retryNow(id uuid.UUID) (bool, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
 	key := s.entryKey(id.String())
-	account, err := s.client.HGet(ctx, key, "account").Result()
-	switch {
-	case errors.Is(err, redis.Nil):
-		return false, nil
-	case err != nil:
-		return false, fmt.Errorf("spool redis: %w", err)
+	m, ok, err := s.entryNames(ctx, key)
+	if err != nil || !ok {
+		return false, err
 	}
-	n, err := s.run(ctx, redisRetryScript, []string{key, s.prefix + "stats", s.streamKey(account), s.prefix + "waiting"}, id.String()).Int()
+	idx, sfx := s.indexKeys(m.EventName, m.Account)
+	keys := []string{key, s.prefix + "stats", s.streamKey(m.Account), s.prefix + "waiting"}
+	n, err := s.run(ctx, redisRetryScript, append(keys, idx...), id.String(), sfx).Int()
 	if err != nil {
 		return false, fmt.Errorf("spool redis: %w", err)
 	}
@@ -1126,19 +1196,33 @@ func (s *redisSpool) remove(id uuid.UUID) (bool, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
 	key := s.entryKey(id.String())
-	var exp time.Time
-	if raw, err := s.client.HGet(ctx, key, "meta").Result(); err == nil {
-		var m spoolMeta
-		if json.Unmarshal([]byte(raw), &m) == nil {
-			exp = m.ExpiresAt
-		}
+	m, _, err := s.entryNames(ctx, key)
+	if err != nil {
+		return false, err
 	}
-	n, err := s.run(ctx, redisDeleteScript, []string{key, s.prefix + "ids", s.prefix + "stats", s.doneKey(id.String()), s.prefix + "waiting"},
-		id.String(), s.doneTTL(exp).Milliseconds(), 0).Int()
+	idx, sfx := s.indexKeys(m.EventName, m.Account)
+	keys := []string{key, s.prefix + "ids", s.prefix + "stats", s.doneKey(id.String()), s.prefix + "waiting"}
+	n, err := s.run(ctx, redisDeleteScript, append(keys, idx...),
+		id.String(), s.doneTTL(m.ExpiresAt).Milliseconds(), 0, sfx).Int()
 	if err != nil {
 		return false, fmt.Errorf("spool redis: %w", err)
 	}
 	return n == 1, nil
+}
+
+// entryNames reads an entry's meta, which names its event and account
+// (neither changes): false if the entry is gone, or its meta does not
+// parse.
+func (s *redisSpool) entryNames(ctx context.Context, key string) (spoolMeta, bool, error) {
+	var m spoolMeta
+	raw, err := s.client.HGet(ctx, key, "meta").Result()
+	switch {
+	case errors.Is(err, redis.Nil):
+		return m, false, nil
+	case err != nil:
+		return m, false, fmt.Errorf("spool redis: %w", err)
+	}
+	return m, json.Unmarshal([]byte(raw), &m) == nil, nil
 }
 
 // consumerName is our consumer name while we hold its lease, else "".
@@ -1741,27 +1825,40 @@ func waitingByAccount(stats map[string]string) map[string]int64 {
 	return waiting
 }
 
-// countsAddUp reports whether stats' per-account counts of pending entries
-// add up to its pending, none negative.
+// countsAddUp reports whether stats' per-account counts of pending
+// entries add up to its pending, and its per-index counts to its pending
+// and dead, none negative. They do not once an instance of an earlier
+// version, which kept neither, changed the spool.
 func countsAddUp(stats map[string]string) bool {
 	pending, _ := strconv.ParseInt(stats[statePending], 10, 64)
-	var sum int64
+	dead, _ := strconv.ParseInt(stats[stateDead], 10, 64)
+	var byAccount, indexedPending, indexedDead int64
 	for f, v := range stats {
-		if strings.HasPrefix(f, "pending:") {
-			n, err := strconv.ParseInt(v, 10, 64)
-			if err != nil || n < 0 {
-				return false
-			}
-			sum += n
+		var sum *int64
+		switch {
+		case strings.HasPrefix(f, "pending:"):
+			sum = &byAccount
+		case strings.HasPrefix(f, "n:pending:"):
+			sum = &indexedPending
+		case strings.HasPrefix(f, "n:dead:"):
+			sum = &indexedDead
+		default:
+			continue
 		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return false
+		}
+		*sum += n
 	}
-	return sum == pending
+	return byAccount == pending && indexedPending == pending && indexedDead == dead
 }
 
-// keepCounts counts the pending entries of each account again, from the
-// entries: once after the store starts, and whenever stats' counts do not
-// add up (an instance of an earlier version, which kept no such count,
-// changed the spool). A count the spool's changes overtook (it does not add
+// keepCounts counts the pending entries of each account, and the entries
+// of each index, again, from the entries, and back-fills the indexes: once
+// after the store starts, and whenever stats' counts do not add up (an
+// instance of an earlier version, which kept no such count, changed the
+// spool). A count the spool's changes overtook (it does not add
 // up either) is tried again after a wait that doubles, up to an hour.
 func (s *redisSpool) keepCounts(stats map[string]string) error {
 	s.countMu.Lock()
@@ -1789,48 +1886,31 @@ const (
 	redisCountPages = 1 << 20
 )
 
-// count counts the pending entries of each account, in batches (SSCAN of
-// ids, and the entries' state and account, pipelined), so that Redis
-// serves others in between, and puts the counts in place of stats' if they
+// count counts the pending entries of each account, and the entries and
+// bytes of each index, in batches (SSCAN of ids, and the entries' fields,
+// pipelined), so that Redis serves others in between; back-fills waiting
+// and the indexes, where an instance of an earlier version spooled
+// entries or changed them; and puts the counts in place of stats' if they
 // add up: true if so.
 func (s *redisSpool) count() (bool, error) {
-	counts := make(map[string]int64)
-	seen := make(map[string]bool) // SSCAN may return an ID twice
+	counts := make(map[string]int64) // stats' fields, as counted
+	seen := make(map[string]bool)    // SSCAN may return an ID twice
 	var cursor uint64
 	for range redisCountPages {
 		ctx, cancel := s.ctx()
 		ids, next, err := s.client.SScan(ctx, s.prefix+"ids", cursor, "", redisCountBatch).Result()
-		if s.note("SSCAN", err) != nil {
-			cancel()
-			return false, err
-		}
-		cmds, read := make([]*redis.SliceCmd, 0, len(ids)), make([]string, 0, len(ids))
-		_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, id := range ids {
-				if !seen[id] {
-					seen[id] = true
-					read = append(read, id)
-					cmds = append(cmds, p.HMGet(ctx, s.entryKey(id), "state", "account", "spooled"))
-				}
-			}
-			return nil
-		})
 		cancel()
-		if s.note("HMGET", err) != nil && !errors.Is(err, redis.Nil) {
+		if s.note("SSCAN", err) != nil {
 			return false, err
 		}
-		var waiting []redis.Z
-		for i, cmd := range cmds {
-			if v := cmd.Val(); len(v) == 3 && v[0] == statePending {
-				if account, _ := v[1].(string); account != "" {
-					counts[account]++
-				}
-				spooled, _ := v[2].(string)
-				ms, _ := strconv.ParseInt(spooled, 10, 64)
-				waiting = append(waiting, redis.Z{Score: float64(ms), Member: read[i]})
+		var read []string
+		for _, id := range ids {
+			if !seen[id] {
+				seen[id] = true
+				read = append(read, id)
 			}
 		}
-		if err := s.addWaiting(waiting); err != nil {
+		if err := s.countBatch(read, counts); err != nil {
 			return false, err
 		}
 		if cursor = next; cursor == 0 {
@@ -1840,14 +1920,141 @@ func (s *redisSpool) count() (bool, error) {
 	if cursor != 0 {
 		return false, nil
 	}
+	if err := s.trimIndexes(seen); err != nil {
+		return false, err
+	}
 	args := make([]any, 0, 2*len(counts))
-	for account, n := range counts {
-		args = append(args, account, n)
+	for f, n := range counts {
+		args = append(args, f, n)
 	}
 	ctx, cancel := s.ctx()
 	defer cancel()
 	n, err := s.run(ctx, redisCountScript, []string{s.prefix + "stats"}, args...).Int()
 	return n == 1, err
+}
+
+// countBatch counts a batch of entries into counts, and back-fills
+// waiting and the indexes with them.
+func (s *redisSpool) countBatch(ids []string, counts map[string]int64) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	ctx, cancel := s.ctx()
+	defer cancel()
+	cmds := make([]*redis.SliceCmd, len(ids))
+	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, id := range ids {
+			cmds[i] = p.HMGet(ctx, s.entryKey(id), "state", "account", "spooled", "event", "bytes")
+		}
+		return nil
+	})
+	if s.note("HMGET", err) != nil && !errors.Is(err, redis.Nil) {
+		return err
+	}
+	// The meta of the entries an earlier version wrote: it names their
+	// event, when they were spooled, and their bytes.
+	metas := make(map[int]*redis.StringCmd)
+	_, err = s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, cmd := range cmds {
+			v := cmd.Val()
+			if len(v) == 5 && v[0] != nil && slices.Contains(v[2:], nil) {
+				metas[i] = p.HGet(ctx, s.entryKey(ids[i]), "meta")
+			}
+		}
+		return nil
+	})
+	if s.note("HGET", err) != nil && !errors.Is(err, redis.Nil) {
+		return err
+	}
+	var waiting []redis.Z
+	keys := []string{s.prefix + "stats"}
+	var args []any
+	for i, cmd := range cmds {
+		v := cmd.Val()
+		str := func(j int) string { s, _ := v[j].(string); return s }
+		if len(v) != 5 || str(0) == "" {
+			continue // gone
+		}
+		state, account, event := str(0), str(1), str(3)
+		ms, msErr := strconv.ParseInt(str(2), 10, 64)
+		bytes, bytesErr := strconv.ParseInt(str(4), 10, 64)
+		if v[3] == nil || msErr != nil || bytesErr != nil {
+			var m spoolMeta
+			if metas[i] == nil || json.Unmarshal([]byte(metas[i].Val()), &m) != nil {
+				continue // no index can name it
+			}
+			if v[3] == nil {
+				event = m.EventName
+			}
+			if msErr != nil {
+				ms = m.SpooledAt.UnixMilli()
+			}
+			if bytesErr != nil {
+				bytes = m.Size
+			}
+		}
+		if state == statePending {
+			if account != "" {
+				counts["pending:"+account]++
+			}
+			waiting = append(waiting, redis.Z{Score: float64(ms), Member: ids[i]})
+		}
+		sfx := indexSuffix(event, account)
+		counts["n:"+state+":"+sfx]++
+		counts["bytes:"+state+":"+sfx] += bytes
+		keys = append(keys, s.entryKey(ids[i]), s.indexKey(statePending, sfx), s.indexKey(stateDead, sfx), s.dueKey(account))
+		args = append(args, ids[i], event, sfx, ms, bytes)
+	}
+	if err := s.addWaiting(waiting); err != nil {
+		return err
+	}
+	if len(args) == 0 {
+		return nil
+	}
+	return s.run(ctx, redisIndexScript, keys, args...).Err()
+}
+
+// trimIndexes takes out of the indexes, and the due sets, the entries
+// that are gone, which an instance of an earlier version deleted: the
+// members that the count did not see (seen), unless they are there and in
+// the state of the index (pending, for a due set) by then.
+func (s *redisSpool) trimIndexes(seen map[string]bool) error {
+	ctx, cancel := s.ctx()
+	all, err := s.indexes(ctx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	states := make(map[string]string) // key -> the state of its members
+	for _, ix := range all {
+		states[ix.key] = ix.state
+		states[s.dueKey(ix.account)] = statePending
+	}
+	for key, state := range states {
+		var cursor uint64
+		for range redisCountPages {
+			ctx, cancel := s.ctx()
+			members, next, err := s.client.ZScan(ctx, key, cursor, "", redisCountBatch).Result()
+			if s.note("ZSCAN", err) != nil {
+				cancel()
+				return err
+			}
+			for i := 0; i < len(members); i += 2 { // member, score
+				if id := members[i]; !seen[id] {
+					err := redisUnindexScript.Run(ctx, s.client.Client, []string{key, s.entryKey(id)}, id, state).Err()
+					if s.note(redisUnindexScript.name, err) != nil {
+						cancel()
+						return err
+					}
+				}
+			}
+			cancel()
+			if cursor = next; cursor == 0 {
+				break
+			}
+		}
+	}
+	return nil
 }
 
 // addWaiting puts pending entries in waiting, where an instance of an
