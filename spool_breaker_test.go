@@ -230,9 +230,10 @@ func mostWithin(times []time.Time, d time.Duration) int {
 	return most
 }
 
-// spoolMany sends n new deliveries, par at a time, each of which must be
-// answered 202, and returns their event IDs.
-func (g *spoolRig) spoolMany(n, par int) []string {
+// spoolMany sends n new deliveries, par at a time, of the event name
+// given (report_created without one), each of which must be answered 202,
+// and returns their event IDs.
+func (g *spoolRig) spoolMany(n, par int, name ...string) []string {
 	g.t.Helper()
 	ids := make([]string, n)
 	var next atomic.Int64
@@ -242,6 +243,9 @@ func (g *spoolRig) spoolMany(n, par int) []string {
 		wg.Go(func() {
 			for i := int(next.Add(1)) - 1; i < n; i = int(next.Add(1)) - 1 {
 				d := productionDelivery().withEventID(uuid.NewString()).at(time.Now())
+				for _, n := range name {
+					d.name, d.claims["evn"] = n, n
+				}
 				ids[i] = d.eventID
 				req, _ := http.NewRequest(http.MethodPost, g.url, strings.NewReader(d.body()))
 				req.Header.Set("Authorization", d.authorization())

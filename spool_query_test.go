@@ -10,8 +10,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/google/uuid"
 )
 
 // The admin API's filters, pages and bulk actions, through a real Caddy,
@@ -23,11 +21,10 @@ import (
 // the rest.
 type queryRig struct {
 	*spoolRig
-	mu       sync.Mutex
-	through  map[string]bool
-	refused  map[string]bool
-	nameOf   map[string]string // event ID -> event name, of what was spooled
-	spooling sync.WaitGroup
+	mu      sync.Mutex
+	through map[string]bool
+	refused map[string]bool
+	nameOf  map[string]string // event ID -> event name, of what was spooled
 }
 
 func startQueryRig(t *testing.T, store string) *queryRig {
@@ -54,39 +51,7 @@ func startQueryRig(t *testing.T, store string) *queryRig {
 // be spooled (202), and returns their event IDs.
 func (g *queryRig) spool(n int, name string) []string {
 	g.t.Helper()
-	ids := make([]string, n)
-	work := make(chan int)
-	errs := make(chan error, n)
-	var wg sync.WaitGroup
-	for range 8 {
-		wg.Go(func() {
-			for i := range work {
-				ids[i] = uuid.NewString()
-				d := productionDelivery().withEventID(ids[i]).at(time.Now())
-				d.name, d.claims["evn"] = name, name
-				req, _ := http.NewRequest(http.MethodPost, g.url, strings.NewReader(d.body()))
-				req.Header.Set("Authorization", d.authorization())
-				resp, err := senderClient.Do(req)
-				if err != nil {
-					errs <- err
-					continue
-				}
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusAccepted {
-					errs <- fmt.Errorf("event %s: status %d, want 202", ids[i], resp.StatusCode)
-				}
-			}
-		})
-	}
-	for i := range n {
-		work <- i
-	}
-	close(work)
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		g.t.Fatal(err)
-	}
+	ids := g.spoolMany(n, 8, name)
 	g.mu.Lock()
 	for _, id := range ids {
 		g.nameOf[id] = name
@@ -115,38 +80,33 @@ func (g *queryRig) adminJSON(method, path string, out any) int {
 }
 
 // deliverNow lets ids through and retries them, one by one.
-func (g *queryRig) deliverNow(ids ...string) {
-	g.t.Helper()
-	g.mu.Lock()
-	for _, id := range ids {
-		g.through[id] = true
-	}
-	g.mu.Unlock()
-	for _, id := range ids {
-		if code := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+id+"/retry"); code != http.StatusAccepted {
-			g.t.Fatalf("retry %s: %d", id, code)
-		}
-	}
-}
+func (g *queryRig) deliverNow(ids ...string) { g.retryAs(g.through, ids) }
 
 // kill makes dead letters of ids: refused at their retry.
 func (g *queryRig) kill(ids ...string) {
 	g.t.Helper()
-	g.mu.Lock()
-	for _, id := range ids {
-		g.refused[id] = true
-	}
-	g.mu.Unlock()
-	for _, id := range ids {
-		if code := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+id+"/retry"); code != http.StatusAccepted {
-			g.t.Fatalf("retry %s: %d", id, code)
-		}
-	}
+	g.retryAs(g.refused, ids)
 	g.waitFor(fmt.Sprintf("%d dead letters", len(ids)), func() bool {
 		var p spoolListingPage
 		g.adminJSON(http.MethodGet, "/trivialsec_webhook/spool?state=dead&limit=1", &p)
 		return p.Total >= int64(len(ids))
 	})
+}
+
+// retryAs puts ids in answer (through or refused), and retries them, one
+// by one.
+func (g *queryRig) retryAs(answer map[string]bool, ids []string) {
+	g.t.Helper()
+	g.mu.Lock()
+	for _, id := range ids {
+		answer[id] = true
+	}
+	g.mu.Unlock()
+	for _, id := range ids {
+		if code := g.adminDo(http.MethodPost, "/trivialsec_webhook/spool/"+id+"/retry"); code != http.StatusAccepted {
+			g.t.Fatalf("retry %s: %d", id, code)
+		}
+	}
 }
 
 // TestSpoolListingPages: a few thousand entries read a page at a time, while

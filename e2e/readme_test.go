@@ -16,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/uuid"
-
 	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 )
 
@@ -244,38 +242,13 @@ func TestReadmeTestCommand(t *testing.T) {
 // Caddy whose service is down: the listing shows both spooled deliveries,
 // a retry keeps one, and a delete drops the other.
 func TestSpoolAdminExample(t *testing.T) {
-	port, adminPort, downPort := freePort(t), freePort(t), freePort(t)
-	startServer(t, fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	persist_config off
-}
-
-http://127.0.0.1:%d {
-	trivialsec_webhook {
-		account acme
-		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
-		spool {
-			backoff 1h 2h
-		}
-	}
-	reverse_proxy 127.0.0.1:%d
-}
-`, adminPort, port, downPort), port, []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret})
-	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
-	var ids []string
-	for range 2 {
-		id := uuid.NewString()
-		auth, body := mint(secret, "acme", id, time.Now())
-		if status := post(t, url, auth, body); status != 202 {
-			t.Fatalf("status %d, want 202 (spooled)", status)
-		}
-		ids = append(ids, id)
-	}
+	rx := startSpooling(t, fmt.Sprintf("127.0.0.1:%d", freePort(t))) // nothing listens there
+	ids := rx.spool(t, 2)
 	steps := shellSteps(testkit.Example(t, "docs/spool.md", "spool-admin"))
 	if len(steps) != 3 {
 		t.Fatalf("the admin example has %d commands, want 3", len(steps))
 	}
-	admin := fmt.Sprintf("127.0.0.1:%d", adminPort)
+	admin := rx.admin
 	type entry struct {
 		State    string `json:"state"`
 		Attempts int    `json:"attempts"`
@@ -331,26 +304,9 @@ func TestBacklogExamples(t *testing.T) {
 	}
 	t.Cleanup(up.Close)
 	up.Answer(func(http.Header, *http.Request) int { return http.StatusServiceUnavailable })
-	port, adminPort := freePort(t), freePort(t)
 	env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret}
-	startServer(t, fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	persist_config off
-}
-
-http://127.0.0.1:%d {
-	trivialsec_webhook {
-		account acme
-		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
-		spool {
-			backoff 1h 2h
-		}
-	}
-	reverse_proxy %s
-}
-`, adminPort, port, up.Addr), port, env)
-	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
-	admin := fmt.Sprintf("127.0.0.1:%d", adminPort)
+	rx := startSpooling(t, up.Addr)
+	url, admin := rx.url, rx.admin
 	// spool runs one of the examples' commands, asking the test's Caddy:
 	// 0 and its stdout, or the test fails.
 	withAddress := regexp.MustCompile(`(caddy trivialsec-webhook spool \w+)`)
@@ -364,15 +320,7 @@ http://127.0.0.1:%d {
 		}
 		return out
 	}
-	var activity []string
-	for range 3 {
-		id := uuid.NewString()
-		auth, body := mint(secret, "acme", id, time.Now())
-		if status := post(t, url, auth, body); status != 202 {
-			t.Fatalf("status %d, want 202 (spooled)", status)
-		}
-		activity = append(activity, id)
-	}
+	activity := rx.spool(t, 3)
 	for range 2 {
 		if code, out, errOut := run(t, env, "trivialsec-webhook", "send", "--url", url, "--account", "acme", "--event", "report_created"); code != 0 {
 			t.Fatalf("send: exit %d, %q %q", code, out, errOut)

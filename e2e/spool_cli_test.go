@@ -29,38 +29,14 @@ func TestSpoolCLI(t *testing.T) {
 	t.Cleanup(up.Close)
 	answer := func(status int) { up.Answer(func(http.Header, *http.Request) int { return status }) }
 	answer(http.StatusServiceUnavailable)
-	port, adminPort := freePort(t), freePort(t)
 	env := []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret}
-	srv := startServer(t, fmt.Sprintf(`{
-	admin 127.0.0.1:%d
-	persist_config off
-}
-
-http://127.0.0.1:%d {
-	trivialsec_webhook {
-		account acme
-		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
-		spool {
-			backoff 1h 2h
-		}
-	}
-	reverse_proxy %s
-}
-`, adminPort, port, up.Addr), port, env)
-	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
-	admin := fmt.Sprintf("127.0.0.1:%d", adminPort)
+	srv := startSpooling(t, up.Addr)
+	url, admin := srv.url, srv.admin
 
 	// Three client_activity deliveries, two report_created ones sent by
 	// the command: all spooled.
-	var activity, reports []string
-	for range 3 {
-		id := uuid.NewString()
-		auth, body := mint(secret, "acme", id, time.Now())
-		if status := post(t, url, auth, body); status != 202 {
-			t.Fatalf("status %d, want 202 (spooled)", status)
-		}
-		activity = append(activity, id)
-	}
+	activity := srv.spool(t, 3)
+	var reports []string
 	for range 2 {
 		id := uuid.NewString()
 		code, out, errOut := run(t, env, "trivialsec-webhook", "send", "--url", url, "--account", "acme",

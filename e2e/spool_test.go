@@ -17,6 +17,52 @@ import (
 	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 )
 
+// spooling is a receiver for account acme whose spool retries after an
+// hour, in front of upstream, with its admin endpoint on a port of its own.
+type spooling struct {
+	*server
+	url   string // where deliveries go
+	admin string // the admin endpoint, host:port
+}
+
+// spool sends n new client_activity deliveries, each of which must be
+// answered 202 (spooled), and returns their event IDs.
+func (rx spooling) spool(t *testing.T, n int) []string {
+	t.Helper()
+	var ids []string
+	for range n {
+		id := uuid.NewString()
+		auth, body := mint(secret, "acme", id, time.Now())
+		if status := post(t, rx.url, auth, body); status != 202 {
+			t.Fatalf("status %d, want 202 (spooled)", status)
+		}
+		ids = append(ids, id)
+	}
+	return ids
+}
+
+func startSpooling(t *testing.T, upstream string) spooling {
+	t.Helper()
+	port, adminPort := freePort(t), freePort(t)
+	srv := startServer(t, fmt.Sprintf(`{
+	admin 127.0.0.1:%d
+	persist_config off
+}
+
+http://127.0.0.1:%d {
+	trivialsec_webhook {
+		account acme
+		secret {env.TRIVIALSEC_WEBHOOK_SECRET}
+		spool {
+			backoff 1h 2h
+		}
+	}
+	reverse_proxy %s
+}
+`, adminPort, port, upstream), port, []string{"TRIVIALSEC_WEBHOOK_SECRET=" + secret})
+	return spooling{srv, fmt.Sprintf("http://127.0.0.1:%d/", port), fmt.Sprintf("127.0.0.1:%d", adminPort)}
+}
+
 // spoolConfig is a receiver in front of upstream, its spool in dir.
 func spoolConfig(port int, dir, upstream string) string {
 	return fmt.Sprintf(`{
