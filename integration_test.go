@@ -65,7 +65,7 @@ func (u *upstream) received() []upstreamRequest {
 }
 
 // freePort finds a loopback port nobody listens on.
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	port, err := testkit.FreePort()
 	if err != nil {
@@ -101,7 +101,7 @@ func startCaddy(t *testing.T, site string) string {
 
 // loadCaddyfile runs a whole Caddyfile until the test ends. Caddy's data
 // directory, where the spool is by default, is the test's own.
-func loadCaddyfile(t *testing.T, caddyfile string) {
+func loadCaddyfile(t testing.TB, caddyfile string) {
 	t.Helper()
 	t.Setenv("XDG_DATA_HOME", t.TempDir())
 	cfg, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
@@ -133,7 +133,7 @@ func (d *delivery) at(now time.Time) *delivery {
 
 // post sends a delivery as the production sender does: no Content-Type,
 // User-Agent "Trivial Security".
-func post(t *testing.T, url, authorization string, body io.Reader) *http.Response {
+func post(t testing.TB, url, authorization string, body io.Reader) *http.Response {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodPost, url, body)
 	if err != nil {
@@ -156,7 +156,7 @@ func post(t *testing.T, url, authorization string, body io.Reader) *http.Respons
 // is reused, and Go does not resend a POST.)
 var senderClient = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 30 * time.Second}
 
-func readAll(t *testing.T, r io.Reader) string {
+func readAll(t testing.TB, r io.Reader) string {
 	t.Helper()
 	b, err := io.ReadAll(r)
 	if err != nil {
@@ -426,7 +426,7 @@ func TestIntegrationMetrics(t *testing.T) {
 }
 
 // scrape reads a Prometheus text exposition into series -> value.
-func scrape(t *testing.T, url string) map[string]float64 {
+func scrape(t testing.TB, url string) map[string]float64 {
 	t.Helper()
 	resp, err := senderClient.Get(url)
 	if err != nil { // once more: a reload may have closed the connection

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -14,6 +13,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testredis"
 )
 
 // TestBreaker: the state machine of a route's breaker.
@@ -156,7 +157,7 @@ type switchUpstream struct {
 	taken     map[string]int
 }
 
-func startSwitchUpstream(t *testing.T) *switchUpstream {
+func startSwitchUpstream(t testing.TB) *switchUpstream {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -422,33 +423,37 @@ func TestSpoolBreaker(t *testing.T) {
 	})
 }
 
-// TestSpoolBreakerOutageDrain measures what the breakers save: 5,000
+// BenchmarkSpoolOutageDrain measures what the breakers save: 5,000
 // deliveries spooled while the service refuses, which stays down 3 s
 // more, then answers; the re-drives made meanwhile, and how long until
-// every one is delivered, with the breakers and without. Run it with
-// BREAKER_BENCH=1 (BENCHMARKS.md).
-func TestSpoolBreakerOutageDrain(t *testing.T) {
-	if os.Getenv("BREAKER_BENCH") == "" {
-		t.Skip("a measurement: BREAKER_BENCH=1 runs it")
-	}
-	t.Cleanup(func() { breakersOff.Store(false) })
+// every one is delivered, with the breakers and without, on each store.
+// One outage each: it lasts longer than the default -benchtime, so the
+// benchmark runs once (BENCHMARKS.md):
+//
+//	go test -run '^$' -bench SpoolOutageDrain -benchtime 1x .
+func BenchmarkSpoolOutageDrain(b *testing.B) {
+	b.Cleanup(func() { breakersOff.Store(false) })
 	for _, off := range []bool{false, true} {
-		name := "breaker"
-		if off {
-			name = "no_breaker"
-		}
-		t.Run(name, func(t *testing.T) {
-			eachStore(t, func(t *testing.T, store string) {
+		for _, store := range []string{"file", "redis"} {
+			name := "breaker"
+			if off {
+				name = "no_breaker"
+			}
+			b.Run(name+"/store="+store, func(b *testing.B) {
+				spool := ""
+				if store == "redis" {
+					spool = "store redis " + testredis.Start(b).URL() + "\n\t\t\t"
+				}
 				breakersOff.Store(off)
 				const n = 5000
-				up := startSwitchUpstream(t)
-				g := startSpoolRigTo(t, "spool {\n\t\t\t"+store+"backoff 100ms 5s\n\t\t}", up.Addr().String())
-				before := scrape(t, g.base+"/metrics")["caddy_trivialsec_webhook_spool_attempts_total"]
+				up := startSwitchUpstream(b)
+				g := startSpoolRigTo(b, "spool {\n\t\t\t"+spool+"backoff 100ms 5s\n\t\t}", up.Addr().String())
+				before := scrape(b, g.base+"/metrics")["caddy_trivialsec_webhook_spool_attempts_total"]
 				began := time.Now()
 				g.spoolMany(n, 8)
 				spooled := time.Since(began)
 				time.Sleep(3 * time.Second)
-				during := scrape(t, g.base+"/metrics")["caddy_trivialsec_webhook_spool_attempts_total"] - before
+				during := scrape(b, g.base+"/metrics")["caddy_trivialsec_webhook_spool_attempts_total"] - before
 				up.refusing.Store(false)
 				back := time.Now()
 				g.waitLong(5*time.Minute, "every delivery taken", func() bool {
@@ -456,20 +461,12 @@ func TestSpoolBreakerOutageDrain(t *testing.T) {
 					defer up.mu.Unlock()
 					return len(up.taken) >= n
 				})
-				t.Logf("%s, %s store: spooled %d in %v; outage %v; re-drives during it %v; every one delivered %v after the service came back",
-					name, storeName(store), n, spooled.Round(time.Millisecond), back.Sub(began).Round(time.Millisecond),
-					during, time.Since(back).Round(time.Millisecond))
+				b.ReportMetric(during, "redrives-in-outage")
+				b.ReportMetric(spooled.Seconds(), "spooling-s")
+				b.ReportMetric(time.Since(back).Seconds(), "drain-s")
 			})
-		})
+		}
 	}
-}
-
-// storeName names the store of eachStore's store line.
-func storeName(store string) string {
-	if store == "" {
-		return "file"
-	}
-	return "redis"
 }
 
 // TestSpoolBreakerLoneEntry: a route's only entry, held back by its open

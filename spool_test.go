@@ -63,7 +63,7 @@ func eachStore(t *testing.T, test func(t *testing.T, store string)) {
 
 // spoolRig is a Caddy with the spool in front of an upstream.
 type spoolRig struct {
-	t               *testing.T
+	t               testing.TB
 	up              *testkit.Upstream
 	url             string // where deliveries go
 	base            string // the site
@@ -91,7 +91,7 @@ func startSpoolRigEdited(t *testing.T, spool string, edit func(string) string) *
 
 // startSpoolRigTo starts a spool rig whose reverse_proxy goes to upstream,
 // an upstream of the test's own, when it is not "".
-func startSpoolRigTo(t *testing.T, spool, upstream string, edit ...func(string) string) *spoolRig {
+func startSpoolRigTo(t testing.TB, spool, upstream string, edit ...func(string) string) *spoolRig {
 	t.Helper()
 	up, err := testkit.StartUpstream()
 	if err != nil {

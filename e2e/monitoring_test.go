@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -834,21 +833,6 @@ func deadLetter(t *testing.T, listing, id string) *spoolEntry {
 		}
 	}
 	return nil
-}
-
-// adminRequest sends an admin API request and returns its status.
-func adminRequest(t *testing.T, method, target string) int {
-	t.Helper()
-	req, err := http.NewRequest(method, target, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := sender.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	return resp.StatusCode
 }
 
 // replaceIn replaces old in s, which must hold it: an example whose text
