@@ -134,7 +134,7 @@ func TestCommandErrors(t *testing.T) {
 		{"invalid_json_payload", withSecret, []string{"sign", "--account", "acme", "--payload", "@" + payloadFile}, "--payload is not a JSON object"},
 		{"bad_style", withSecret, []string{"sign", "--account", "acme", "--style", "legacy"}, `unknown style "legacy"`},
 		{"no_url", withSecret, []string{"send", "--account", "acme"}, "--url is required"},
-		{"unreachable_url", withSecret, []string{"send", "--account", "acme", "--url", fmt.Sprintf("http://127.0.0.1:%d/hook", freePort(t))}, "cannot reach http://127.0.0.1:"},
+		{"unreachable_url", withSecret, []string{"send", "--account", "acme", "--url", "http://" + closedAddr(t) + "/hook"}, "cannot reach http://127.0.0.1:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, errOut := run(t, tc.env, append([]string{"trivialsec-webhook"}, tc.args...)...)

@@ -35,7 +35,9 @@ func Mint(key, account, tokenEventID, bodyEventID string, now time.Time) (author
 	return input + "." + b64.EncodeToString(mac.Sum(nil)), body
 }
 
-// FreePort returns a loopback port nobody listens on.
+// FreePort returns a loopback port nobody listens on, for a listener to
+// take at once. It is free: a later FreePort may return it again while
+// nothing listens on it. An address that must stay down is ReservePort's.
 func FreePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -12,10 +12,13 @@ import (
 
 // Upstream is the service behind Caddy in the spool's tests. It records
 // every request it answers, answers as the test says, and can go down (its
-// port closed: connections refused) and come back on the same port.
+// port closed: connections refused) and come back on the same port. The
+// port stays reserved while it is down, until Close: no FreePort returns
+// it, so no Caddy a test starts meanwhile takes the service's place.
 type Upstream struct {
 	Addr string // host:port, the same across Down and Up
 
+	port     *ClosedPort
 	mu       sync.Mutex
 	server   *http.Server
 	answer   func(http.Header, *http.Request) int
@@ -32,12 +35,16 @@ type Received struct {
 
 // StartUpstream starts an upstream on a free loopback port, answering 200.
 func StartUpstream() (*Upstream, error) {
-	port, err := FreePort()
+	port, err := ReservePort()
 	if err != nil {
 		return nil, err
 	}
-	u := &Upstream{Addr: fmt.Sprintf("127.0.0.1:%d", port)}
-	return u, u.Up()
+	u := &Upstream{Addr: port.Addr, port: port}
+	if err := u.Up(); err != nil {
+		port.Close()
+		return nil, err
+	}
+	return u, nil
 }
 
 // Answer sets how the upstream answers: the status fn returns, after
@@ -53,7 +60,7 @@ func (u *Upstream) Up() error {
 	var l net.Listener
 	var err error
 	for range 50 { // the port was just closed; give the kernel a moment
-		if l, err = net.Listen("tcp", u.Addr); err == nil {
+		if l, err = u.port.Listen(); err == nil {
 			break
 		}
 		time.Sleep(20 * time.Millisecond)
@@ -142,5 +149,8 @@ func (u *Upstream) WaitTaken(ids []string, timeout time.Duration) (map[string]in
 	}
 }
 
-// Close stops the upstream for good.
-func (u *Upstream) Close() { u.Down() }
+// Close stops the upstream for good, and gives its port up.
+func (u *Upstream) Close() {
+	u.Down()
+	u.port.Close()
+}
