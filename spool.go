@@ -201,8 +201,10 @@ type spoolStore interface {
 	up() bool
 	// logFields name the store in log lines.
 	logFields() []zap.Field
-	// page, summary, retryNow and remove are the admin API's, on the whole
-	// store (spool_query.go). page returns the first limit entries f
+	// page, summary, retryNow and removeIf are the admin API's, on the
+	// whole store (spool_query.go). removeIf deletes an entry if it is still
+	// stored in state (pending or dead; "": any), and reports whether it
+	// did. page returns the first limit entries f
 	// selects after the cursor (nil: from the first), in spooled order,
 	// and how many f selects in all.
 	page(f spoolFilter, after *spoolCursor, limit int) ([]spoolMeta, int64, error)
@@ -211,7 +213,7 @@ type spoolStore interface {
 	probeNow(id uuid.UUID)
 	answeredInline(d *driver)
 	retryNow(id uuid.UUID) (bool, error)
-	remove(id uuid.UUID) (bool, error)
+	removeIf(id uuid.UUID, state string) (bool, error)
 	// stats is what the metrics report.
 	stats() spoolStats
 	setPolicy(p spoolPolicy)

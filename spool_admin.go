@@ -218,11 +218,15 @@ func (adminSpool) summary(w http.ResponseWriter, r *http.Request) error {
 }
 
 // spoolAction is what an admin retry or delete does to one entry, in a
-// store: whether the entry was there.
-type spoolAction func(s spoolStore, id uuid.UUID) (bool, error)
+// store: whether the entry was there. A delete acts only on an entry still
+// stored in state ("": any): a bulk delete of dead letters must not delete
+// one retried meanwhile.
+type spoolAction func(s spoolStore, id uuid.UUID, state string) (bool, error)
 
-func retryAction(s spoolStore, id uuid.UUID) (bool, error)  { return s.retryNow(id) }
-func deleteAction(s spoolStore, id uuid.UUID) (bool, error) { return s.remove(id) }
+func retryAction(s spoolStore, id uuid.UUID, _ string) (bool, error) { return s.retryNow(id) }
+func deleteAction(s spoolStore, id uuid.UUID, state string) (bool, error) {
+	return s.removeIf(id, state)
+}
 
 func (a adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 	rest := strings.TrimPrefix(r.URL.Path, "/trivialsec_webhook/spool/")
@@ -253,7 +257,7 @@ func (a adminSpool) entry(w http.ResponseWriter, r *http.Request) error {
 	found := false
 	var doErr, down error
 	eachSpool(func(s spoolStore) bool {
-		found, doErr = do(s, id)
+		found, doErr = do(s, id, "")
 		if found && doErr == nil && action == "retry" {
 			s.probeNow(id) // an operator checking whether the service is back
 		}
@@ -293,7 +297,7 @@ const bulkWorkers = 8
 type bulkAnswer struct {
 	Matched    int64 `json:"matched"`              // what the filter selected
 	Acted      int64 `json:"acted"`                // retried or deleted; 0 when in the background
-	Gone       int64 `json:"gone,omitempty"`       // delivered or deleted meanwhile
+	Gone       int64 `json:"gone,omitempty"`       // delivered, deleted, or (a delete) retried or dead-lettered meanwhile
 	Refused    int64 `json:"refused,omitempty"`    // their state does not allow it now (held, unchecked)
 	Background bool  `json:"background,omitempty"` // acted on after the answer: the log says when done
 }
@@ -320,6 +324,7 @@ func (adminSpool) bulk(w http.ResponseWriter, r *http.Request, name string, do s
 	type target struct {
 		store spoolStore
 		id    uuid.UUID
+		state string // as stored when selected: pending (parked too) or dead
 	}
 	var targets []target
 	var listErr error
@@ -331,7 +336,11 @@ func (adminSpool) bulk(w http.ResponseWriter, r *http.Request, name string, do s
 				return false
 			}
 			for i := range metas {
-				targets = append(targets, target{s, metas[i].EventID})
+				state := metas[i].State
+				if state == stateParked {
+					state = statePending
+				}
+				targets = append(targets, target{s, metas[i].EventID, state})
 			}
 			if len(metas) < maxSpoolPage {
 				return true
@@ -351,7 +360,7 @@ func (adminSpool) bulk(w http.ResponseWriter, r *http.Request, name string, do s
 		for range bulkWorkers {
 			wg.Go(func() {
 				for t := range work {
-					found, err := do(t.store, t.id)
+					found, err := do(t.store, t.id, t.state)
 					mu.Lock()
 					switch {
 					case errors.As(err, new(conflictError)):
@@ -387,9 +396,9 @@ func (adminSpool) bulk(w http.ResponseWriter, r *http.Request, name string, do s
 		}
 		return writeJSON(w, http.StatusOK, out)
 	}
-	log := caddy.Log().Named("admin.api.trivialsec_webhook")
 	go func() {
 		out, err := run()
+		log := caddy.Log().Named("admin.api.trivialsec_webhook") // the logging of the config running now
 		fields := []zap.Field{zap.String("action", name), zap.Int64("matched", out.Matched), zap.Int64("acted", out.Acted),
 			zap.Int64("gone", out.Gone), zap.Int64("refused", out.Refused)}
 		if err != nil {

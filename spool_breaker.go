@@ -91,6 +91,7 @@ type breaker struct {
 	probe     uuid.UUID
 	waiting   []dueItem // open: the due entries held back, in the order they came due
 	used      time.Time // when the last attempt through the route ended
+	asked     time.Time // when an operator's retry last brought the probe forward (probeAccount)
 }
 
 // failed records a failure of an attempt through the route, at now; asked
@@ -232,8 +233,8 @@ func (s *scheduler) settle(account string, d *driver, id uuid.UUID, verdict rout
 	r := route{account, d.key}
 	b := s.routes[r]
 	if b == nil {
-		if verdict == routeUnknown {
-			return
+		if verdict == routeUnknown || !s.routed(r) {
+			return // nothing to say, or a route a reload took away (forget)
 		}
 		b = new(breaker)
 		s.routes[r] = b
@@ -283,16 +284,31 @@ func (s *scheduler) answeredInline(d *driver) {
 // probeAccount lets the next probe of each open breaker of account's
 // routes go at once: an operator retried one of its entries through the
 // admin API, to see whether the service is back (probeNow). The probe is
-// the entry of the route that has waited longest.
+// the entry of the route that has waited longest; at most one a backoff
+// min.
 func (s *scheduler) probeAccount(account string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	now := time.Now()
 	for r, b := range s.routes {
-		if r.account == account && b.open {
-			b.nextProbe = time.Now()
+		// At most one probe brought forward per backoff min: retries
+		// of many entries by ID must not hammer a service that is down.
+		if r.account == account && b.open && now.Sub(b.asked) >= s.policy.backoffMin {
+			b.nextProbe, b.asked = now, now
 			s.signal()
 		}
 	}
+}
+
+// routed reports whether a registered driver serves r. Call with s.mu
+// held.
+func (s *scheduler) routed(r route) bool {
+	for _, d := range s.drivers[r.account] {
+		if d.key == r.server {
+			return true
+		}
+	}
+	return false
 }
 
 // forget drops the breaker of a route no driver serves any more (a reload
@@ -300,10 +316,8 @@ func (s *scheduler) probeAccount(account string) {
 // entries that waited for it are due, to go their own way. Call with s.mu
 // held.
 func (s *scheduler) forget(r route) {
-	for _, d := range s.drivers[r.account] {
-		if d.key == r.server {
-			return
-		}
+	if s.routed(r) {
+		return
 	}
 	if b := s.routes[r]; b != nil {
 		if b.open {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"go.uber.org/zap"
 
 	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testredis"
 )
@@ -552,5 +553,53 @@ func TestSpoolBreakerClosesEarly(t *testing.T) {
 				g.waitFor("the breaker closed", func() bool { return g.breaker().State == "closed" })
 			})
 		})
+	}
+}
+
+// nopStore is a redriveStore that stores nothing: for the scheduler's
+// breakers alone.
+type nopStore struct{}
+
+func (nopStore) take(*spoolMeta) (spoolRequest, []byte, error) { return spoolRequest{}, nil, nil }
+func (nopStore) delivered(spoolMeta)                           {}
+func (nopStore) failed(spoolMeta) error                        { return nil }
+func (nopStore) log() *zap.Logger                              { return zap.NewNop() }
+
+// TestBreakerRoutes: attempts through a route that a reload took away
+// (their driver unregistered while they were under way) open no breaker,
+// which nothing would ever close; an operator's retries bring a route's
+// probe forward at most once a backoff min.
+func TestBreakerRoutes(t *testing.T) {
+	s := newScheduler(nopStore{}, false, spoolPolicy{backoffMin: time.Hour, backoffMax: 2 * time.Hour, concurrency: 16})
+	old := &driver{key: ":443", account: "acme"}
+	moved := &driver{key: ":8443", account: "acme"}
+	s.register(old)
+	s.register(moved)
+	s.unregister(old)
+	for range breakerTrips {
+		s.settle("acme", old, uuid.New(), routeDown, 0, "502")
+	}
+	open := map[string]int{}
+	s.openBreakers(open)
+	if open["acme"] != 0 || s.open.Load() != 0 {
+		t.Fatalf("%d open breakers of acme (%d in all) after failures through a route no driver serves", open["acme"], s.open.Load())
+	}
+
+	for range breakerTrips {
+		s.settle("acme", moved, uuid.New(), routeDown, 0, "502")
+	}
+	b := s.routes[route{"acme", ":8443"}]
+	if b == nil || !b.open || time.Until(b.nextProbe) < 30*time.Minute {
+		t.Fatalf("the breaker of a served route: %+v", b)
+	}
+	s.probeAccount("acme")
+	if time.Until(b.nextProbe) > 0 {
+		t.Fatalf("an operator's retry: the next probe is still at %v", b.nextProbe)
+	}
+	later := time.Now().Add(time.Hour)
+	b.nextProbe = later // the probe went, and failed
+	s.probeAccount("acme")
+	if !b.nextProbe.Equal(later) {
+		t.Fatal("a second retry within backoff min brought the probe forward again")
 	}
 }

@@ -226,6 +226,13 @@ func spoolArgsFromFlags(c *cobra.Command, ids []string, now time.Time) (*spoolAr
 	str := func(name string) string { v, _ := f.GetString(name); return v }
 	a := &spoolArgs{filter: url.Values{}, now: now}
 	a.json, _ = f.GetBool("json")
+	// A filter given empty (a script's variable left empty) is a mistake:
+	// taken as no filter, a delete would select more than asked.
+	for _, name := range []string{"state", "event-name", "spooled-after", "spooled-before"} {
+		if fl := f.Lookup(name); fl != nil && fl.Changed && (fl.Value.String() == "" || fl.Value.String() == "[]") {
+			return nil, fmt.Errorf("--%s is empty: give a value, or leave it out", name)
+		}
+	}
 
 	if f.Lookup("state") != nil {
 		states, _ := f.GetStringSlice("state")

@@ -564,20 +564,41 @@ func (s *fileSpool) save(m spoolMeta) error {
 
 // remove deletes an entry an operator drops, durably. It reports whether
 // there was one.
-func (s *fileSpool) remove(id uuid.UUID) (bool, error) {
+func (s *fileSpool) remove(id uuid.UUID) (bool, error) { return s.removeIf(id, "") }
+
+// removeIf deletes an entry an operator drops, durably, if it is stored in
+// state ("": any; the index says parked for a stored pending one). It
+// reports whether it did.
+func (s *fileSpool) removeIf(id uuid.UUID, state string) (bool, error) {
 	if err := s.known(); err != nil {
 		return false, err
 	}
 	s.mu.Lock()
 	m, ok := s.entries[id]
 	waiting := ok && m.Unchecked && m.State != stateDead
+	changed := ok && state != "" && (m.State == stateDead) != (state == stateDead)
 	s.mu.Unlock()
+	if changed {
+		return false, nil
+	}
 	if waiting {
 		// It holds no reservation yet: deleted, it would let a copy of the
 		// event in. Once checked (or a dead letter) it can go.
 		return true, conflictError{fmt.Errorf("event %s is held, unchecked, until the replay store answers: delete it once it is checked", id)}
 	}
-	if err := s.commit(func(tx *bolt.Tx) error { return deleteEntry(tx, id) }); err != nil {
+	err := s.commit(func(tx *bolt.Tx) error {
+		if state != "" {
+			// Its state as last saved: a retry saves before it indexes.
+			var cur struct{ State string }
+			raw := tx.Bucket(bucketMeta).Get(id[:])
+			if raw == nil || json.Unmarshal(raw, &cur) != nil || cur.State != state {
+				changed = true
+				return nil
+			}
+		}
+		return deleteEntry(tx, id)
+	})
+	if err != nil || changed {
 		return false, err
 	}
 	return s.unindex(id), nil

@@ -82,6 +82,16 @@ func (f *spoolFilter) empty() bool {
 // (RFC 3339). Other parameters are the caller's.
 func parseSpoolFilter(q url.Values) (spoolFilter, error) {
 	var f spoolFilter
+	// A filter given empty, or twice, is a mistake (a script's variable
+	// left empty): taken as no filter, a delete would select more.
+	for _, name := range []string{"event_name", "spooled_after", "spooled_before"} {
+		switch vs := q[name]; {
+		case len(vs) > 1:
+			return f, fmt.Errorf("%s is given %d times: give it once", name, len(vs))
+		case len(vs) == 1 && vs[0] == "":
+			return f, fmt.Errorf("%s is empty: give a value, or leave it out", name)
+		}
+	}
 	for _, v := range q["state"] {
 		for s := range strings.SplitSeq(v, ",") {
 			switch s {

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testredis"
 )
 
 // The admin API's filters, pages and bulk actions, through a real Caddy,
@@ -231,7 +233,8 @@ func TestSpoolListingFilters(t *testing.T) {
 				t.Errorf("%q: %d entries, total %d; want %d", c.query, len(ids), total, c.want)
 			}
 		}
-		for _, bad := range []string{"state=sleeping", "spooled_after=yesterday", "limit=0", "limit=1001", "next=xyz", "event=report_created", "event_name=report"} {
+		for _, bad := range []string{"state=sleeping", "spooled_after=yesterday", "limit=0", "limit=1001", "next=xyz", "event=report_created", "event_name=report", "event_name=",
+			"state=", "spooled_before=", "event_name=report_created&event_name=report_deleted"} {
 			if code := g.adminJSON(http.MethodGet, "/trivialsec_webhook/spool?"+bad, nil); code != http.StatusBadRequest {
 				t.Errorf("%q: %d, want 400", bad, code)
 			}
@@ -300,7 +303,7 @@ func TestSpoolBulkActions(t *testing.T) {
 			return p.Total == 70 && !slices.ContainsFunc(p.Entries, func(e spoolListing) bool { return e.State != statePending })
 		})
 
-		for _, bad := range []string{"delete", "delete?all=yes", "delete?state=gone", "delete?events=x"} {
+		for _, bad := range []string{"delete", "delete?all=yes", "delete?state=gone", "delete?events=x", "delete?event_name=", "delete?state=&all=true"} {
 			if code := g.adminJSON(http.MethodPost, "/trivialsec_webhook/spool/"+bad, nil); code != http.StatusBadRequest {
 				t.Errorf("POST %s: %d, want 400", bad, code)
 			}
@@ -331,4 +334,34 @@ func TestSpoolBulkActions(t *testing.T) {
 		}
 		g.drained()
 	})
+}
+
+// TestSpoolRemoveIf: a bulk delete's removeIf deletes an entry only in the
+// state it was selected in: a dead letter retried meanwhile (pending
+// again) stays, on each store.
+func TestSpoolRemoveIf(t *testing.T) {
+	for name, open := range map[string]func(t *testing.T) spoolStore{
+		"file":  func(t *testing.T) spoolStore { return openTestSpool(t, t.TempDir(), testPolicy) },
+		"redis": func(t *testing.T) spoolStore { return openTestRedisSpool(t, testredis.Start(t)) },
+	} {
+		t.Run(name, func(t *testing.T) {
+			s := open(t)
+			e := testEntry(`{"a": 1}`)
+			if err := s.add(e); err != nil {
+				t.Fatal(err)
+			}
+			if done, err := s.removeIf(e.meta.EventID, stateDead); done || err != nil {
+				t.Fatalf("removeIf dead, of a pending entry: %v %v", done, err)
+			}
+			if l := listed(t, s); len(l) != 1 {
+				t.Fatalf("%d entries after a removeIf that did not match, want 1", len(l))
+			}
+			if done, err := s.removeIf(e.meta.EventID, statePending); !done || err != nil {
+				t.Fatalf("removeIf pending, of a pending entry: %v %v", done, err)
+			}
+			if l := listed(t, s); len(l) != 0 {
+				t.Fatalf("%d entries after removeIf, want 0", len(l))
+			}
+		})
+	}
 }

@@ -644,13 +644,15 @@ return 1`)
 	// indexes, its account's due, and for a delivery, the stream and our lease. ARGV:
 	// event ID, the tombstone's ms to live, 1 if delivered, the index
 	// suffix, and for a delivery the group, the turn, our consumer and the
-	// lease's value. Deletes an entry, delivered or dropped, and
+	// lease's value; for a drop, the state it must be in ('': any), 9th.
+	// Deletes an entry, delivered or dropped, and
 	// leaves its tombstone: a late write of it adds nothing. A delivered
 	// entry is deleted whoever holds it now (another attempt at it would
 	// deliver it twice); its turn ends if it is ours, under our lease:
 	// whoever holds it else meets a stale turn.
 	redisDeleteScript = newRedisScript("the spool's delete script (HMGET, DEL, SREM, ZREM, HINCRBY, HDEL, SET, GET, XPENDING, XACK, XDEL)", `
 local cur = redis.call('HMGET', KEYS[1], 'state', 'size', 'account', 'event', 'bytes')
+if cur[1] and ARGV[9] and ARGV[9] ~= '' and cur[1] ~= ARGV[9] then return 0 end
 local n = 0
 if cur[1] then
 	redis.call('DEL', KEYS[1])
@@ -1192,7 +1194,11 @@ func (s *redisSpool) probeNow(id uuid.UUID) {
 
 // remove deletes an entry, and leaves its tombstone; the instance that
 // holds its turn finds it gone.
-func (s *redisSpool) remove(id uuid.UUID) (bool, error) {
+func (s *redisSpool) remove(id uuid.UUID) (bool, error) { return s.removeIf(id, "") }
+
+// removeIf deletes an entry if it is stored in state ("": any), and leaves
+// its tombstone; the instance that holds its turn finds it gone.
+func (s *redisSpool) removeIf(id uuid.UUID, state string) (bool, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), redisTimeout)
 	defer cancel()
 	key := s.entryKey(id.String())
@@ -1203,7 +1209,7 @@ func (s *redisSpool) remove(id uuid.UUID) (bool, error) {
 	idx, sfx := s.indexKeys(m.EventName, m.Account)
 	keys := []string{key, s.prefix + "ids", s.prefix + "stats", s.doneKey(id.String()), s.prefix + "waiting"}
 	n, err := s.run(ctx, redisDeleteScript, append(keys, idx...),
-		id.String(), s.doneTTL(m.ExpiresAt).Milliseconds(), 0, sfx).Int()
+		id.String(), s.doneTTL(m.ExpiresAt).Milliseconds(), 0, sfx, "", "", "", "", state).Int()
 	if err != nil {
 		return false, fmt.Errorf("spool redis: %w", err)
 	}

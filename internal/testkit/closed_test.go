@@ -95,7 +95,9 @@ func TestUpstreamDownKeepsItsPort(t *testing.T) {
 		if err := u.Up(); err != nil {
 			t.Fatal(err)
 		}
-		resp, err := http.Post("http://"+u.Addr+"/", "application/json", nil)
+		// A new connection each time: one kept from before Down is closed.
+		client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+		resp, err := client.Post("http://"+u.Addr+"/", "application/json", nil)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -21,6 +21,7 @@ type Upstream struct {
 	port     *ClosedPort
 	mu       sync.Mutex
 	server   *http.Server
+	listener net.Listener // the server's: closed by Down itself, as Serve may not have taken it yet
 	answer   func(http.Header, *http.Request) int
 	received []Received
 }
@@ -70,7 +71,7 @@ func (u *Upstream) Up() error {
 	}
 	srv := &http.Server{Handler: http.HandlerFunc(u.serve), ReadHeaderTimeout: 10 * time.Second}
 	u.mu.Lock()
-	u.server = srv
+	u.server, u.listener = srv, l
 	u.mu.Unlock()
 	go func() { _ = srv.Serve(l) }()
 	return nil
@@ -79,11 +80,14 @@ func (u *Upstream) Up() error {
 // Down closes the port and every connection: Caddy's dials are refused.
 func (u *Upstream) Down() {
 	u.mu.Lock()
-	srv := u.server
-	u.server = nil
+	srv, l := u.server, u.listener
+	u.server, u.listener = nil, nil
 	u.mu.Unlock()
 	if srv != nil {
 		_ = srv.Close()
+		// A Close before Serve took the listener leaves it open (Serve
+		// then returns without closing it).
+		_ = l.Close()
 	}
 }
 
