@@ -33,7 +33,7 @@ func init() {
 //	POST   /trivialsec_webhook/spool/<event_id>/retry       re-drive one now, a dead letter too
 //	DELETE /trivialsec_webhook/spool/<event_id>             drop one
 //
-// A filter is state, event_name, spooled_after and spooled_before
+// A filter is state, event_name, account, spooled_after and spooled_before
 // (spool_query.go). The listing has no bodies and no headers.
 type adminSpool struct{}
 
@@ -57,6 +57,7 @@ func (a adminSpool) Routes() []caddy.AdminRoute {
 type spoolListing struct {
 	EventID     string `json:"event_id"`
 	EventName   string `json:"event_name"`
+	Account     string `json:"account"`
 	State       string `json:"state"`
 	Attempts    int    `json:"attempts"`
 	SpooledAt   string `json:"spooled_at"`
@@ -94,7 +95,7 @@ func known(q url.Values, names ...string) error {
 	return nil
 }
 
-var filterParams = []string{"state", "event_name", "spooled_after", "spooled_before"}
+var filterParams = []string{"state", "event_name", "account", "spooled_after", "spooled_before"}
 
 func (adminSpool) list(w http.ResponseWriter, r *http.Request) error {
 	if err := methodIs(r, http.MethodGet); err != nil {
@@ -130,6 +131,7 @@ func (adminSpool) list(w http.ResponseWriter, r *http.Request) error {
 		l := spoolListing{
 			EventID:   m.EventID.String(),
 			EventName: m.EventName,
+			Account:   m.Account,
 			State:     m.State,
 			Attempts:  m.Attempts,
 			SpooledAt: m.SpooledAt.UTC().Format(rfc3339Millis),
@@ -319,7 +321,7 @@ func (adminSpool) bulk(w http.ResponseWriter, r *http.Request, name string, do s
 		return badRequest(fmt.Errorf("all %q: use all=true, or leave it out", all))
 	}
 	if name == "delete" && f.empty() && all != "true" {
-		return badRequest(errors.New("delete needs a filter (state, event_name, spooled_after, spooled_before), or all=true to delete every entry"))
+		return badRequest(errors.New("delete needs a filter (state, event_name, account, spooled_after, spooled_before), or all=true to delete every entry"))
 	}
 	type target struct {
 		store spoolStore

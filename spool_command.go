@@ -53,6 +53,7 @@ Filters (each narrows the selection):
   --state pending|parked|dead   repeated, or a comma list; pending selects
                                 the parked entries too
   --event-name <name>           one of the 15 event names
+  --account <name>              the account of a trivialsec_webhook handler
   --spooled-after <time>        spooled at or after it
   --spooled-before <time>       spooled before it
 A time is RFC 3339 (2026-11-30T12:00:00Z), or a duration meaning that long
@@ -123,8 +124,9 @@ Drops from the spool of a running Caddy the entries given by event ID, or
 those the filters select, or with --all every entry: they will not be
 delivered. Without an event ID, a filter or --all it refuses, and asks
 nothing of Caddy. Prints "deleted 12 of 12 (0 gone, 0 refused)": gone,
-delivered or deleted meanwhile; refused, the entry's state does not allow
-it now (say, a delivery being attempted). A selection of more than 1000 is
+delivered or deleted meanwhile, or its state changed since it was selected
+(a dead letter retried); refused, the entry's state does not allow it now
+(a delivery held unchecked while Redis did not answer). A selection of more than 1000 is
 deleted in the background: "deleting 54,321 in the background", and
 Caddy's log says when it is done.
 
@@ -146,6 +148,7 @@ one JSON document, {"matched", "acted", "gone", "refused"} or {"matched",
 		if c != summary {
 			f.StringSlice("state", nil, "pending, parked or dead: repeated, or a comma list")
 			f.String("event-name", "", "an event name, such as report_created")
+			f.String("account", "", "an account, as a handler's account names it")
 			f.String("spooled-after", "", "RFC 3339 time, or a duration meaning that long ago (1h)")
 			f.String("spooled-before", "", "RFC 3339 time, or a duration meaning that long ago (1h)")
 		}
@@ -208,7 +211,7 @@ func exitStatus(c *cobra.Command, code int, err error) error {
 // spoolArgs is what the flags and arguments of a spool admin command ask.
 type spoolArgs struct {
 	address  string     // the admin endpoint
-	filter   url.Values // state, event_name, spooled_after, spooled_before
+	filter   url.Values // state, event_name, account, spooled_after, spooled_before
 	ids      []string   // event IDs, canonical
 	all      bool       // retry or delete: every entry
 	limit    int        // list: 0 for the API's default
@@ -228,7 +231,7 @@ func spoolArgsFromFlags(c *cobra.Command, ids []string, now time.Time) (*spoolAr
 	a.json, _ = f.GetBool("json")
 	// A filter given empty (a script's variable left empty) is a mistake:
 	// taken as no filter, a delete would select more than asked.
-	for _, name := range []string{"state", "event-name", "spooled-after", "spooled-before"} {
+	for _, name := range []string{"state", "event-name", "account", "spooled-after", "spooled-before"} {
 		if fl := f.Lookup(name); fl != nil && fl.Changed && (fl.Value.String() == "" || fl.Value.String() == "[]") {
 			return nil, fmt.Errorf("--%s is empty: give a value, or leave it out", name)
 		}
@@ -249,6 +252,9 @@ func spoolArgsFromFlags(c *cobra.Command, ids []string, now time.Time) (*spoolAr
 				return nil, fmt.Errorf("--event-name %q: use one of %s", name, strings.Join(eventNames[:], ", "))
 			}
 			a.filter.Set("event_name", name)
+		}
+		if account := str("account"); account != "" {
+			a.filter.Set("account", account)
 		}
 		for _, p := range []struct{ flag, param string }{
 			{"spooled-after", "spooled_after"}, {"spooled-before", "spooled_before"},
@@ -294,7 +300,7 @@ func spoolArgsFromFlags(c *cobra.Command, ids []string, now time.Time) (*spoolAr
 		case a.all && len(a.filter) > 0:
 			return nil, errors.New("--all and filters together: --all selects every entry; give the filters, or --all")
 		case len(a.ids) == 0 && len(a.filter) == 0 && !a.all:
-			return nil, fmt.Errorf("%s what? give event IDs, filters (--state, --event-name, --spooled-after, --spooled-before), or --all for every entry", c.Name())
+			return nil, fmt.Errorf("%s what? give event IDs, filters (--state, --event-name, --account, --spooled-after, --spooled-before), or --all for every entry", c.Name())
 		}
 	}
 
@@ -461,9 +467,9 @@ func listingTable(rows []spoolListing, total int64, next string, allPages bool) 
 	var b strings.Builder
 	if len(rows) > 0 {
 		tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "EVENT ID\tEVENT\tSTATE\tATTEMPTS\tSPOOLED\tNEXT ATTEMPT\tLAST ERROR")
+		fmt.Fprintln(tw, "EVENT ID\tEVENT\tACCOUNT\tSTATE\tATTEMPTS\tSPOOLED\tNEXT ATTEMPT\tLAST ERROR")
 		for _, r := range rows {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", r.EventID, r.EventName, r.State, r.Attempts,
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", r.EventID, r.EventName, r.Account, r.State, r.Attempts,
 				shortTime(r.SpooledAt), shortTime(r.NextAttempt), oneLine(r.LastError, 60))
 		}
 		tw.Flush()

@@ -124,9 +124,9 @@ func TestSpoolCommandUsageMistakes(t *testing.T) {
 		{[]string{"list", "--limit", "0"}, `list: --limit 0: use a number from 1 to 1000`},
 		{[]string{"list", "--limit", "1001"}, `list: --limit 1001: use a number from 1 to 1000`},
 		{[]string{"list", "--limit", "many"}, `list: invalid argument "many" for "--limit" flag: strconv.ParseInt: parsing "many": invalid syntax`},
-		{[]string{"retry"}, `retry: retry what? give event IDs, filters (--state, --event-name, --spooled-after, --spooled-before), or --all for every entry`},
-		{[]string{"delete"}, `delete: delete what? give event IDs, filters (--state, --event-name, --spooled-after, --spooled-before), or --all for every entry`},
-		{[]string{"delete", "--json"}, `delete: delete what? give event IDs, filters (--state, --event-name, --spooled-after, --spooled-before), or --all for every entry`},
+		{[]string{"retry"}, `retry: retry what? give event IDs, filters (--state, --event-name, --account, --spooled-after, --spooled-before), or --all for every entry`},
+		{[]string{"delete"}, `delete: delete what? give event IDs, filters (--state, --event-name, --account, --spooled-after, --spooled-before), or --all for every entry`},
+		{[]string{"delete", "--json"}, `delete: delete what? give event IDs, filters (--state, --event-name, --account, --spooled-after, --spooled-before), or --all for every entry`},
 		{[]string{"delete", spoolID1, "--state", "dead"}, `delete: event IDs and filters together: give the event IDs, or the filters`},
 		{[]string{"retry", spoolID1, "--all"}, `retry: event IDs and --all together: give the event IDs, or --all`},
 		{[]string{"delete", "--all", "--event-name", "report_created"}, `delete: --all and filters together: --all selects every entry; give the filters, or --all`},
@@ -179,6 +179,7 @@ func TestSpoolCommandRequests(t *testing.T) {
 			url.Values{"state": {"dead"}, "spooled_after": {"2026-11-30T12:00:00.5Z"}}},
 		{[]string{"retry", "--all"}, "POST", "/trivialsec_webhook/spool/retry", url.Values{"all": {"true"}}},
 		{[]string{"delete", "--event-name", "client_activity"}, "POST", "/trivialsec_webhook/spool/delete", url.Values{"event_name": {"client_activity"}}},
+		{[]string{"delete", "--state", "parked", "--account", "acme"}, "POST", "/trivialsec_webhook/spool/delete", url.Values{"state": {"parked"}, "account": {"acme"}}},
 		{[]string{"delete", "--all"}, "POST", "/trivialsec_webhook/spool/delete", url.Values{"all": {"true"}}},
 		{[]string{"retry", "urn:uuid:" + strings.ToUpper(spoolID1)}, "POST", "/trivialsec_webhook/spool/" + spoolID1 + "/retry", url.Values{}},
 		{[]string{"delete", spoolID1}, "DELETE", "/trivialsec_webhook/spool/" + spoolID1, url.Values{}},
@@ -271,10 +272,10 @@ func listingJSON(total int, next string, entries ...string) string {
 }
 
 var (
-	pendingEntry = `{"event_id":"` + spoolID1 + `","event_name":"report_created","state":"pending","attempts":3,` +
+	pendingEntry = `{"event_id":"` + spoolID1 + `","event_name":"report_created","account":"acme","state":"pending","attempts":3,` +
 		`"spooled_at":"2026-11-28T18:33:38.032Z","next_attempt":"2026-11-28T19:00:00.999Z",` +
 		`"last_error":"dial tcp 127.0.0.1:9000: connect: connection refused\nafter 3 attempts, with a long tail that is cut","size":1234}`
-	deadEntry = `{"event_id":"` + spoolID2 + `","event_name":"client_activity","state":"dead","attempts":1,` +
+	deadEntry = `{"event_id":"` + spoolID2 + `","event_name":"client_activity","account":"acme","state":"dead","attempts":1,` +
 		`"spooled_at":"2026-11-28T18:40:00.000Z","last_error":"422","size":99}`
 )
 
@@ -282,9 +283,9 @@ var (
 // and the next page; as the API's JSON, byte for byte; every page.
 func TestSpoolCommandList(t *testing.T) {
 	table := "" +
-		"EVENT ID                              EVENT            STATE    ATTEMPTS  SPOOLED               NEXT ATTEMPT          LAST ERROR\n" +
-		spoolID1 + "  report_created   pending  3         2026-11-28T18:33:38Z  2026-11-28T19:00:00Z  dial tcp 127.0.0.1:9000: connect: connection refused after…\n" +
-		spoolID2 + "  client_activity  dead     1         2026-11-28T18:40:00Z  -                     422\n"
+		"EVENT ID                              EVENT            ACCOUNT  STATE    ATTEMPTS  SPOOLED               NEXT ATTEMPT          LAST ERROR\n" +
+		spoolID1 + "  report_created   acme     pending  3         2026-11-28T18:33:38Z  2026-11-28T19:00:00Z  dial tcp 127.0.0.1:9000: connect: connection refused after…\n" +
+		spoolID2 + "  client_activity  acme     dead     1         2026-11-28T18:40:00Z  -                     422\n"
 	firstPage := listingJSON(4321, "AAABk", pendingEntry, deadEntry)
 	for _, tc := range []struct {
 		name   string
@@ -299,8 +300,8 @@ func TestSpoolCommandList(t *testing.T) {
 		{"every_entry", []string{"list"}, map[string]string{"": listingJSON(2, "", pendingEntry, deadEntry)},
 			table + "2 entries\n"},
 		{"one_entry", []string{"list"}, map[string]string{"": listingJSON(1, "", deadEntry)},
-			"EVENT ID                              EVENT            STATE  ATTEMPTS  SPOOLED               NEXT ATTEMPT  LAST ERROR\n" +
-				spoolID2 + "  client_activity  dead   1         2026-11-28T18:40:00Z  -             422\n1 entry\n"},
+			"EVENT ID                              EVENT            ACCOUNT  STATE  ATTEMPTS  SPOOLED               NEXT ATTEMPT  LAST ERROR\n" +
+				spoolID2 + "  client_activity  acme     dead   1         2026-11-28T18:40:00Z  -             422\n1 entry\n"},
 		{"none", []string{"list", "--state", "dead"}, map[string]string{"": listingJSON(0, "")}, "no entries\n"},
 		{"json", []string{"list", "--json"}, map[string]string{"": firstPage}, firstPage},
 		{"all_pages", []string{"list", "--all-pages"}, map[string]string{

@@ -656,7 +656,7 @@ func (s *fileSpool) page(f spoolFilter, after *spoolCursor, limit int) ([]spoolM
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, m := range s.entries {
-		if f.selects(m.State, m.EventName, m.SpooledAt.UnixMilli()) {
+		if f.selects(m.State, m.EventName, m.Account, m.SpooledAt.UnixMilli()) {
 			p.offer(m)
 		}
 	}

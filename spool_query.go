@@ -36,19 +36,20 @@ type spoolFilter struct {
 	// serves their account); "parked" those only.
 	states    []string
 	eventName string    // "": any
+	account   string    // "": any
 	after     time.Time // spooled at or after it; zero: no bound
 	before    time.Time // spooled before it; zero: no bound
 }
 
 // selects reports whether f selects an entry whose state is state (as the
-// listing shows it: pending, parked or dead), of event name, spooled at
-// spooledMs (Unix ms).
-func (f *spoolFilter) selects(state, name string, spooledMs int64) bool {
+// listing shows it: pending, parked or dead), of event name and account,
+// spooled at spooledMs (Unix ms).
+func (f *spoolFilter) selects(state, name, account string, spooledMs int64) bool {
 	if len(f.states) > 0 && !slices.Contains(f.states, state) &&
 		!(state == stateParked && slices.Contains(f.states, statePending)) {
 		return false
 	}
-	if f.eventName != "" && name != f.eventName {
+	if f.eventName != "" && name != f.eventName || f.account != "" && account != f.account {
 		return false
 	}
 	return f.inRange(spooledMs)
@@ -74,17 +75,17 @@ func (f *spoolFilter) selectsState(stored string) bool {
 
 // empty reports whether f selects every entry.
 func (f *spoolFilter) empty() bool {
-	return len(f.states) == 0 && f.eventName == "" && f.after.IsZero() && f.before.IsZero()
+	return len(f.states) == 0 && f.eventName == "" && f.account == "" && f.after.IsZero() && f.before.IsZero()
 }
 
 // parseSpoolFilter reads a filter from the query parameters state (one or
-// more, comma separated), event_name, spooled_after and spooled_before
-// (RFC 3339). Other parameters are the caller's.
+// more, comma separated), event_name, account, spooled_after and
+// spooled_before (RFC 3339). Other parameters are the caller's.
 func parseSpoolFilter(q url.Values) (spoolFilter, error) {
 	var f spoolFilter
 	// A filter given empty, or twice, is a mistake (a script's variable
 	// left empty): taken as no filter, a delete would select more.
-	for _, name := range []string{"event_name", "spooled_after", "spooled_before"} {
+	for _, name := range []string{"event_name", "account", "spooled_after", "spooled_before"} {
 		switch vs := q[name]; {
 		case len(vs) > 1:
 			return f, fmt.Errorf("%s is given %d times: give it once", name, len(vs))
@@ -108,6 +109,7 @@ func parseSpoolFilter(q url.Values) (spoolFilter, error) {
 	if f.eventName != "" && eventIndex([]byte(f.eventName)) < 0 {
 		return f, fmt.Errorf("event_name %q: use one of %s", f.eventName, strings.Join(eventNames[:], ", "))
 	}
+	f.account = q.Get("account")
 	for _, p := range []struct {
 		name string
 		to   *time.Time

@@ -199,6 +199,8 @@ func TestSpoolListingFilters(t *testing.T) {
 			{"event_name=report_deleted", 40},
 			{"event_name=report_deleted&state=dead", 5},
 			{"event_name=account_activity", 0},
+			{"account=" + testAccount + "&event_name=report_deleted", 40},
+			{"account=someone-else", 0},
 			{"spooled_before=" + stamp, 60},
 			{"spooled_after=" + stamp, 40},
 			{"spooled_after=" + stamp + "&state=pending", 35},
@@ -221,7 +223,7 @@ func TestSpoolListingFilters(t *testing.T) {
 					q, _ := url.ParseQuery(c.query)
 					f, _ := parseSpoolFilter(q)
 					spooled, _ := time.Parse(time.RFC3339Nano, e.SpooledAt)
-					if !f.selects(e.State, e.EventName, spooled.UnixMilli()) || e.EventName != g.nameOf[e.EventID] {
+					if !f.selects(e.State, e.EventName, e.Account, spooled.UnixMilli()) || e.EventName != g.nameOf[e.EventID] || e.Account != testAccount {
 						t.Errorf("%q selected %+v", c.query, e)
 					}
 				}

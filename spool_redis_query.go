@@ -98,7 +98,7 @@ func (s *redisSpool) page(f spoolFilter, after *spoolCursor, limit int) ([]spool
 	}
 	var reads []*indexRead
 	for _, ix := range all {
-		if f.selectsState(ix.state) && kinds.selects(ix.shown(handled), ix.event, 0) {
+		if f.selectsState(ix.state) && kinds.selects(ix.shown(handled), ix.event, ix.account, 0) {
 			reads = append(reads, &indexRead{redisIndex: ix, from: from, last: last, hi: hi})
 		}
 	}
@@ -296,7 +296,7 @@ func (s *redisSpool) readPicked(ctx context.Context, picked []pickedEntry, f spo
 		if m.State == statePending && !handled[m.Account] {
 			m.State = stateParked
 		}
-		if f.selects(m.State, m.EventName, rm.spooledMs) {
+		if f.selects(m.State, m.EventName, m.Account, rm.spooledMs) {
 			out = append(out, m)
 		}
 	}

@@ -181,7 +181,7 @@ func wantPage(all []spoolMeta, f spoolFilter, after *spoolCursor, limit int) ([]
 	var page []spoolMeta
 	var total int64
 	for _, m := range all {
-		if !f.selects(m.State, m.EventName, m.SpooledAt.UnixMilli()) {
+		if !f.selects(m.State, m.EventName, m.Account, m.SpooledAt.UnixMilli()) {
 			continue
 		}
 		total++

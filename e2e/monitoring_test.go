@@ -748,7 +748,7 @@ http://127.0.0.1:%d {
 		}
 		switch args[3] {
 		case "list":
-			if !regexp.MustCompile(`(?m)^` + deadID + ` +\S+ +dead +`).MatchString(out) {
+			if !regexp.MustCompile(`(?m)^` + deadID + ` +\S+ +\S+ +dead +`).MatchString(out) {
 				t.Fatalf("%s: the dead letter is not listed as dead:\n%s", line, out)
 			}
 		case "retry":

@@ -349,7 +349,7 @@ func TestBacklogExamples(t *testing.T) {
 	if len(lists) != 3 {
 		t.Fatalf("backlog-list has %d commands, want 3", len(lists))
 	}
-	if out := spool(lists[0].command); !regexp.MustCompile(`(?m)^`+activity[0]+` +client_activity +dead +2 .* 422 Unprocessable Entity$`).MatchString(out) || !strings.HasSuffix(out, "\n1 entry\n") {
+	if out := spool(lists[0].command); !regexp.MustCompile(`(?m)^`+activity[0]+` +client_activity +acme +dead +2 .* 422 Unprocessable Entity$`).MatchString(out) || !strings.HasSuffix(out, "\n1 entry\n") {
 		t.Errorf("%s:\n%s", lists[0].command, out)
 	}
 	if out := spool(lists[1].command); strings.Count(out, " report_created ") != 2 || !strings.HasSuffix(out, "\n2 entries\n") {

@@ -134,7 +134,7 @@ func TestSpoolCLI(t *testing.T) {
 	code, out, errOut = spool("list")
 	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
 	if code != 0 || errOut != "" || len(lines) != 7 || lines[6] != "5 entries" ||
-		!regexp.MustCompile(`^EVENT ID +EVENT +STATE +ATTEMPTS +SPOOLED +NEXT ATTEMPT +LAST ERROR$`).MatchString(lines[0]) {
+		!regexp.MustCompile(`^EVENT ID +EVENT +ACCOUNT +STATE +ATTEMPTS +SPOOLED +NEXT ATTEMPT +LAST ERROR$`).MatchString(lines[0]) {
 		t.Fatalf("list: exit %d, stderr %q, stdout:\n%s", code, errOut, out)
 	}
 	for i, id := range order {
@@ -145,7 +145,7 @@ func TestSpoolCLI(t *testing.T) {
 		if slices.Contains(reports, id) {
 			name = "report_created"
 		}
-		row := fmt.Sprintf(`^%s +%s +%s +\d +20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ +%s +%s$`, id, name, state, next, lastError)
+		row := fmt.Sprintf(`^%s +%s +acme +%s +\d +20\d\d-\d\d-\d\dT\d\d:\d\d:\d\dZ +%s +%s$`, id, name, state, next, lastError)
 		if !regexp.MustCompile(row).MatchString(lines[i+1]) {
 			t.Errorf("row %d %q, want %s", i+1, lines[i+1], row)
 		}
