@@ -74,19 +74,6 @@ func freePort(t testing.TB) int {
 	return port
 }
 
-// closedAddr is a loopback address nothing listens on, and that no
-// freePort returns, until the test ends: a service that is down. (A port
-// from freePort may be handed out again, to a Caddy the test starts.)
-func closedAddr(t *testing.T) string {
-	t.Helper()
-	p, err := testkit.ReservePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(p.Close)
-	return p.Addr
-}
-
 // startProxy runs the module, with settings beside account and secret, in
 // front of an upstream that records what it receives.
 func startProxy(t *testing.T, settings string) (base string, up *upstream) {
@@ -479,7 +466,7 @@ func TestReadmeFirstExample(t *testing.T) {
 	}
 	port := freePort(t)
 	t.Setenv("TRIVIALSEC_WEBHOOK_SECRET", testSecret)
-	example = strings.ReplaceAll(example, "127.0.0.1:9000", closedAddr(t)) // down
+	example = strings.ReplaceAll(example, "127.0.0.1:9000", testkit.ClosedAddr(t)) // down
 	// With the spool on, the service being down is answered 202 and
 	// spooled; with it off, it is an error the module does not make.
 	example = strings.Replace(example, "strip_authorization\n", "strip_authorization\n\t\tspool off\n", 1)

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"github.com/trivialsec/caddy-trivialsec-webhook/internal/testkit"
 )
 
 const secret = "e2e-signing-secret"
@@ -134,7 +136,7 @@ func TestCommandErrors(t *testing.T) {
 		{"invalid_json_payload", withSecret, []string{"sign", "--account", "acme", "--payload", "@" + payloadFile}, "--payload is not a JSON object"},
 		{"bad_style", withSecret, []string{"sign", "--account", "acme", "--style", "legacy"}, `unknown style "legacy"`},
 		{"no_url", withSecret, []string{"send", "--account", "acme"}, "--url is required"},
-		{"unreachable_url", withSecret, []string{"send", "--account", "acme", "--url", "http://" + closedAddr(t) + "/hook"}, "cannot reach http://127.0.0.1:"},
+		{"unreachable_url", withSecret, []string{"send", "--account", "acme", "--url", "http://" + testkit.ClosedAddr(t) + "/hook"}, "cannot reach http://127.0.0.1:"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, _, errOut := run(t, tc.env, append([]string{"trivialsec-webhook"}, tc.args...)...)

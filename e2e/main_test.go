@@ -124,19 +124,6 @@ func freePort(t *testing.T) int {
 	return port
 }
 
-// closedAddr is a loopback address nothing listens on, and that no
-// freePort returns, until the test ends: a service that is down. (A port
-// from freePort may be handed out again, to a Caddy the test starts.)
-func closedAddr(t *testing.T) string {
-	t.Helper()
-	p, err := testkit.ReservePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(p.Close)
-	return p.Addr
-}
-
 // server is a running `caddy run`.
 type server struct {
 	*testkit.Caddy

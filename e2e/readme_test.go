@@ -242,7 +242,7 @@ func TestReadmeTestCommand(t *testing.T) {
 // Caddy whose service is down: the listing shows both spooled deliveries,
 // a retry keeps one, and a delete drops the other.
 func TestSpoolAdminExample(t *testing.T) {
-	rx := startSpooling(t, closedAddr(t)) // nothing listens there
+	rx := startSpooling(t, testkit.ClosedAddr(t)) // nothing listens there
 	ids := rx.spool(t, 2)
 	steps := shellSteps(testkit.Example(t, "docs/spool.md", "spool-admin"))
 	if len(steps) != 3 {

@@ -1,6 +1,9 @@
 package testkit
 
-import "fmt"
+import (
+	"fmt"
+	"testing"
+)
 
 // ClosedPort is a loopback port kept bound, and not listening, from
 // ReservePort until Close: connections to it are refused, as to a service
@@ -30,4 +33,16 @@ func (p *ClosedPort) Close() {
 	if p.hold != nil {
 		p.hold.close()
 	}
+}
+
+// ClosedAddr is a loopback address nothing listens on, and that no FreePort
+// returns, until the test ends: a service that is down.
+func ClosedAddr(t testing.TB) string {
+	t.Helper()
+	p, err := ReservePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	return p.Addr
 }
