@@ -128,7 +128,7 @@ func (s *redisSpool) page(f spoolFilter, after *spoolCursor, limit int) ([]spool
 		if err := s.fill(ctx, reads); err != nil {
 			return nil, 0, err
 		}
-		picked := pickNext(reads, limit-len(out))
+		picked := pickNext(reads, limit-len(out), &last)
 		if len(picked) == 0 {
 			if slices.ContainsFunc(reads, func(r *indexRead) bool { return !r.done }) {
 				continue // a chunk held only members already read
@@ -192,10 +192,18 @@ func (s *redisSpool) fill(ctx context.Context, reads []*indexRead) error {
 		return nil
 	}
 	cmds := make([]*redis.ZSliceCmd, len(need))
+	offsets := make([]int64, len(need))
 	_, err := s.client.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, r := range need {
+			// The members of score from read already, again: all of them
+			// while they fill at most half a chunk (the chunk then holds
+			// new ones too), so that none deleted meanwhile makes the
+			// offset skip one; past that, all but indexTieMargin.
+			if r.skip > r.chunk/2 {
+				offsets[i] = max(0, r.skip-indexTieMargin)
+			}
 			cmds[i] = p.ZRangeArgsWithScores(ctx, redis.ZRangeArgs{Key: r.key, ByScore: true,
-				Start: strconv.FormatInt(r.from, 10), Stop: r.hi, Offset: max(0, r.skip-indexTieMargin), Count: r.chunk})
+				Start: strconv.FormatInt(r.from, 10), Stop: r.hi, Offset: offsets[i], Count: r.chunk})
 		}
 		return nil
 	})
@@ -207,7 +215,7 @@ func (s *redisSpool) fill(ctx context.Context, reads []*indexRead) error {
 		r.done = int64(len(zs)) < r.chunk
 		// Where the members of score from start in zs: the chunk skipped
 		// some of them.
-		start := -max(0, r.skip-indexTieMargin)
+		start := -offsets[i]
 		for j, z := range zs {
 			id, _ := z.Member.(string)
 			p := indexPlace{ms: int64(z.Score), id: id}
@@ -233,8 +241,10 @@ type pickedEntry struct {
 
 // pickNext takes up to n members off the index reads, the first in
 // spooled order first, as long as each read that has more holds some:
-// one that holds none may have the next.
-func pickNext(reads []*indexRead, n int) []pickedEntry {
+// one that holds none may have the next. A member at or before *last, the
+// page's place (an entry read from one index, then from another it moved
+// to meanwhile), is dropped; *last moves to each member taken.
+func pickNext(reads []*indexRead, n int, last **indexPlace) []pickedEntry {
 	var out []pickedEntry
 	for len(out) < n {
 		var first *indexRead
@@ -252,8 +262,13 @@ func pickNext(reads []*indexRead, n int) []pickedEntry {
 		if first == nil {
 			break
 		}
-		out = append(out, pickedEntry{read: first, id: first.buf[0].id})
+		p := first.buf[0]
 		first.buf = first.buf[1:]
+		if !p.after(*last) {
+			continue
+		}
+		*last = &p
+		out = append(out, pickedEntry{read: first, id: p.id})
 	}
 	return out
 }

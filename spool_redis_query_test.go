@@ -725,3 +725,56 @@ func TestRedisSpoolCountScriptChecksItAddsUp(t *testing.T) {
 		})
 	}
 }
+
+// TestRedisSpoolPageMerge: the page takes an entry once, even when it is
+// in two indexes as the page reads them (it moved from pending to dead
+// meanwhile); and a chunk that reads on inside one millisecond skips no
+// member when members of it already read are deleted meanwhile.
+func TestRedisSpoolPageMerge(t *testing.T) {
+	moved := indexPlace{ms: 5, id: "5e123de4-e401-49e3-9a68-092985f22e0b"}
+	pending := &indexRead{buf: []indexPlace{{ms: 4, id: "a"}, moved}, done: true}
+	dead := &indexRead{buf: []indexPlace{moved, {ms: 6, id: "b"}}, done: true}
+	var last *indexPlace
+	var ids []string
+	for _, p := range pickNext([]*indexRead{pending, dead}, 10, &last) {
+		ids = append(ids, p.id)
+	}
+	if want := []string{"a", moved.id, "b"}; !slices.Equal(ids, want) {
+		t.Errorf("picked %v, want %v", ids, want)
+	}
+
+	s := openTestRedisSpool(t, testredis.Start(t))
+	ctx := context.Background()
+	key := s.prefix + "test-index"
+	var members []string
+	for i := range 40 {
+		members = append(members, fmt.Sprintf("%08d-0000-4000-8000-000000000000", i))
+	}
+	for _, m := range members {
+		if err := s.client.ZAdd(ctx, key, redis.Z{Score: 7, Member: m}).Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := &indexRead{redisIndex: redisIndex{key: key}, from: 7, hi: "+inf", chunk: 16}
+	var read []string
+	take := func() {
+		if err := s.fill(ctx, []*indexRead{r}); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range r.buf {
+			read = append(read, p.id)
+		}
+		r.buf = nil
+	}
+	take()
+	if err := s.client.ZRem(ctx, key, members[2], members[3], members[5], members[7], members[8], members[9],
+		members[10], members[11], members[12], members[13], members[14], members[15]).Err(); err != nil {
+		t.Fatal(err)
+	}
+	for !r.done {
+		take()
+	}
+	if !slices.Equal(read, members) {
+		t.Errorf("read %d members, want the 40 in order: %v", len(read), read)
+	}
+}
