@@ -173,21 +173,18 @@ func (l *handoverListener) Close() error {
 // HTTPS does not skip). It reads the cache through its lock only: the TLS
 // app itself is still being started (Manage) as the servers accept.
 func (h *Handover) waitForCertificates(closed <-chan struct{}) {
-	names := h.tlsNames()
+	deadline := time.Now().Add(time.Duration(h.CertWait))
+	// Storage is read for the names the cache lacks only (on a reload,
+	// none), within the wait.
+	names := uncached(h.tlsNames())
 	if len(names) == 0 {
-		return // no TLS server: storage is not read
-	}
-	if names = h.stored(names); len(names) == 0 {
 		return
 	}
-	deadline := time.Now().Add(time.Duration(h.CertWait))
-	for {
-		var missing []string
-		for _, name := range names {
-			if len(caddytls.AllMatchingCertificates(name)) == 0 {
-				missing = append(missing, name)
-			}
-		}
+	ctx, cancel := context.WithDeadline(h.ctx, deadline)
+	names = h.stored(ctx, names)
+	cancel()
+	for len(names) > 0 {
+		missing := uncached(names)
 		if len(missing) == 0 {
 			return
 		}
@@ -204,10 +201,22 @@ func (h *Handover) waitForCertificates(closed <-chan struct{}) {
 	}
 }
 
+// uncached are those of names that Caddy's certificate cache holds no
+// certificate for.
+func uncached(names []string) []string {
+	var out []string
+	for _, name := range names {
+		if len(caddytls.AllMatchingCertificates(name)) == 0 {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
 // stored are those of names with a certificate in Caddy's storage, from
 // any issuer: certmagic keeps one at certificates/<issuer>/<name>/<name>.crt.
-func (h *Handover) stored(names []string) []string {
-	keys, err := h.ctx.Storage().List(h.ctx, "certificates", true)
+func (h *Handover) stored(ctx context.Context, names []string) []string {
+	keys, err := h.ctx.Storage().List(ctx, "certificates", true)
 	if err != nil {
 		return nil
 	}

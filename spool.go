@@ -1072,9 +1072,6 @@ func markHeader(h http.Header) (m headerMark) {
 	return m
 }
 
-// restore puts h back as it was: the names it did not have are taken off,
-// and the ones it had get their values back (reverse_proxy clears every
-// header after an informational answer).
 // changed is value, a header's value now, unless the header had that value
 // when the mark was made (a handler before the module set it): "" then.
 func (m *headerMark) changed(name, value string) string {
@@ -1090,6 +1087,9 @@ func (m *headerMark) changed(name, value string) string {
 	return value
 }
 
+// restore puts h back as it was: the names it did not have are taken off,
+// and the ones it had get their values back (reverse_proxy clears every
+// header after an informational answer).
 func (m *headerMark) restore(h http.Header) {
 	clear(h)
 	if m.more != nil {

@@ -248,7 +248,7 @@ func (s *scheduler) settle(account string, d *driver, id uuid.UUID, verdict rout
 	switch verdict {
 	case routeDown:
 		if b.failed(now, s.policy, asked, probe) {
-			s.open.Add(1)
+			s.hold(r, true)
 			s.store.log().Warn("spool: a route's re-drives fail: its due deliveries wait, and one at a time goes through as a probe until one is answered",
 				zap.String("account", r.account), zap.String("server", r.server), zap.String("last_error", failure),
 				zap.Int("failures", b.failures), zap.Time("next_probe", b.nextProbe))
@@ -257,7 +257,7 @@ func (s *scheduler) settle(account string, d *driver, id uuid.UUID, verdict rout
 		openedAt := b.openedAt
 		waited := s.waitingOn(b)
 		if b.open {
-			s.open.Add(-1)
+			s.hold(r, false)
 			for _, it := range b.answered() {
 				heap.Push(&s.due, it)
 			}
@@ -274,10 +274,21 @@ func (s *scheduler) settle(account string, d *driver, id uuid.UUID, verdict rout
 // answeredInline closes the breaker of d's route, if it is open: a
 // delivery that just came in was answered through the route as it arrived
 // (serveFallback), so the service is back, and the entries that waited are
-// due. Each delivery calls it: without an open breaker it reads one atomic.
+// due. Each delivery calls it: unless its route's breaker is open, it
+// reads one atomic of its driver.
 func (s *scheduler) answeredInline(d *driver) {
-	if s.open.Load() > 0 && d != nil {
+	if d != nil && d.held.Load() {
 		s.settle(d.account, d, uuid.Nil, routeUp, 0, "")
+	}
+}
+
+// hold marks the drivers of r as held back by its open breaker, or not.
+// Call with s.mu held.
+func (s *scheduler) hold(r route, open bool) {
+	for _, d := range s.drivers[r.account] {
+		if d.key == r.server {
+			d.held.Store(open)
+		}
 	}
 }
 
@@ -320,9 +331,6 @@ func (s *scheduler) forget(r route) {
 		return
 	}
 	if b := s.routes[r]; b != nil {
-		if b.open {
-			s.open.Add(-1)
-		}
 		for _, it := range b.waiting {
 			heap.Push(&s.due, it)
 		}

@@ -581,16 +581,21 @@ func TestBreakerRoutes(t *testing.T) {
 	}
 	open := map[string]int{}
 	s.openBreakers(open)
-	if open["acme"] != 0 || s.open.Load() != 0 {
-		t.Fatalf("%d open breakers of acme (%d in all) after failures through a route no driver serves", open["acme"], s.open.Load())
+	if open["acme"] != 0 || len(s.routes) != 0 {
+		t.Fatalf("%d open breakers of acme (%d routes) after failures through a route no driver serves", open["acme"], len(s.routes))
 	}
 
 	for range breakerTrips {
 		s.settle("acme", moved, uuid.New(), routeDown, 0, "502")
 	}
 	b := s.routes[route{"acme", ":8443"}]
-	if b == nil || !b.open || time.Until(b.nextProbe) < 30*time.Minute {
-		t.Fatalf("the breaker of a served route: %+v", b)
+	if b == nil || !b.open || time.Until(b.nextProbe) < 30*time.Minute || !moved.held.Load() || old.held.Load() {
+		t.Fatalf("the breaker of a served route: %+v; its driver held %v, the old one's %v", b, moved.held.Load(), old.held.Load())
+	}
+	late := &driver{key: ":8443", account: "acme"} // a reload's driver of the same route
+	s.register(late)
+	if !late.held.Load() {
+		t.Fatal("a driver registered while its route's breaker is open is not held")
 	}
 	s.probeAccount("acme")
 	if time.Until(b.nextProbe) > 0 {

@@ -562,10 +562,6 @@ func (s *fileSpool) save(m spoolMeta) error {
 	})
 }
 
-// remove deletes an entry an operator drops, durably. It reports whether
-// there was one.
-func (s *fileSpool) remove(id uuid.UUID) (bool, error) { return s.removeIf(id, "") }
-
 // removeIf deletes an entry an operator drops, durably, if it is stored in
 // state ("": any; the index says parked for a stored pending one). It
 // reports whether it did.

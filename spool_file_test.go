@@ -92,10 +92,10 @@ func TestFileSpoolKeepsEntries(t *testing.T) {
 	if ev := m.event(); !ev.token.hasEndpoint || ev.Name != "report_created" || ev.nameIndex != eventIndex([]byte("report_created")) {
 		t.Errorf("event %+v", ev)
 	}
-	if found, err := s.remove(a.meta.EventID); !found || err != nil {
+	if found, err := s.removeIf(a.meta.EventID, ""); !found || err != nil {
 		t.Fatalf("remove: %v %v", found, err)
 	}
-	if found, _ := s.remove(a.meta.EventID); found {
+	if found, _ := s.removeIf(a.meta.EventID, ""); found {
 		t.Error("removed twice")
 	}
 	if found, err := s.retryNow(b.meta.EventID); !found || err != nil {

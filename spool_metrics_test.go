@@ -50,7 +50,7 @@ func TestSpoolOldestPending(t *testing.T) {
 		s.restate(s.entries[metas[0].EventID], stateDead)
 		s.mu.Unlock()
 		oldest(t, s, spooled[1])
-		if _, err := s.remove(metas[1].EventID); err != nil {
+		if _, err := s.removeIf(metas[1].EventID, ""); err != nil {
 			t.Fatal(err)
 		}
 		oldest(t, s, spooled[2])
@@ -89,7 +89,7 @@ func TestSpoolOldestPending(t *testing.T) {
 		if n, _ := admin.ZCard(ctx, defaultSpoolKeyPrefix+"waiting").Result(); n != 2 {
 			t.Errorf("waiting holds %d entries, want 2", n)
 		}
-		if _, err := s.remove(metas[1].EventID); err != nil {
+		if _, err := s.removeIf(metas[1].EventID, ""); err != nil {
 			t.Fatal(err)
 		}
 		oldest(t, s, spooled[2])

@@ -1192,10 +1192,6 @@ func (s *redisSpool) probeNow(id uuid.UUID) {
 	}
 }
 
-// remove deletes an entry, and leaves its tombstone; the instance that
-// holds its turn finds it gone.
-func (s *redisSpool) remove(id uuid.UUID) (bool, error) { return s.removeIf(id, "") }
-
 // removeIf deletes an entry if it is stored in state ("": any), and leaves
 // its tombstone; the instance that holds its turn finds it gone.
 func (s *redisSpool) removeIf(id uuid.UUID, state string) (bool, error) {

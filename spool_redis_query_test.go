@@ -346,7 +346,7 @@ func TestRedisSpoolPageWhileItChanges(t *testing.T) {
 			held := func(m spoolMeta) bool { _, ok := q.turns[m.EventID.String()]; return ok && m.State != stateDead }
 			between := func() {
 				if m, ok := pick(anyEntry); ok {
-					if ok, err := q.remove(m.EventID); !ok || err != nil {
+					if ok, err := q.removeIf(m.EventID, ""); !ok || err != nil {
 						t.Fatal("remove", ok, err)
 					}
 				}
@@ -471,7 +471,7 @@ func TestRedisSpoolSummary(t *testing.T) {
 			}
 			delete(q.turns, m.EventID.String())
 		case 1:
-			if _, err := q.remove(m.EventID); err != nil {
+			if _, err := q.removeIf(m.EventID, ""); err != nil {
 				t.Fatal(err)
 			}
 		case 2:
@@ -579,7 +579,7 @@ func TestRedisSpoolIndexesBackFill(t *testing.T) {
 	q.checkSummary()
 	// What was back-filled changes as any entry does.
 	for _, m := range all[:30] {
-		if _, err := q.remove(m.EventID); err != nil {
+		if _, err := q.removeIf(m.EventID, ""); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -607,7 +607,7 @@ func TestRedisSpoolRemembersWhatItDelivered(t *testing.T) {
 			m := listed(t, s)[0]
 			m.turn = turn.ID
 			leased(t, s, "a").delivered(m)
-		} else if found, err := s.remove(e.meta.EventID); !found || err != nil {
+		} else if found, err := s.removeIf(e.meta.EventID, ""); !found || err != nil {
 			t.Fatalf("remove: %v %v", found, err)
 		}
 		if err := s.add(e); !errors.Is(err, errSpoolDelivered) {
@@ -815,7 +815,7 @@ func TestRedisSpoolRecountsDriftedCounts(t *testing.T) {
 	}
 	// As an earlier version writes it: no pending:<account>.
 	s.client.HIncrBy(ctx, s.prefix+"stats", "pending:"+testAccount, -1)
-	if ok, err := s.remove(e.meta.EventID); !ok || err != nil {
+	if ok, err := s.removeIf(e.meta.EventID, ""); !ok || err != nil {
 		t.Fatal(ok, err)
 	}
 	e2 := testEntry("{}")

@@ -134,10 +134,10 @@ func TestRedisSpoolTurns(t *testing.T) {
 		t.Fatalf("a dead letter's turn is still pending: %+v", pending)
 	}
 
-	if found, err := s.remove(m.EventID); !found || err != nil {
+	if found, err := s.removeIf(m.EventID, ""); !found || err != nil {
 		t.Fatalf("remove: %v %v", found, err)
 	}
-	if found, _ := s.remove(m.EventID); found {
+	if found, _ := s.removeIf(m.EventID, ""); found {
 		t.Error("removed twice")
 	}
 	if st := s.stats(); st != (spoolStats{maxBytes: s.policy.maxSize}) || len(listed(t, s)) != 0 {
@@ -263,7 +263,7 @@ func TestRedisSpoolTombstoneOutlivesItsToken(t *testing.T) {
 	if err := s.add(e); err != nil {
 		t.Fatal(err)
 	}
-	if found, err := s.remove(e.meta.EventID); !found || err != nil {
+	if found, err := s.removeIf(e.meta.EventID, ""); !found || err != nil {
 		t.Fatalf("remove: %v %v", found, err)
 	}
 	ttl, err := s.client.PTTL(context.Background(), s.doneKey(e.meta.EventID.String())).Result()

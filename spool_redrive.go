@@ -90,7 +90,6 @@ type scheduler struct {
 	orphans  map[string]bool      // accounts with no handler, whose waiting entries were logged
 	inflight map[uuid.UUID]bool
 	routes   map[route]*breaker // the breakers of the routes it re-drives through (spool_breaker.go)
-	open     atomic.Int32       // how many of them are open: read without s.mu by each delivery (answeredInline)
 	wake     chan struct{}
 	landed   chan struct{} // poked when an attempt ends: a worker is free (the Redis store reads more)
 
@@ -326,6 +325,9 @@ type driver struct {
 	account string
 	ready   atomic.Bool
 	sched   *scheduler
+	// held: its route's breaker is open (spool_breaker.go). Each delivery
+	// through the driver's handler reads it, without s.mu.
+	held atomic.Bool
 }
 
 // serverKey names the server a delivery arrived on, in its entry, so that
@@ -359,6 +361,9 @@ func (s *scheduler) register(d *driver) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.drivers[d.account] = append(s.drivers[d.account], d)
+	if b := s.routes[route{d.account, d.key}]; b != nil && b.open {
+		d.held.Store(true)
+	}
 }
 
 // unregister removes it, when its config is cleaned up.
@@ -721,10 +726,11 @@ func (s *scheduler) send(m *spoolMeta, d *driver, req spoolRequest, body []byte,
 		// reached the service; anything else is tried again.
 		logPanic(s.store.log(), p)
 		failure = fmt.Sprintf("the handlers panicked: %v", p)
+		// What the route is worth is unknown: an answer begun and broken
+		// off neither opens nor closes its breaker.
 		o, status, verdict = failed, 0, routeUnknown
 		if rd.reached && rd.status != 0 {
 			o, status, _ = judge(rd.status, nil)
-			verdict = verdictOf(o, status)
 		}
 		if o == taken {
 			failure = ""

@@ -118,14 +118,15 @@ func (in *instance) triedAll(t *testing.T, n int) {
 	})
 }
 
-// spoolAt sends n new deliveries to in, each of which must be answered 202,
-// and returns their event IDs and requests.
-func spoolAt(t *testing.T, in *instance, n int) (ids []string, copies [][2]string) {
+// spoolTo sends n new client_activity deliveries of account acme to url,
+// each of which must be answered 202 (spooled); it returns their event IDs
+// and, for each, its Authorization value and body.
+func spoolTo(t *testing.T, url string, n int) (ids []string, copies [][2]string) {
 	t.Helper()
 	for range n {
 		id := uuid.NewString()
 		auth, body := mint(secret, "acme", id, time.Now())
-		if status := post(t, in.url, auth, body); status != 202 {
+		if status := post(t, url, auth, body); status != 202 {
 			t.Fatalf("with the upstream down: %d, want 202", status)
 		}
 		ids = append(ids, id)
@@ -190,7 +191,7 @@ func TestClusterSpoolOutlivesAnInstance(t *testing.T) {
 	redis := testredis.Start(t)
 	up := downUpstream(t)
 	a := startInstance(t, redis.URL(), up.Addr, clusterSpool, "")
-	ids, copies := spoolAt(t, a, 20)
+	ids, copies := spoolTo(t, a.url, 20)
 	a.triedAll(t, 20) // A alone: it reads every turn, and holds every entry
 
 	b := startInstance(t, redis.URL(), up.Addr, clusterSpool, "")
@@ -266,7 +267,7 @@ func TestClusterEachDeliveredOnce(t *testing.T) {
 	var ids []string
 	for range 10 {
 		for _, in := range []*instance{a, b} {
-			more, _ := spoolAt(t, in, 2)
+			more, _ := spoolTo(t, in.url, 2)
 			ids = append(ids, more...)
 		}
 	}
@@ -309,7 +310,7 @@ func TestClusterRedisRestarts(t *testing.T) {
 	b := startInstance(t, redis.URL(), up.Addr, clusterSpool, "")
 	var ids []string
 	for _, in := range []*instance{a, b} {
-		more, _ := spoolAt(t, in, 10)
+		more, _ := spoolTo(t, in.url, 10)
 		ids = append(ids, more...)
 	}
 	redis.Stop()
@@ -343,7 +344,7 @@ func TestClusterHandsBackOnStop(t *testing.T) {
 	up := downUpstream(t)
 	settings := "claim_after 1m\n\t\t\tbackoff 50ms 200ms"
 	a := startInstance(t, redis.URL(), up.Addr, settings, "")
-	ids, _ := spoolAt(t, a, 10)
+	ids, _ := spoolTo(t, a.url, 10)
 	a.triedAll(t, 10)
 	b := startInstance(t, redis.URL(), up.Addr, settings, "")
 	a.Stop()

@@ -29,15 +29,7 @@ type spooling struct {
 // answered 202 (spooled), and returns their event IDs.
 func (rx spooling) spool(t *testing.T, n int) []string {
 	t.Helper()
-	var ids []string
-	for range n {
-		id := uuid.NewString()
-		auth, body := mint(secret, "acme", id, time.Now())
-		if status := post(t, rx.url, auth, body); status != 202 {
-			t.Fatalf("status %d, want 202 (spooled)", status)
-		}
-		ids = append(ids, id)
-	}
+	ids, _ := spoolTo(t, rx.url, n)
 	return ids
 }
 
